@@ -1,0 +1,1 @@
+"""Fused GPU kernels (Triton), each with a plain-PyTorch reference."""

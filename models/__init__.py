@@ -1,0 +1,1 @@
+"""Pure-PyTorch Stable Diffusion models (UNet, VAE, CLIP text encoders) and their loaders."""

@@ -1,0 +1,50 @@
+"""renoise: ReNoise real-image inversion for diffusion models, in plain PyTorch.
+
+`models/` and `kernels/` are top-level folders installed as `renoise.models` and
+`renoise.kernels`, so that a user's own `models` package is never shadowed.
+"""
+from setuptools import find_packages, setup
+
+FOLDERS = {"renoise": "renoise", "renoise.models": "models", "renoise.kernels": "kernels"}
+
+
+def packages():
+    found = []
+    for name, folder in FOLDERS.items():
+        found.append(name)
+        found += [f"{name}.{sub}" for sub in find_packages(folder)]
+    return found
+
+
+def package_dir():
+    mapping = {}
+    for name in packages():
+        top = next(n for n in sorted(FOLDERS, key=len, reverse=True) if name == n or name.startswith(n + "."))
+        mapping[name] = FOLDERS[top] + name[len(top):].replace(".", "/")
+    return mapping
+
+
+setup(
+    name="renoise",
+    version="0.1.0",
+    description="ReNoise: real-image inversion of diffusion models by iterative renoising",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=packages(),
+    package_dir=package_dir(),
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "einops",
+        "safetensors",
+        "huggingface-hub",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "diffusers", "transformers", "peft", "matplotlib"],
+        "gpu": ["triton"],
+    },
+    entry_points={"console_scripts": ["renoise=renoise.__main__:main"]},
+)
