@@ -1,1 +1,29 @@
-"""Pure-PyTorch Stable Diffusion models (UNet, VAE, CLIP text encoders) and their loaders."""
+"""Pure-PyTorch Stable Diffusion models (UNet, VAE, CLIP text encoders) and their loaders.
+
+Imported as `renoise.models`. Names load on first use, so importing the package is cheap.
+"""
+import importlib
+
+_EXPORTS = {
+    # architecture configs
+    "UNetConfig": "configs", "VAEConfig": "configs", "unet_config": "configs", "vae_config": "configs",
+    # modules
+    "UNet": "unet", "AutoencoderKL": "vae",
+    "CLIPTextModel": "clip", "CLIPTextConfig": "clip", "CLIPTokenizer": "tokenizer",
+    # loading
+    "load_unet": "loading", "load_vae": "loading", "load_state_dict": "loading",
+    "load_text_encoder": "clip", "load_tokenizer": "tokenizer",
+    "Pipeline": "pipeline", "load_pipeline": "pipeline",
+    "load_single_file": "single_file",
+    "merge_lora": "lora", "load_lora": "lora",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'renoise.models' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
