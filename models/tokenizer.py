@@ -1,0 +1,227 @@
+"""CLIP's byte-level BPE tokenizer, reading a model's `vocab.json` and `merges.txt`.
+
+Gives the same ids as transformers' `CLIPTokenizer` on the same files (without ftfy):
+
+    text → NFC → runs of whitespace to " " → lowercase
+         → pieces: 's 't 're 've 'm 'll 'd | letters+ | one digit | other (not space/letter/digit)+
+         → each piece as byte-level characters, "</w>" on its last one → BPE merges by rank → ids
+    [BOS] ids[:max_length-2] [EOS] [PAD]...   (length max_length = 77)
+
+"Letter" and "digit" are the Unicode categories L* and N* (regex's \\p{L}, \\p{N}), read from
+`unicodedata`, since stdlib `re` cannot name them. The special tokens (`<|startoftext|>`,
+`<|endoftext|>`, and other added tokens) written literally in a prompt are matched as themselves.
+"""
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+import torch
+
+__all__ = ["CLIPTokenizer", "load_tokenizer", "bytes_to_unicode"]
+
+_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+# Unicode White_Space (what the tokenizers library's \s means); Python's str.isspace adds \x1c-\x1f.
+_SPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+                   + "".join(chr(c) for c in range(0x2000, 0x200B)))
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_CHARS = bytes_to_unicode()
+
+
+def _kind(ch: str) -> str:
+    if ch in _SPACE:
+        return " "
+    cat = unicodedata.category(ch)[0]
+    return cat if cat in "LN" else "O"
+
+
+def clean_text(text: str) -> str:
+    """NFC, whitespace runs to one space, lowercase."""
+    text = unicodedata.normalize("NFC", text)
+    out, in_space = [], False
+    for ch in text:
+        if ch in _SPACE:
+            if not in_space:
+                out.append(" ")
+            in_space = True
+        else:
+            out.append(ch)
+            in_space = False
+    return "".join(out).lower()
+
+
+def pretokenize(text: str) -> list[str]:
+    """Split cleaned text as CLIP's pattern `'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+`."""
+    pieces, i, n = [], 0, len(text)
+    while i < n:
+        kind = _kind(text[i])
+        if kind == " ":
+            i += 1
+            continue
+        if text[i] == "'":
+            hit = next((c for c in _CONTRACTIONS if text.startswith(c, i)), None)
+            if hit:
+                pieces.append(hit)
+                i += len(hit)
+                continue
+        j = i + 1
+        if kind != "N":  # digits are single pieces; letters and "other" take the whole run
+            while j < n and _kind(text[j]) == kind:
+                j += 1
+        pieces.append(text[i:j])
+        i = j
+    return pieces
+
+
+class CLIPTokenizer:
+    """`tok(texts) -> LongTensor [B, max_length]`; `tok.encode(text) -> list[int]` (no BOS/EOS/padding)."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, bos_token="<|startoftext|>",
+                 eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                 max_length: int = 77, added_tokens: dict[str, int] | None = None):
+        self.vocab = dict(vocab)
+        for name, token in [("bos", bos_token), ("eos", eos_token), ("pad", pad_token), ("unk", unk_token)]:
+            if token not in self.vocab:
+                raise ValueError(f"the {name} token {token!r} is not in the vocabulary")
+        self.ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
+        for a, b in self.ranks:
+            if a + b not in self.vocab:
+                raise ValueError(f"merge {a!r} {b!r} makes {a + b!r}, which is not in the vocabulary")
+        self.bos_token_id = self.vocab[bos_token]
+        self.eos_token_id = self.vocab[eos_token]
+        self.pad_token_id = self.vocab[pad_token]
+        self.unk_token_id = self.vocab[unk_token]
+        self.max_length = max_length
+        specials = {bos_token, eos_token, pad_token, unk_token, *(added_tokens or {})}
+        self.added = {t: (added_tokens or {}).get(t, self.vocab.get(t)) for t in specials}
+        if any(v is None for v in self.added.values()):
+            raise ValueError(f"added tokens without an id: {[t for t, v in self.added.items() if v is None]}")
+        # longest first, so that one special token that is a prefix of another cannot shadow it
+        self._specials = sorted(self.added, key=len, reverse=True)
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_files(cls, vocab_file, merges_file, **kwargs) -> "CLIPTokenizer":
+        vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
+        merges = []
+        for line in Path(merges_file).read_text(encoding="utf-8").split("\n"):
+            if line.startswith("#version") or not line.strip():
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise ValueError(f"malformed line in {merges_file}: {line!r}")
+            merges.append((parts[0], parts[1]))
+        return cls(vocab, merges, **kwargs)
+
+    def _bpe(self, piece: str) -> list[int]:
+        if piece in self._cache:
+            return self._cache[piece]
+        word = [_BYTE_CHARS[b] for b in piece.encode("utf-8")]
+        word[-1] += "</w>"
+        while len(word) > 1:
+            first, second = min(zip(word, word[1:]), key=lambda pair: self.ranks.get(pair, len(self.ranks)))
+            if (first, second) not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):  # merge every occurrence of the best pair, left to right
+                if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        ids = [self.vocab.get(sym, self.unk_token_id) for sym in word]
+        self._cache[piece] = ids
+        return ids
+
+    def _split_specials(self, text: str):
+        """Yield (segment, is_special) with literal special tokens cut out."""
+        start = i = 0
+        while i < len(text):
+            hit = next((s for s in self._specials if text.startswith(s, i)), None)
+            if hit:
+                yield text[start:i], False
+                yield hit, True
+                i = start = i + len(hit)
+            else:
+                i += 1
+        yield text[start:], False
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text, without BOS/EOS, truncation or padding."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected a string, got {type(text).__name__}")
+        ids = []
+        for segment, special in self._split_specials(text):
+            if special:
+                ids.append(self.added[segment])
+            else:
+                for piece in pretokenize(clean_text(segment)):
+                    ids.extend(self._bpe(piece))
+        return ids
+
+    def __call__(self, texts, max_length: int | None = None) -> torch.LongTensor:
+        """[B, max_length]: BOS, the first max_length-2 ids, EOS, then padding."""
+        if isinstance(texts, str):
+            texts = [texts]
+        length = max_length or self.max_length
+        if length < 2:
+            raise ValueError(f"max_length must be at least 2 (BOS and EOS), got {length}")
+        out = torch.full((len(texts), length), self.pad_token_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.bos_token_id, *self.encode(text)[: length - 2], self.eos_token_id]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+
+def _token_content(value):
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(source, subfolder: str | None = "tokenizer") -> CLIPTokenizer:
+    """From a diffusers folder / hub id (`subfolder`) or a tokenizer folder (`subfolder=None`):
+    `vocab.json`, `merges.txt`, and the special tokens and `model_max_length` from
+    `tokenizer_config.json` / `special_tokens_map.json` when present."""
+    folder = _resolve_folder(source, subfolder)
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"tokenizer file {name} not found in {folder}; a CLIP tokenizer needs "
+                                    "vocab.json and merges.txt")
+    settings = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
+        if (folder / name).is_file():
+            settings.update(json.loads((folder / name).read_text(encoding="utf-8")))
+    kwargs = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if settings.get(key) is not None:
+            kwargs[key] = _token_content(settings[key])
+    max_length = settings.get("model_max_length")
+    if isinstance(max_length, int) and max_length <= 4096:  # transformers writes 1e30 for "unlimited"
+        kwargs["max_length"] = max_length
+    added = {_token_content(v): int(k) for k, v in (settings.get("added_tokens_decoder") or {}).items()}
+    return CLIPTokenizer.from_files(folder / "vocab.json", folder / "merges.txt", added_tokens=added or None,
+                                    **kwargs)
+
+
+def _resolve_folder(source, subfolder):
+    # TEMPORARY until models/loading.py lands
+    folder = Path(source) / subfolder if subfolder else Path(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no tokenizer folder {folder}")
+    return folder
