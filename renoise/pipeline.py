@@ -1,0 +1,358 @@
+"""Images in, images out: ReNoise inversion, reconstruction and text-driven editing of real images.
+
+    pipe = renoise.models.load_pipeline("stabilityai/sdxl-turbo", dtype=torch.float16, device="cuda")
+    editor = Editor(pipe, preset="sdxl-turbo")
+    gen = torch.Generator("cuda").manual_seed(7865)
+    inv = editor.invert(images, "a cat", generator=gen)     # images: [B, 3, H, W] in [-1, 1]
+    recon = editor.reconstruct(inv)                         # same shape, [-1, 1]
+    tiger = editor.edit(inv, "a tiger")                     # z_T + stored noises, new prompt
+
+The flow: image --VAE--> z0 --renoise.invert(denoiser)--> z_T (+ noises) --renoise.sample--> z0'
+--VAE--> image'. Everything model-specific lives in the denoiser closure built here:
+
+    denoiser(x, t) = ε_u + g·(ε_c − ε_u)  with  ε = UNet(model_input(x, t), t, conditioning)
+
+one UNet call per denoiser call (the batch doubled, [uncond; cond], when g > 1, as diffusers
+does; g ≤ 1 is the conditional output alone). The inversion may stack extra batch elements
+(the regularizer's reference noise) onto a call: the conditioning is tiled to any whole multiple
+of the image batch.
+
+Prompts: SD 1.x/2.x condition on the text encoder's `last_hidden_state` (with `clip_skip`);
+SDXL on the concatenated penultimate hidden states of both encoders, the pooled projection
+(`text_embeds`) of encoder 2 and `time_ids = [orig_h, orig_w, crop_top, crop_left, target_h,
+target_w]`. An SDXL negative prompt left as None is all zeros when the model asks for it
+(`force_zeros_for_empty_prompt`), as in diffusers; SD's is the encoding of "".
+
+Editing (the paper's protocol): denoise from the source image's z_T with its stored noises, the
+edit prompt as the condition, the source prompt as the negative, guidance `edit_guidance_scale`
+(default 1.0, i.e. the edit prompt alone).
+
+Refused with a reason rather than silently wrong: denoising with a different number of steps
+than the inversion used (z_T lives at the inverted chain's top timestep and the stored noises
+belong to the steps of that chain; invert again with the other count).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import samplers as _samplers
+from .images import FACTOR
+
+__all__ = ["Conditioning", "GuidedDenoiser", "Editor", "Inversion", "encode_images", "decode_latents",
+           "encode_prompts", "negative_conditioning", "make_time_ids", "guided_denoiser", "as_prompts"]
+
+
+# ---------------------------------------------------------------------------------------------
+# conditioning
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, batch first: context [B, L, D]; SDXL also text_embeds
+    [B, P] and time_ids [B, 6]."""
+    context: torch.Tensor
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.context.shape[0]
+
+    def tile(self, k: int) -> "Conditioning":
+        """The batch repeated k times, [c; c; ...], matching a k-fold stacked sample batch."""
+        if k == 1:
+            return self
+        return Conditioning(*(None if v is None else v.repeat(k, *([1] * (v.ndim - 1))) for v in self._fields()))
+
+    @staticmethod
+    def cat(parts) -> "Conditioning":
+        parts = list(parts)
+        columns = zip(*(p._fields() for p in parts))
+        return Conditioning(*(None if col[0] is None else torch.cat(col) for col in columns))
+
+    def _fields(self):
+        return (self.context, self.text_embeds, self.time_ids)
+
+
+def as_prompts(prompts, batch: int, what: str = "prompt") -> list[str]:
+    """One prompt for every image: a string or a 1-list is broadcast, otherwise one per image."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{what}s must be strings, got {[type(p).__name__ for p in prompts]}")
+    if len(prompts) == 1:
+        return prompts * batch
+    if len(prompts) != batch:
+        raise ValueError(f"got {len(prompts)} {what}s for {batch} images; give one {what} for all images "
+                         f"or exactly one per image")
+    return prompts
+
+
+def make_time_ids(size, batch: int, *, original_size=None, crop_top_left=(0, 0), target_size=None,
+                  device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """SDXL micro-conditioning [B, 6] = [orig_h, orig_w, crop_top, crop_left, target_h, target_w];
+    original and target sizes default to the image size (H, W) in pixels."""
+    original_size = tuple(original_size or size)
+    target_size = tuple(target_size or size)
+    ids = torch.tensor([*original_size, *crop_top_left, *target_size], dtype=dtype, device=device)
+    if ids.numel() != 6:
+        raise ValueError("time ids need (h, w) sizes and a (top, left) crop")
+    return ids.expand(batch, 6).clone()
+
+
+def _ids(tokenizer, prompts, device):
+    ids = tokenizer(list(prompts))
+    return torch.as_tensor(ids, dtype=torch.long).to(device)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts, *, size=None, clip_skip=None, original_size=None, crop_top_left=(0, 0),
+                   target_size=None) -> Conditioning:
+    """Encode a list of prompts for `pipe` (a renoise.models Pipeline). SDXL needs the image
+    `size` (H, W) in pixels for its time ids."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    te = pipe.text_encoder
+    device = te.device
+    if pipe.kind == "sd":
+        context = te(_ids(pipe.tokenizer, prompts, device), clip_skip=clip_skip).last_hidden_state
+        return Conditioning(context)
+    if pipe.kind != "sdxl":
+        raise ValueError(f"unknown pipeline kind {pipe.kind!r}; expected 'sd' or 'sdxl'")
+    if size is None:
+        raise ValueError("SDXL conditions on the image size: pass size=(height, width) in pixels")
+    index = -(2 + (clip_skip or 0))                  # the penultimate layer, `clip_skip` more back
+    hidden, out2 = [], None
+    for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        out = enc(_ids(tok, prompts, enc.device))
+        hidden.append(out.hidden_states[index].to(device))
+        out2 = out
+    if out2.text_embeds is None:
+        raise ValueError("SDXL's text_encoder_2 must have a text projection (CLIPTextModelWithProjection)")
+    context = torch.cat(hidden, dim=-1)
+    time_ids = make_time_ids(size, len(prompts), original_size=original_size, crop_top_left=crop_top_left,
+                             target_size=target_size, device=device, dtype=context.dtype)
+    return Conditioning(context, out2.text_embeds.to(device), time_ids)
+
+
+def negative_conditioning(pipe, negative_prompts, like: Conditioning, **encode_kwargs) -> Conditioning:
+    """The unconditional branch for CFG. None: zeros for SDXL with force_zeros_for_empty_prompt
+    (time ids kept), otherwise the encoding of "" per image."""
+    if negative_prompts is None:
+        if pipe.kind == "sdxl" and pipe.force_zeros_for_empty_prompt:
+            return Conditioning(torch.zeros_like(like.context), torch.zeros_like(like.text_embeds), like.time_ids)
+        negative_prompts = [""] * like.batch
+    return encode_prompts(pipe, as_prompts(negative_prompts, like.batch, "negative prompt"), **encode_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the guided denoiser
+
+class GuidedDenoiser:
+    """denoiser(x, t) for renoise.invert / renoise.sample: sampler input scaling, conditioning
+    tiled to the batch, classifier-free guidance in one UNet call. Counts its calls."""
+
+    def __init__(self, unet, schedule, sampler, cond: Conditioning, uncond: Conditioning | None = None,
+                 guidance_scale: float = 1.0, on_call=None):
+        self.unet, self.schedule, self.on_call = unet, schedule, on_call
+        self.sampler = _samplers.get(sampler) if isinstance(sampler, str) else sampler
+        self.cond, self.uncond, self.guidance_scale = cond, uncond, float(guidance_scale)
+        self.cfg = self.guidance_scale > 1.0
+        if self.cfg and uncond is None:
+            raise ValueError(f"guidance scale {guidance_scale} > 1 needs an unconditional (negative) conditioning")
+        if self.cfg and uncond.batch != cond.batch:
+            raise ValueError(f"negative conditioning batch {uncond.batch} != conditioning batch {cond.batch}")
+        self.calls = 0
+        self.dtype = next(unet.parameters()).dtype
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        k, rest = divmod(x.shape[0], self.cond.batch)
+        if rest or k == 0:
+            raise ValueError(f"denoiser got a batch of {x.shape[0]}, not a whole multiple of the "
+                             f"{self.cond.batch} conditioned images")
+        xin = self.sampler.model_input(x, t, self.schedule).to(self.dtype)
+        cond = self.cond.tile(k)
+        if self.cfg:
+            cond = Conditioning.cat([self.uncond.tile(k), cond])
+            xin = torch.cat([xin, xin])
+        out = self.unet(xin, t, cond.context, text_embeds=cond.text_embeds, time_ids=cond.time_ids).to(x.dtype)
+        self.calls += 1
+        if self.on_call is not None:
+            self.on_call()
+        if self.cfg:
+            uncond_out, cond_out = out.chunk(2)
+            out = uncond_out + self.guidance_scale * (cond_out - uncond_out)
+        return out
+
+
+def guided_denoiser(unet, schedule, sampler, cond, uncond=None, guidance_scale=1.0, on_call=None) -> GuidedDenoiser:
+    return GuidedDenoiser(unet, schedule, sampler, cond, uncond, guidance_scale, on_call)
+
+
+# ---------------------------------------------------------------------------------------------
+# the VAE
+
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor, generator: torch.Generator | None = None,
+                  sample: bool = True) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8] (float32): the posterior's
+    sample under `generator` (the reference's choice), or its mean with sample=False."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got shape {list(images.shape)}")
+    h, w = images.shape[-2:]
+    if h % FACTOR or w % FACTOR:
+        raise ValueError(f"image size {h}x{w} is not a multiple of {FACTOR}; fit it with renoise.images.fit")
+    vae = pipe.vae
+    param = next(vae.parameters())
+    z = vae.encode_latents(images.to(device=param.device, dtype=param.dtype), generator=generator, sample=sample)
+    return z.float()
+
+
+@torch.no_grad()
+def decode_latents(pipe, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images [B, 3, 8h, 8w] in [-1, 1] (float32)."""
+    param = next(pipe.vae.parameters())
+    return pipe.vae.decode_latents(z.to(device=param.device, dtype=param.dtype)).float().clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# inversion, reconstruction, editing
+
+@dataclass
+class Inversion:
+    """An inverted batch: the solver's InversionResult plus what denoising it again needs."""
+    result: object                       # renoise.inversion.InversionResult
+    prompts: list
+    size: tuple                          # (H, W) of the images, pixels
+    guidance_scale: float = 1.0
+    negative_prompts: list | None = None
+    clip_skip: int | None = None
+    num_steps: int = 0                   # the full chain's step count (strength < 1 runs a part of it)
+    z0: torch.Tensor | None = None       # the encoded images, for metrics
+    extra: dict = field(default_factory=dict)
+
+    META = ("prompts", "size", "guidance_scale", "negative_prompts", "clip_skip", "num_steps", "extra")
+
+    def save(self, path) -> None:
+        """Writes `path` (InversionResult.save) and its settings as JSON at `path` + '.json';
+        the encoded z0 goes to `path` + '.z0.safetensors' when present."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        self.result.save(path)
+        meta = {k: getattr(self, k) for k in self.META}
+        meta["size"] = list(self.size)
+        Path(str(path) + ".json").write_text(json.dumps(meta, indent=1))
+        if self.z0 is not None:
+            save_file({"z0": self.z0.detach().contiguous().cpu()}, str(path) + ".z0.safetensors")
+
+    @staticmethod
+    def files(path) -> list[Path]:
+        return [Path(path), Path(str(path) + ".json"), Path(str(path) + ".z0.safetensors")]
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "Inversion":
+        from safetensors.torch import load_file
+        from .inversion import InversionResult
+        path = Path(path)
+        meta_path = Path(str(path) + ".json")
+        if not path.is_file():
+            raise FileNotFoundError(f"inversion file not found: {path}")
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} is missing: an inversion saved by renoise has its settings "
+                                    f"(prompts, size, guidance) next to it")
+        result = InversionResult.load(path)
+        result = _to_device(result, device)
+        meta = json.loads(meta_path.read_text())
+        meta["size"] = tuple(meta["size"])
+        z0_path = Path(str(path) + ".z0.safetensors")
+        z0 = load_file(str(z0_path))["z0"].to(device) if z0_path.is_file() else None
+        return cls(result=result, z0=z0, **meta)
+
+
+def _to_device(result, device):
+    to = getattr(result, "to", None)
+    return to(device) if callable(to) else result
+
+
+class Editor:
+    """Invert, reconstruct and edit real images with a loaded pipeline and a ReNoise preset.
+
+    preset: a renoise.presets name or Plan; sampler / num_steps / plan overrides replace the
+    preset's; guidance_scale is the inversion's CFG scale (≤ 1: no CFG); strength < 1 inverts
+    only the first part of the chain and denoises from there.
+    """
+
+    def __init__(self, pipe, preset="sdxl-turbo", *, sampler=None, num_steps=None, guidance_scale=None,
+                 strength=1.0, clip_skip=None, sampler_opts=None, plan_overrides=None):
+        from . import presets
+        from .schedules import Schedule
+        self.pipe = pipe
+        self.plan = presets.resolve(preset, **(plan_overrides or {}))
+        self.sampler = sampler or self.plan.sampler
+        self.num_steps = int(num_steps or self.plan.num_steps)
+        self.guidance_scale = float(self.plan.guidance_scale if guidance_scale is None else guidance_scale)
+        self.strength = float(strength)
+        self.clip_skip = clip_skip
+        self.sampler_opts = sampler_opts
+        self.schedule = Schedule.from_config(pipe.scheduler_config)
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+
+    # -- pieces --------------------------------------------------------------------------------
+    def encode(self, prompts, size, negative_prompts=None, guidance_scale=1.0):
+        kwargs = dict(size=size, clip_skip=self.clip_skip)
+        cond = encode_prompts(self.pipe, prompts, **kwargs)
+        uncond = negative_conditioning(self.pipe, negative_prompts, cond, **kwargs) if guidance_scale > 1 else None
+        return cond, uncond
+
+    def denoiser(self, prompts, size, negative_prompts=None, guidance_scale=1.0, on_call=None) -> GuidedDenoiser:
+        cond, uncond = self.encode(prompts, size, negative_prompts, guidance_scale)
+        return GuidedDenoiser(self.pipe.unet, self.schedule, self.sampler, cond, uncond, guidance_scale, on_call)
+
+    # -- the three jobs ------------------------------------------------------------------------
+    def invert(self, images: torch.Tensor, prompts, *, negative_prompts=None, generator=None,
+               sample_posterior=True, noises=None, callback=None) -> Inversion:
+        """images [B, 3, H, W] in [-1, 1]; one prompt or one per image."""
+        from .inversion import invert
+        batch, size = images.shape[0], tuple(images.shape[-2:])
+        prompts = as_prompts(prompts, batch)
+        if negative_prompts is not None:
+            negative_prompts = as_prompts(negative_prompts, batch, "negative prompt")
+        z0 = encode_images(self.pipe, images, generator, sample=sample_posterior)
+        den = self.denoiser(prompts, size, negative_prompts, self.guidance_scale)
+        result = invert(den, z0, self.schedule, self.sampler, self.num_steps, self.plan, noises=noises,
+                        generator=generator, strength=self.strength, sampler_opts=self.sampler_opts,
+                        callback=callback)
+        return Inversion(result=result, prompts=prompts, size=size, guidance_scale=self.guidance_scale,
+                         negative_prompts=negative_prompts, clip_skip=self.clip_skip, num_steps=self.num_steps,
+                         z0=z0)
+
+    def sample(self, inv: Inversion, prompts=None, *, negative_prompts=None, guidance_scale=None,
+               num_steps=None, on_call=None) -> tuple[torch.Tensor, GuidedDenoiser]:
+        """Denoise inv's z_T with its stored noises; the latent z0' and the denoiser used."""
+        from .inversion import sample
+        if num_steps is not None and int(num_steps) != inv.num_steps:
+            raise ValueError(
+                f"cannot denoise with {num_steps} steps an inversion made with {inv.num_steps}: its z_T sits at "
+                f"the top timestep of the {inv.num_steps}-step chain and its stored noises belong to those steps; "
+                f"invert again with {num_steps} steps")
+        batch = inv.result.z_T.shape[0]
+        prompts = inv.prompts if prompts is None else as_prompts(prompts, batch)
+        g = inv.guidance_scale if guidance_scale is None else float(guidance_scale)
+        den = self.denoiser(prompts, inv.size, negative_prompts, g, on_call)
+        return sample(den, inv.result), den
+
+    def reconstruct(self, inv: Inversion, *, num_steps=None) -> torch.Tensor:
+        """Denoise with the source prompts and the inversion's own guidance: images [B, 3, H, W]."""
+        z, _ = self.sample(inv, negative_prompts=inv.negative_prompts, num_steps=num_steps)
+        return decode_latents(self.pipe, z)
+
+    def edit(self, inv: Inversion, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None) -> torch.Tensor:
+        """The paper's edit: edit prompt as condition, source prompt as negative, guidance
+        `edit_guidance_scale` (1.0: the edit prompt alone)."""
+        z, _ = self.sample(inv, edit_prompts, negative_prompts=inv.prompts, guidance_scale=edit_guidance_scale,
+                           num_steps=num_steps)
+        return decode_latents(self.pipe, z)
