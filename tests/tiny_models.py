@@ -1,0 +1,129 @@
+"""Tiny random-weight diffusers UNets and VAEs, saved in real diffusers format, for tests.
+
+Stable helpers (other test files import them):
+    tiny_unet_config(kind)            kwargs for diffusers' UNet2DConditionModel; kind in
+                                      {"sd1", "sd2", "sdxl", "lcm"}
+    tiny_vae_config(kind="sd")        kwargs for diffusers' AutoencoderKL; kind in {"sd", "sdxl", "old"}
+    make_tiny_unet(kind, seed=0)      the diffusers model, every parameter randomised
+    save_tiny_unet(path, kind, ...)   make + save_pretrained(path) → the fp32 diffusers model
+    save_tiny_vae(path, kind, ...)    the same for the VAE
+    unet_inputs(kind, batch=2, ...)   random (x, t, context, extra kwargs) for a tiny UNet
+
+diffusers is imported lazily: it is a test-only oracle.
+"""
+from __future__ import annotations
+
+import torch
+
+TINY_POOLED_DIM = 32          # SDXL-like: pooled text embedding size
+TINY_TIME_ID_DIM = 8          # SDXL-like: per-time-id sinusoid size
+
+
+def tiny_unet_config(kind: str) -> dict:
+    if kind in ("sd1", "lcm"):
+        cfg = dict(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=32,
+                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4, sample_size=8)
+        if kind == "lcm":
+            cfg["time_cond_proj_dim"] = 16
+        return cfg
+    if kind == "sd2":
+        return dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=48,
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    attention_head_dim=(2, 4, 4), use_linear_projection=True, upcast_attention=True, sample_size=8)
+    if kind == "sdxl":
+        return dict(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=64,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                    transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                    addition_embed_type="text_time", addition_time_embed_dim=TINY_TIME_ID_DIM,
+                    projection_class_embeddings_input_dim=TINY_POOLED_DIM + 6 * TINY_TIME_ID_DIM, sample_size=8)
+    raise ValueError(f"unknown tiny UNet kind {kind!r}")
+
+
+def tiny_vae_config(kind: str = "sd") -> dict:
+    cfg = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+               sample_size=16)
+    if kind == "sdxl":
+        cfg.update(scaling_factor=0.13025, force_upcast=True)
+    elif kind not in ("sd", "old"):
+        raise ValueError(f"unknown tiny VAE kind {kind!r}")
+    return cfg
+
+
+def _randomise(model, seed: int, scale: float = 0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def make_tiny_unet(kind: str, seed: int = 0, **overrides):
+    from diffusers import UNet2DConditionModel
+    return _randomise(UNet2DConditionModel(**{**tiny_unet_config(kind), **overrides}), seed)
+
+
+def make_tiny_vae(kind: str = "sd", seed: int = 0, **overrides):
+    from diffusers import AutoencoderKL
+    return _randomise(AutoencoderKL(**{**tiny_vae_config(kind), **overrides}), seed)
+
+
+def _save(model, path, variant, dtype, max_shard_size):
+    kw = {"variant": variant}
+    if max_shard_size is not None:
+        kw["max_shard_size"] = max_shard_size
+    if dtype is not None and dtype != torch.float32:
+        half = type(model).from_config(model.config).to(dtype)
+        half.load_state_dict(model.state_dict())
+        half.save_pretrained(path, **kw)
+    else:
+        model.save_pretrained(path, **kw)
+
+
+def save_tiny_unet(path, kind: str, *, seed: int = 0, variant: str | None = None, dtype=None,
+                   max_shard_size=None, **overrides):
+    """Save a tiny diffusers UNet to `path` (a model folder); returns the fp32 diffusers model."""
+    model = make_tiny_unet(kind, seed, **overrides)
+    _save(model, path, variant, dtype, max_shard_size)
+    return model
+
+
+def save_tiny_vae(path, kind: str = "sd", *, seed: int = 0, variant: str | None = None, dtype=None,
+                  max_shard_size=None, **overrides):
+    """Save a tiny diffusers AutoencoderKL to `path`; kind "old" renames the attention weights to the
+    legacy query/key/value/proj_attn names in the saved file. Returns the fp32 diffusers model."""
+    model = make_tiny_vae(kind, seed, **overrides)
+    _save(model, path, variant, dtype, max_shard_size)
+    if kind == "old":
+        from pathlib import Path
+
+        from safetensors.torch import load_file, save_file
+        f = next(Path(path).glob("diffusion_pytorch_model*.safetensors"))
+        sd = load_file(f)
+        new = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+        for k in list(sd):
+            for a, b in new.items():
+                if ".attentions." in k and f".{a}." in k:
+                    sd[k.replace(f".{a}.", f".{b}.")] = sd.pop(k)
+        save_file(sd, f)
+    return model
+
+
+def unet_inputs(kind: str, batch: int = 2, size: int = 8, tokens: int = 7, seed: int = 0, dtype=torch.float32):
+    """(x, t, context, extra) with per-sample float timesteps; extra has SDXL/LCM conditioning."""
+    cfg = tiny_unet_config(kind)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g, dtype=dtype)
+    t = torch.rand(batch, generator=g) * 999
+    context = torch.randn(batch, tokens, cfg["cross_attention_dim"], generator=g, dtype=dtype)
+    extra = {}
+    if kind == "sdxl":
+        extra["text_embeds"] = torch.randn(batch, TINY_POOLED_DIM, generator=g, dtype=dtype)
+        rows = [[512.0, 512, 0, 0, 512, 512], [768.0, 1024, 16, 32, 512, 640]]
+        extra["time_ids"] = torch.tensor([rows[i % 2] for i in range(batch)], dtype=dtype)
+    if kind == "lcm":
+        extra["timestep_cond"] = torch.randn(batch, cfg["time_cond_proj_dim"], generator=g, dtype=dtype)
+    return x, t, context, extra
