@@ -1,0 +1,217 @@
+"""ReNoise plans: how many renoising iterations each inversion step runs, what is averaged, and the
+edit-enhancement and noise-correction settings; with the paper's Table 1 values as named presets.
+
+One inversion step at timestep t (see renoise.inversion) runs iterations i = 0..K, each one model
+call; iteration i's inverse step gives the estimate the paper calls z_t^(i+1). So the paper's
+1-based weights w_k belong to iteration index i = k - 1:
+
+    paper  w1, w2        -> window (0, 2)      paper  w8..w10  -> window (7, 10)
+    paper  w1..w4        -> window (0, 4)      paper  w6..w8   -> window (5, 8)
+    paper  w2 = 1.0      -> window (1, 2)  (the last iterate of K = 1: no averaging in effect)
+
+`window = (a, b)` is half-open over iteration indices. Steps with t < `first_until` (250) use
+`first_iters` / `first_window` / `first_weights`, all others `iters` / `window` / `weights`.
+Averaging (`average=True`) takes the weighted mean of the *raw model outputs* of the window's
+iterations (uniform weights unless given) and the step's answer is one inverse step with it
+(regularized when the regularizer is on). The regularizer acts on iteration i's output when
+i >= a, or, with averaging off, also when i > 0 — the reference implementation's rule.
+
+The paper's table gives no first-step cap; iterations past the window cannot change an averaged
+answer, so the paper presets run the first steps only up to their window's end
+(first_iters = b - 1). Every field can be overridden: `Plan.preset("sdxl-turbo").replace(iters=5,
+window=(3, 6))` or `resolve("sdxl", lambda_kl=0.0)`; an inconsistent plan is refused on creation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from . import samplers as _samplers
+
+NOISE_CORRECTIONS = ("none", "override", "optimize")
+REFERENCE_NOISES = ("noised", "clean")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A full ReNoise configuration (defaults: plain DDIM inversion, 50 steps).
+
+    sampler, num_steps, guidance_scale  what the preset was tuned with (guidance <= 1: no CFG)
+    iters, window, weights              K, averaging window [a, b) and weights for t >= first_until
+    first_iters, first_window, first_weights   the same for t < first_until (None: as the main ones)
+    average                             average the window (False: the answer is the last iterate)
+    lambda_ac, lambda_kl, reg_rounds, reg_rolls   edit-enhancement regularizer (off: reg_rounds = 0
+                                        or both weights 0); see renoise.regularizers
+    reference_noise                     "noised": e_ref = model output at add_noise(z0, n, t);
+                                        "clean": at z0 itself (the reference's SD 1.x oddity)
+    noise_correction, nc_steps, nc_lr   "none" | "override" | "optimize" (stochastic samplers only)
+    anderson                            m > 0: safeguarded Anderson mixing of the iterates (no averaging)
+    """
+
+    name: str = "custom"
+    sampler: str = "ddim"
+    num_steps: int = 50
+    guidance_scale: float = 1.0
+    iters: int = 0
+    window: tuple = (0, 1)
+    weights: tuple | None = None
+    first_iters: int | None = None
+    first_window: tuple | None = None
+    first_weights: tuple | None = None
+    first_until: float = 250
+    average: bool = True
+    lambda_ac: float = 0.0
+    lambda_kl: float = 0.0
+    reg_rounds: int = 0
+    reg_rolls: int = 5
+    reference_noise: str = "noised"
+    noise_correction: str = "none"
+    nc_steps: int = 10
+    nc_lr: float = 1.8
+    anderson: int = 0
+
+    def __post_init__(self):
+        for f in ("window", "first_window", "weights", "first_weights"):
+            v = getattr(self, f)
+            if v is not None:
+                object.__setattr__(self, f, tuple(v))
+        if self.sampler not in _samplers.NAMES:
+            raise ValueError(f"plan {self.name!r}: unknown sampler {self.sampler!r}; expected one of "
+                             f"{', '.join(_samplers.NAMES)}")
+        _int(self, "num_steps", 1)
+        _int(self, "iters", 0)
+        if self.first_iters is not None:
+            _int(self, "first_iters", 0)
+        for main, (k, win, w) in (("", self.regime(True)), ("first_", self.regime(False))):
+            _check_window(self, main, k, win, w)
+        for f in ("guidance_scale", "lambda_ac", "lambda_kl", "first_until"):
+            if not (math.isfinite(getattr(self, f)) and getattr(self, f) >= 0):
+                raise ValueError(f"plan {self.name!r}: {f} must be a finite number >= 0, got {getattr(self, f)!r}")
+        _int(self, "reg_rounds", 0)
+        _int(self, "reg_rolls", 1)
+        _int(self, "nc_steps", 0)
+        _int(self, "anderson", 0)
+        if not (math.isfinite(self.nc_lr) and self.nc_lr > 0):
+            raise ValueError(f"plan {self.name!r}: nc_lr must be > 0, got {self.nc_lr!r}")
+        if self.noise_correction not in NOISE_CORRECTIONS:
+            raise ValueError(f"plan {self.name!r}: noise_correction must be one of {', '.join(NOISE_CORRECTIONS)}, "
+                             f"got {self.noise_correction!r}")
+        if self.reference_noise not in REFERENCE_NOISES:
+            raise ValueError(f"plan {self.name!r}: reference_noise must be one of {', '.join(REFERENCE_NOISES)}, "
+                             f"got {self.reference_noise!r}")
+        if self.anderson and self.average:
+            raise ValueError(f"plan {self.name!r}: Anderson mixing (anderson={self.anderson}) returns the last "
+                             "iterate and cannot be combined with averaging; set average=False")
+
+    # ------------------------------------------------------------------ use
+    @property
+    def regularize(self) -> bool:
+        """Whether the edit-enhancement regularizer runs (and the reference map is computed)."""
+        return self.reg_rounds > 0 and (self.lambda_ac > 0 or self.lambda_kl > 0)
+
+    def regime(self, main: bool):
+        """(K, window, weights-over-window or None) for the main (t >= first_until) or first steps."""
+        if main:
+            return self.iters, self.window, self.weights
+        k = self.iters if self.first_iters is None else self.first_iters
+        win = self.window if self.first_window is None else self.first_window
+        w = self.weights if self.first_window is None and self.first_weights is None else self.first_weights
+        return k, win, w
+
+    def at(self, t):
+        """(K, window, weights over iterations 0..K or None) for the inversion step at timestep t.
+
+        The weights are None when averaging is off; otherwise K+1 numbers, zero outside the window.
+        """
+        k, (a, b), w = self.regime(float(t) >= self.first_until)
+        if not self.average:
+            return k, (a, b), None
+        w = [1.0] * (b - a) if w is None else list(w)
+        return k, (a, b), [0.0] * a + [float(x) for x in w] + [0.0] * (k + 1 - b)
+
+    def replace(self, **changes) -> "Plan":
+        """A copy with `changes` applied (validated)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown plan field(s) {', '.join(sorted(unknown))}; known: "
+                             f"{', '.join(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str) -> "Plan":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        return cls(**d)
+
+
+def _int(plan, field, low):
+    v = getattr(plan, field)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"plan {plan.name!r}: {field} must be an int >= {low}, got {v!r}")
+
+
+def _check_window(plan, prefix, k, win, w):
+    if len(win) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in win):
+        raise ValueError(f"plan {plan.name!r}: {prefix}window must be a pair of ints (a, b), got {win!r}")
+    a, b = win
+    if not 0 <= a < b <= k + 1:
+        raise ValueError(f"plan {plan.name!r}: {prefix}window {win} lies outside the iterations 0..{k} of "
+                         f"{prefix}iters={k}; need 0 <= a < b <= {k + 1}")
+    if w is not None:
+        if len(w) != b - a:
+            raise ValueError(f"plan {plan.name!r}: {prefix}weights has {len(w)} entries but {prefix}window {win} "
+                             f"covers {b - a} iterations")
+        if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+            raise ValueError(f"plan {plan.name!r}: {prefix}weights must be finite, non-negative and not all zero, "
+                             f"got {w!r}")
+
+
+_SD = dict(sampler="ddim", num_steps=50, iters=1, window=(1, 2), first_iters=1, first_window=(0, 2),
+           lambda_ac=10.0, reg_rounds=4, reg_rolls=5)
+
+PRESETS = {
+    # Table 1, SD 1.4 (used for 1.5 too): DDIM 50 steps, K = 1, w1, w2 = 0.5 (t < 250), w2 = 1.0 after
+    "sd14": Plan(name="sd14", lambda_kl=0.05, **_SD),
+    "sd15": Plan(name="sd15", lambda_kl=0.05, **_SD),
+    # Table 1, SDXL: as SD with λ_patch-KL = 0.055
+    "sdxl": Plan(name="sdxl", lambda_kl=0.055, **_SD),
+    # Table 1, SDXL Turbo: Euler-ancestral 4 steps, K = 9, w1..w4 = 0.25 (t < 250), w8..w10 = 1/3 after;
+    # the paper's full method: noise correction by optimisation
+    "sdxl-turbo": Plan(name="sdxl-turbo", sampler="euler_ancestral", num_steps=4, guidance_scale=0.0,
+                       iters=9, window=(7, 10), first_iters=3, first_window=(0, 4),
+                       lambda_ac=10.0, lambda_kl=0.055, reg_rounds=4, reg_rolls=5, noise_correction="optimize"),
+    # Table 1, LCM LoRA: 4 steps, K = 7, w1..w4 (t < 250), w6..w8 after, λ 20 / 0.075 (the table lists
+    # "DDIM" as its noise sampler; LCM-LoRA samples with the LCM sampler, which is what runs here)
+    "lcm-lora": Plan(name="lcm-lora", sampler="lcm", num_steps=4, guidance_scale=1.0,
+                     iters=7, window=(5, 8), first_iters=3, first_window=(0, 4),
+                     lambda_ac=20.0, lambda_kl=0.075, reg_rounds=4, reg_rolls=5, noise_correction="optimize"),
+    # the reference code's own SDXL-Turbo defaults: K = 9 (5 on the first steps), windows [0, 5) and
+    # [8, 10), λ_ac = 20, λ_kl = 0.065, 4 rounds × 5 rolls, noise correction optimize (10 × lr 1.8)
+    "sdxl-turbo-reference": Plan(name="sdxl-turbo-reference", sampler="euler_ancestral", num_steps=4,
+                                 guidance_scale=0.0, iters=9, window=(8, 10), first_iters=5, first_window=(0, 5),
+                                 lambda_ac=20.0, lambda_kl=0.065, reg_rounds=4, reg_rolls=5,
+                                 noise_correction="optimize", nc_steps=10, nc_lr=1.8),
+}
+
+
+def names() -> list[str]:
+    return list(PRESETS)
+
+
+def resolve(plan="sdxl-turbo", **overrides) -> Plan:
+    """A Plan from a preset name or a Plan, with `overrides` applied (validated)."""
+    if isinstance(plan, str):
+        plan = Plan.preset(plan)
+    elif not isinstance(plan, Plan):
+        raise ValueError(f"plan must be a preset name ({', '.join(PRESETS)}) or a renoise.presets.Plan, "
+                         f"got {type(plan).__name__}")
+    return plan.replace(**overrides) if overrides else plan
