@@ -12,6 +12,7 @@ Parameter names are exactly those of transformers' `CLIPTextModel` (`text_model.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -238,30 +239,21 @@ def text_encoder_from_state_dict(config: CLIPTextConfig, state_dict: dict, *, dt
 
 
 def load_text_encoder(source, *, subfolder: str | None = "text_encoder", dtype=torch.float32, device="cpu",
-                      variant: str | None = None, allow_pickle: bool = False) -> CLIPTextModel:
-    """Load a text encoder from a diffusers folder / hub id (`subfolder`) or a transformers folder
-    (`subfolder=None`): `config.json` + `model[.variant].safetensors` (or shards)."""
-    folder = _resolve_folder(source, subfolder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json for the text encoder in {folder}")
-    config = CLIPTextConfig.from_dict(json.loads(config_path.read_text()))
-    state_dict = _read_weights(folder, "model", variant=variant, allow_pickle=allow_pickle)
+                      variant: str | None = None, allow_pickle: bool = False, **hub) -> CLIPTextModel:
+    """Load a text encoder from a diffusers pipeline folder or hub id (its `subfolder`), or from a
+    transformers model folder (`subfolder=None`): `config.json` + `model[.variant].safetensors`
+    (or shards; `.bin` only with allow_pickle). `hub`: cache_dir, revision, local_files_only."""
+    from . import loading
+
+    root = Path(source) if not loading.is_hub_id(source) else None
+    if root is not None and subfolder is None:
+        if not (root / "config.json").is_file():
+            raise FileNotFoundError(f"no text encoder config.json in {root}")
+        folder = root
+    else:
+        folder = loading.resolve_folder(source, subfolder, class_name="CLIPTextModel", what="text encoder",
+                                        variant=variant, allow_pickle=allow_pickle, base="model", **hub)
+    config = CLIPTextConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    weights = loading.find_weights(folder, variant=variant, allow_pickle=allow_pickle, base="model")
+    state_dict = loading.load_state_dict(weights, allow_pickle=allow_pickle, dtype=dtype, device=device)
     return text_encoder_from_state_dict(config, state_dict, dtype=dtype, device=device)
-
-
-def _resolve_folder(source, subfolder):
-    # TEMPORARY until models/loading.py lands
-    from pathlib import Path
-    folder = Path(source) / subfolder if subfolder else Path(source)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no folder {folder}")
-    return folder
-
-
-def _read_weights(folder, stem, variant=None, allow_pickle=False):
-    from safetensors.torch import load_file
-    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
-    if not (folder / name).is_file():
-        raise FileNotFoundError(f"no {name} in {folder}")
-    return load_file(folder / name)

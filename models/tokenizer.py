@@ -194,11 +194,11 @@ def _token_content(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-def load_tokenizer(source, subfolder: str | None = "tokenizer") -> CLIPTokenizer:
+def load_tokenizer(source, subfolder: str | None = "tokenizer", **hub) -> CLIPTokenizer:
     """From a diffusers folder / hub id (`subfolder`) or a tokenizer folder (`subfolder=None`):
     `vocab.json`, `merges.txt`, and the special tokens and `model_max_length` from
     `tokenizer_config.json` / `special_tokens_map.json` when present."""
-    folder = _resolve_folder(source, subfolder)
+    folder = _resolve_folder(source, subfolder, **hub)
     for name in ("vocab.json", "merges.txt"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"tokenizer file {name} not found in {folder}; a CLIP tokenizer needs "
@@ -219,9 +219,29 @@ def load_tokenizer(source, subfolder: str | None = "tokenizer") -> CLIPTokenizer
                                     **kwargs)
 
 
-def _resolve_folder(source, subfolder):
-    # TEMPORARY until models/loading.py lands
-    folder = Path(source) / subfolder if subfolder else Path(source)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no tokenizer folder {folder}")
-    return folder
+_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _resolve_folder(source, subfolder, **hub) -> Path:
+    """The local tokenizer folder: `source/subfolder`, `source` itself, or the files of a hub id
+    (only the four small tokenizer files are fetched, or found in the cache when offline)."""
+    from .loading import is_hub_id
+
+    if is_hub_id(source):
+        import huggingface_hub as hf
+        pre = f"{subfolder}/" if subfolder else ""
+        try:
+            root = Path(hf.snapshot_download(repo_id=source, allow_patterns=[pre + f for f in _FILES], **hub))
+        except Exception as e:  # noqa: BLE001 -- offline, missing repo, HTTP: all mean "not available"
+            raise FileNotFoundError(f"could not get the tokenizer of {source!r} from the hub or its local "
+                                    f"cache: {e}") from None
+        return root / subfolder if subfolder else root
+    root = Path(source)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{source!r} is neither a folder nor a hub id of the form 'org/name'")
+    if subfolder and (root / subfolder).is_dir():
+        return root / subfolder
+    if (root / "vocab.json").is_file():
+        return root
+    raise FileNotFoundError(f"no tokenizer in {root}: expected {root / (subfolder or '')} with vocab.json and "
+                            "merges.txt")
