@@ -1,0 +1,118 @@
+"""Everything a Stable Diffusion pipeline needs, loaded in one call.
+
+    pipe = load_pipeline("stabilityai/sdxl-turbo", dtype=torch.float16, device="cuda")
+    pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2
+    pipe.scheduler_config, pipe.kind ("sd" | "sdxl"), pipe.force_zeros_for_empty_prompt
+
+Sources: a diffusers pipeline folder, a hub id (only the files needed are fetched, or found in
+the local cache when offline), or a single-file LDM/SGM checkpoint (see single_file.py).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["Pipeline", "load_pipeline"]
+
+
+@dataclass
+class Pipeline:
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    text_encoder_2: nn.Module | None = None      # SDXL's OpenCLIP bigG (with projection)
+    tokenizer_2: object | None = None
+    scheduler_config: dict | None = None         # diffusers scheduler_config.json
+    kind: str = "sd"                             # "sd" (1.x / 2.x) | "sdxl"
+    force_zeros_for_empty_prompt: bool = False   # SDXL: the unconditional branch is zeros, not encode("")
+
+    @property
+    def prediction_type(self) -> str:
+        """The scheduler config's prediction type ("epsilon" when it names none)."""
+        return (self.scheduler_config or {}).get("prediction_type", "epsilon")
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The present networks by their diffusers component name."""
+        names = ("unet", "vae", "text_encoder", "text_encoder_2")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+_SMALL_FILES = ("model_index.json", "scheduler/scheduler_config.json")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} ({what}) is not valid JSON: {e}") from None
+
+
+def _pipeline_root(source, hub: dict) -> Path:
+    """The local folder with model_index.json and the scheduler config (hub ids: fetch just those)."""
+    from .loading import is_hub_id
+
+    if is_hub_id(source):
+        import huggingface_hub as hf
+        try:
+            return Path(hf.snapshot_download(repo_id=source, allow_patterns=list(_SMALL_FILES), **hub))
+        except Exception as e:  # noqa: BLE001 -- offline, missing repo, HTTP errors: all "not available"
+            raise FileNotFoundError(f"could not get {source!r} from the hub or its local cache: {e}") from None
+    root = Path(source)
+    if not root.exists():
+        raise FileNotFoundError(f"{source!r} is neither an existing path nor a hub id of the form 'org/name'")
+    return root
+
+
+def _present(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+
+
+def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | None = None,
+                  allow_pickle: bool = False, config=None, tokenizer=None, **hub) -> Pipeline:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and the scheduler config.
+
+    `source`: a diffusers pipeline folder, a hub id, or a single-file `.safetensors` checkpoint
+    (then `config` and `tokenizer` are passed to `load_single_file`). `variant`: e.g. "fp16" for
+    `*.fp16.safetensors`. `hub`: cache_dir, revision, local_files_only.
+    """
+    from .clip import load_text_encoder
+    from .loading import is_hub_id, load_unet, load_vae
+    from .tokenizer import load_tokenizer
+
+    if not is_hub_id(source) and Path(source).is_file():
+        from .single_file import load_single_file
+        return load_single_file(source, config=config, tokenizer=tokenizer, dtype=dtype, device=device,
+                                allow_pickle=allow_pickle)
+    root = _pipeline_root(source, hub)
+    if not (root / "model_index.json").is_file():
+        raise FileNotFoundError(f"{source} has no model_index.json: not a diffusers pipeline folder. "
+                                "Single components load with load_unet / load_vae / load_text_encoder")
+    index = _read_json(root / "model_index.json", "pipeline index")
+    sched_path = root / "scheduler" / "scheduler_config.json"
+    if not sched_path.is_file():
+        raise FileNotFoundError(f"{source} has no scheduler/scheduler_config.json")
+    scheduler_config = _read_json(sched_path, "scheduler config")
+
+    where = root if not is_hub_id(source) else source
+    common = dict(dtype=dtype, device=device, variant=variant, allow_pickle=allow_pickle)
+    unet = load_unet(where, **common, **hub)
+    vae = load_vae(where, **common, **hub)
+    text_encoder = load_text_encoder(where, **common, **hub)
+    tok = load_tokenizer(where, "tokenizer", **hub)
+    sdxl = _present(index, "text_encoder_2") or unet.config.addition_embed_type == "text_time"
+    text_encoder_2 = tok2 = None
+    if sdxl:
+        if not _present(index, "text_encoder_2"):
+            raise ValueError(f"{source}: an SDXL UNet (text_time conditioning) without text_encoder_2 "
+                             "(e.g. the SDXL refiner) is not supported")
+        text_encoder_2 = load_text_encoder(where, subfolder="text_encoder_2", **common, **hub)
+        tok2 = load_tokenizer(where, "tokenizer_2", **hub)
+    return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok, text_encoder_2=text_encoder_2,
+                    tokenizer_2=tok2, scheduler_config=scheduler_config, kind="sdxl" if sdxl else "sd",
+                    force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)))

@@ -1,0 +1,79 @@
+"""load_pipeline on tiny diffusers pipeline folders: every component equals the oracle's."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+import tiny_pipeline  # noqa: E402
+from renoise.models import load_pipeline  # noqa: E402
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _check_components(pipe, folder, sdxl):
+    import diffusers
+    g = torch.Generator().manual_seed(0)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 5, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([10.0, 700.0])
+    kw, extra = {}, {}
+    if sdxl:
+        pooled = torch.randn(2, tiny_pipeline.PROJECTION_2, generator=g)
+        ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)
+        kw = dict(text_embeds=pooled, time_ids=ids)
+        extra = dict(added_cond_kwargs={"text_embeds": pooled, "time_ids": ids})
+    with torch.no_grad():
+        assert _rel(pipe.unet(x, t, ctx, **kw), unet(x, t, ctx, **extra).sample) < 1e-5
+        img = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+        mean, _ = pipe.vae.encode(img)
+        assert _rel(mean, vae.encode(img).latent_dist.mean) < 1e-5
+    ref_tok = transformers.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    prompts = ["a photo of a cat", "tiger, dog!! 12"]
+    ids = ref_tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(pipe.tokenizer(prompts), ids)
+    ref_te = transformers.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+    with torch.no_grad():
+        assert _rel(pipe.text_encoder(ids).hidden_states[-2],
+                    ref_te(ids, output_hidden_states=True).hidden_states[-2]) < 1e-5
+    if sdxl:
+        ref_tok2 = transformers.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+        ids2 = ref_tok2(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        assert torch.equal(pipe.tokenizer_2(prompts), ids2)
+        assert pipe.tokenizer_2.pad_token_id == 0 != pipe.tokenizer.pad_token_id
+        ref_te2 = transformers.CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2").eval()
+        with torch.no_grad():
+            assert _rel(pipe.text_encoder_2(ids2).text_embeds, ref_te2(ids2).text_embeds) < 1e-5
+
+
+def test_sd_folder(tmp_path):
+    folder = tiny_pipeline.save_sd(tmp_path / "sd")
+    pipe = load_pipeline(folder)
+    assert pipe.kind == "sd" and pipe.text_encoder_2 is None and pipe.tokenizer_2 is None
+    assert pipe.force_zeros_for_empty_prompt is False
+    assert pipe.scheduler_config == json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert pipe.prediction_type == "epsilon"
+    _check_components(pipe, folder, sdxl=False)
+
+
+def test_sdxl_folder(tmp_path):
+    folder = tiny_pipeline.save_sdxl(tmp_path / "sdxl")
+    pipe = load_pipeline(folder, dtype=torch.float32)
+    assert pipe.kind == "sdxl" and pipe.force_zeros_for_empty_prompt is True
+    assert pipe.scheduler_config["_class_name"] == "EulerAncestralDiscreteScheduler"
+    _check_components(pipe, folder, sdxl=True)
+    half = load_pipeline(folder, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for m in half.modules().values() for p in m.parameters())
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load_pipeline(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_pipeline(tmp_path / "nothing" / "here")
