@@ -61,14 +61,22 @@ def _randomise(model, seed: int, scale: float = 0.1):
     return model.eval()
 
 
+def _build(cls, cfg: dict, seed: int):
+    with torch.random.fork_rng():          # deterministic init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = cls(**cfg)
+    return _randomise(model, seed)
+
+
 def make_tiny_unet(kind: str, seed: int = 0, **overrides):
+    """Same kind, seed and overrides → the same weights."""
     from diffusers import UNet2DConditionModel
-    return _randomise(UNet2DConditionModel(**{**tiny_unet_config(kind), **overrides}), seed)
+    return _build(UNet2DConditionModel, {**tiny_unet_config(kind), **overrides}, seed)
 
 
 def make_tiny_vae(kind: str = "sd", seed: int = 0, **overrides):
     from diffusers import AutoencoderKL
-    return _randomise(AutoencoderKL(**{**tiny_vae_config(kind), **overrides}), seed)
+    return _build(AutoencoderKL, {**tiny_vae_config(kind), **overrides}, seed)
 
 
 def _save(model, path, variant, dtype, max_shard_size):
@@ -93,8 +101,8 @@ def save_tiny_unet(path, kind: str, *, seed: int = 0, variant: str | None = None
 
 def save_tiny_vae(path, kind: str = "sd", *, seed: int = 0, variant: str | None = None, dtype=None,
                   max_shard_size=None, **overrides):
-    """Save a tiny diffusers AutoencoderKL to `path`; kind "old" renames the attention weights to the
-    legacy query/key/value/proj_attn names in the saved file. Returns the fp32 diffusers model."""
+    """Save a tiny diffusers AutoencoderKL to `path`; kind "old" rewrites the attention weights with the
+    legacy query/key/value/proj_attn names, as [C, C, 1, 1] convs. Returns the fp32 diffusers model."""
     model = make_tiny_vae(kind, seed, **overrides)
     _save(model, path, variant, dtype, max_shard_size)
     if kind == "old":
@@ -107,7 +115,8 @@ def save_tiny_vae(path, kind: str = "sd", *, seed: int = 0, variant: str | None 
         for k in list(sd):
             for a, b in new.items():
                 if ".attentions." in k and f".{a}." in k:
-                    sd[k.replace(f".{a}.", f".{b}.")] = sd.pop(k)
+                    v = sd.pop(k)   # legacy files also stored these as 1x1 conv weights
+                    sd[k.replace(f".{a}.", f".{b}.")] = v[:, :, None, None] if v.ndim == 2 else v
         save_file(sd, f)
     return model
 
