@@ -1,0 +1,228 @@
+"""Fixed-point iteration z = g(z) on batched tensors: plain, weighted averaging, safeguarded Anderson.
+
+    result = iterate(g, z0, iters, weights=None, anderson=0, tol=None)
+
+Plain iteration calls g `iters` times: z_{k+1} = g(z_k), k = 0..iters-1, and answers z_iters, or
+Σ_k w_k·z_{k+1} / Σ_k w_k with `weights` (ReNoise's averaging of chosen iterates). Every call of g
+sees the whole batch [B, ...]; samples are independent problems that share the calls.
+
+Anderson mixing (`anderson=m`) keeps, per sample, the last m accepted steps ΔX_i = x_{i+1} - x_i
+and residual changes ΔF_i = f_{i+1} - f_i (f(x) = g(x) - x) and proposes
+
+    γ = argmin ‖f - ΔF·γ‖² + λ‖γ‖²,    x_next = g(x) - s·(ΔX + ΔF)·γ
+
+with λ = reg·tr(ΔFᵀΔF)/m and s ≤ 1 shrinking the correction to at most `trust`·‖f‖ (a trust region
+around the plain step g(x)). Safeguard: a proposal is accepted only if its residual ‖g(x_next) -
+x_next‖ is below the residual of the point it came from; otherwise that sample drops its history
+and takes the plain step g(x) next (which is always accepted, as in plain iteration). Each sample
+answers g(x) at its last accepted x, so z_{k+1} below means that answer after the k-th call.
+
+`tol` stops samples whose residual reaches tol: they are frozen (their answer no longer changes,
+their residual reads 0), the others go on, and the loop ends when all have converged. Checking it
+synchronises with the device once per call; with tol=None the loop has no data-dependent Python
+control flow, so it can be compiled (torch.compile(fullgraph=True)) or captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FixedPointResult:
+    """z: the answer (readout(ȳ) with a readout); residuals: [evals, B] per-sample RMS of
+    z_{k+1} - z_k (= [iters, B] unless tol stopped early); evals: calls to g; iterates: the
+    z_{k+1} (k = 0..evals-1) when keep_iterates, else None."""
+
+    z: object
+    residuals: torch.Tensor
+    evals: int
+    iterates: list | None = None
+
+
+def rms(d: torch.Tensor) -> torch.Tensor:
+    """Per-sample root mean square of d [B, ...] -> [B] (float32 or float64)."""
+    d = d.to(torch.promote_types(d.dtype, torch.float32))
+    return d.reshape(d.shape[0], -1).pow(2).mean(1).sqrt()
+
+
+def _bmask(mask, like):
+    return mask.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _validate(g, z0, iters, weights, anderson, tol, readout):
+    if not callable(g):
+        raise ValueError(f"g must be callable, got {type(g).__name__}")
+    if not isinstance(z0, torch.Tensor) or not z0.is_floating_point() or z0.ndim < 1:
+        raise ValueError("z0 must be a floating-point tensor with a batch dimension [B, ...]")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters (the number of calls to g) must be an int >= 1, got {iters!r}")
+    if isinstance(anderson, bool) or not isinstance(anderson, int) or anderson < 0:
+        raise ValueError(f"anderson (the memory m) must be an int >= 0, got {anderson!r}")
+    if anderson and readout is not None:
+        raise ValueError("anderson mixing cannot be combined with readout; use plain iteration with a readout")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be >= 0 or None, got {tol!r}")
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if len(weights) != iters:
+            raise ValueError(f"weights must have one entry per call of g ({iters}), got {len(weights)}")
+        if any(not w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+    if not torch.compiler.is_compiling() and z0.device.type == "cpu" and not bool(torch.isfinite(z0).all()):
+        raise ValueError("z0 contains NaN or inf")
+    return weights
+
+
+def _check_output(z, z0, k):
+    if not isinstance(z, torch.Tensor) or z.shape != z0.shape:
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"g must return a tensor of z's shape {tuple(z0.shape)}, got {shape} at call {k}")
+
+
+def _check_finite(r, k):
+    bad = ~torch.isfinite(r)
+    if bool(bad.any()):
+        raise ValueError(f"g returned non-finite values at call {k} for samples {bad.nonzero().flatten().tolist()}")
+
+
+def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=False, indexed=False,
+            readout=None, anderson_reg=1e-6, anderson_trust=5.0) -> FixedPointResult:
+    """Solve z = g(z) from z0 [B, ...] with `iters` calls of g (see the module docstring).
+
+    g(z) -> z_next (g(z, k) with indexed=True). With `readout`, g returns (z_next, y) with y
+    [B, ...]; `weights` then average the y's and the answer is readout(ȳ) (readout(y_last) without
+    weights). anderson=m > 0: safeguarded Anderson mixing with memory m, regularisation
+    `anderson_reg` and trust radius `anderson_trust` (relative to the plain step's length).
+    """
+    weights = _validate(g, z0, iters, weights, anderson, tol, readout)
+    if anderson:
+        return _anderson(g, z0, iters, weights, anderson, tol, keep_iterates, indexed, anderson_reg, anderson_trust)
+    return _plain(g, z0, iters, weights, tol, keep_iterates, indexed, readout)
+
+
+class _Average:
+    """Running Σ w_k·v_k, with the missing weights of an early stop given to the last v."""
+
+    def __init__(self, weights):
+        self.weights, self.acc = weights, None
+
+    def add(self, k, v):
+        if self.weights is None or self.weights[k] == 0:
+            return
+        term = self.weights[k] * v.to(torch.promote_types(v.dtype, torch.float32))
+        self.acc = term if self.acc is None else self.acc + term
+
+    def result(self, last, evals):
+        if self.weights is None:
+            return last
+        for k in range(evals, len(self.weights)):
+            self.add(k, last)
+        return (self.acc / sum(self.weights)).to(last.dtype)
+
+
+def _plain(g, z0, iters, weights, tol, keep_iterates, indexed, readout):
+    z, y, done = z0, None, None
+    avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
+    evals = 0
+    for k in range(iters):
+        out = g(z, k) if indexed else g(z)
+        evals += 1
+        if readout is not None:
+            if not isinstance(out, tuple) or len(out) != 2:
+                raise ValueError("with a readout, g must return a pair (z_next, y)")
+            z_next, y_next = out
+        else:
+            z_next, y_next = out, None
+        _check_output(z_next, z0, k)
+        r = rms(z_next - z)
+        if tol is not None:
+            _check_finite(r, k)
+            if done is not None:
+                z_next = torch.where(_bmask(done, z), z, z_next)
+                if y_next is not None:
+                    y_next = torch.where(_bmask(done, y_next), y, y_next)
+                r = torch.where(done, torch.zeros_like(r), r)
+                done = done | (r <= tol)
+            else:
+                done = r <= tol
+        residuals.append(r)
+        z, y = z_next, y_next
+        avg.add(k, y if readout is not None else z)
+        if keep_iterates:
+            iterates.append(z)
+        if tol is not None and bool(done.all()):
+            break
+    answer = avg.result(y if readout is not None else z, evals)
+    if readout is not None:
+        answer = readout(answer)
+    return FixedPointResult(answer, torch.stack(residuals), evals, iterates)
+
+
+def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust):
+    shape, B = z0.shape, z0.shape[0]
+    cd = torch.promote_types(z0.dtype, torch.float32)
+    flat = lambda v: v.reshape(B, -1).to(cd)  # noqa: E731
+    c = flat(z0)                        # the point g is called at next
+    a = ga = fa = ra = None             # last accepted point, g(a), f(a) = g(a) - a, rms(f(a))
+    dX = [torch.zeros_like(c) for _ in range(m)]
+    dF = [torch.zeros_like(c) for _ in range(m)]
+    valid = torch.zeros(m, B, dtype=torch.bool, device=c.device)
+    done = torch.zeros(B, dtype=torch.bool, device=c.device)
+    avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
+    evals = 0
+    for k in range(iters):
+        gc = g(c.reshape(shape).to(z0.dtype), k) if indexed else g(c.reshape(shape).to(z0.dtype))
+        evals += 1
+        _check_output(gc, z0, k)
+        gc = flat(gc)
+        fc = gc - c
+        rc = rms(fc)
+        if k == 0:
+            a, ga, fa, ra = c, gc, fc, rc
+        else:
+            plain = ~valid.any(0)                      # c was the plain step g(a): always accepted
+            accept = (plain | (rc < ra)) & ~done
+            col = accept[:, None]
+            s = (k - 1) % m
+            dX[s] = torch.where(col, c - a, dX[s])
+            dF[s] = torch.where(col, fc - fa, dF[s])
+            valid = torch.where(accept[None], valid, torch.zeros_like(valid))   # restart on rejection
+            valid[s] = valid[s] | accept
+            a, ga, fa = torch.where(col, c, a), torch.where(col, gc, ga), torch.where(col, fc, fa)
+            ra = torch.where(accept, rc, ra)
+        r = torch.where(done, torch.zeros_like(ra), ra)
+        if tol is not None:
+            _check_finite(r, k)
+            done = done | (r <= tol)
+        residuals.append(r)
+        z = ga.reshape(shape).to(z0.dtype)
+        avg.add(k, z)
+        if keep_iterates:
+            iterates.append(z)
+        if tol is not None and bool(done.all()):
+            break
+        if k < iters - 1:
+            c = _propose(a, ga, fa, dX, dF, valid, reg, trust)
+            c = torch.where(done[:, None], a, c)
+    z = ga.reshape(shape).to(z0.dtype)
+    return FixedPointResult(avg.result(z, evals), torch.stack(residuals), evals, iterates)
+
+
+def _propose(a, ga, fa, dX, dF, valid, reg, trust):
+    """The Anderson point g(a) - s·(ΔX + ΔF)·γ for every sample ([B, N] tensors)."""
+    mask = valid.to(fa.dtype)[..., None]                           # [m, B, 1]
+    F = torch.stack(dF) * mask                                     # [m, B, N]
+    G = F + torch.stack(dX) * mask                                 # ΔG = ΔX + ΔF
+    gram = torch.einsum("ibn,jbn->bij", F, F).double()             # [B, m, m]
+    rhs = torch.einsum("ibn,bn->bi", F, fa).double()               # [B, m]
+    m = gram.shape[-1]
+    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
+    lam = reg * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / m + 1e-300
+    unused = (~valid).T.double()                                   # keeps empty slots' γ at 0
+    system = gram + (lam[:, None] + unused)[..., None] * eye
+    gamma = torch.linalg.solve(system, rhs).to(fa.dtype)           # [B, m]
+    corr = torch.einsum("ibn,bi->bn", G, gamma)
+    scale = (trust * rms(fa) / rms(corr).clamp_min(1e-30)).clamp(max=1.0)
+    return ga - scale[:, None] * corr
