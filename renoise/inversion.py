@@ -1,0 +1,293 @@
+"""ReNoise inversion: z0 -> z_T one timestep at a time, each step a fixed-point solve.
+
+For the denoising chain [(t_0, t_0'), ..., (t_{n-1}, None)] (t' the next, less noisy timestep),
+the inversion walks it backwards. At (t, t') with the latent z_prev at t' it solves
+
+    z = G_t(z) = sampler.inverse_step(z_prev, R(denoiser(z, t)), t, t', noise=n_t)
+
+with `fixed_point.iterate` from z = z_prev, as the plan says for t (renoise.presets): K + 1 model
+calls (K = 0: plain DDIM / Euler inversion), then either the last iterate or — averaging — one
+inverse step with the weighted mean of the window's *raw* model outputs (regularized when the
+regularizer is on). R, the edit-enhancement regularizer, acts on iteration i's output when
+i >= a (the window's start) or, with averaging off, when i > 0; it needs a reference map e_ref,
+the model output at add_noise(z0, n_ref, t) (or at z0 with reference_noise="clean"), computed in
+the same denoiser call as iteration 0 (the batch doubles there). Stochastic steps then get their
+noise corrected (renoise.noise_correction) with one more model call.
+
+Randomness, all from `generator` and only when needed, in this order: the noises of the stochastic
+steps not given in `noises` (denoising order), then n_ref (when regularizing with
+reference_noise="noised"), then the regularizer's shifts as the loop runs.
+
+Orders: `timesteps`, `noises` and `chain` follow the denoising order (index 0 is the noisiest
+step; noises[i] is the noise step i adds, None where the step adds none). `trajectory` [n+1, B, ...]
+and `residuals` (one [calls, B] tensor per step) follow the inversion order: trajectory[0] = z0,
+trajectory[-1] = z_T.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+
+import torch
+
+from . import fixed_point, noise_correction, presets, regularizers
+from . import samplers as _samplers
+from .schedules import Schedule
+
+FORMAT = "renoise.inversion/1"
+
+
+class NonFiniteLatentError(FloatingPointError, ValueError):
+    """The inversion produced NaN or inf; the message names the timestep and iteration."""
+
+
+@dataclass
+class InversionResult:
+    """What `invert` returns (see the module docstring for the orders)."""
+
+    z_T: torch.Tensor
+    noises: list
+    trajectory: torch.Tensor
+    residuals: list
+    model_calls: int
+    timesteps: torch.Tensor
+    plan: presets.Plan
+    sampler: str
+    sampler_opts: dict
+    schedule: Schedule
+    num_steps: int
+    start: int = 0                         # index of the first chain step run (strength < 1: > 0)
+
+    @property
+    def chain(self) -> list:
+        """The denoising chain [(t, t_next), ...] that `sample` runs."""
+        return self.schedule.chain(self.num_steps, self.sampler)[self.start:]
+
+    def to(self, device=None, dtype=None) -> "InversionResult":
+        """A copy with the latents and noises moved (and cast, for floating-point ones)."""
+        mv = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+        return InversionResult(mv(self.z_T), [mv(n) for n in self.noises], mv(self.trajectory),
+                               [r.to(device) for r in self.residuals], self.model_calls, self.timesteps,
+                               self.plan, self.sampler, dict(self.sampler_opts), self.schedule, self.num_steps,
+                               self.start)
+
+    def save(self, path) -> None:
+        """One safetensors file: the tensors, and the plan, sampler and schedule as metadata."""
+        from safetensors.torch import save_file
+        t = {"z_T": self.z_T, "trajectory": self.trajectory, "timesteps": self.timesteps,
+             "schedule.alphas_cumprod": self.schedule.alphas_cumprod}
+        t.update({f"noise.{i}": n for i, n in enumerate(self.noises) if n is not None})
+        t.update({f"residuals.{k}": r for k, r in enumerate(self.residuals)})
+        t = {k: v.detach().to("cpu").contiguous().clone() for k, v in t.items()}
+        sched = {f.name: getattr(self.schedule, f.name) for f in fields(self.schedule)
+                 if f.init and f.name != "alphas_cumprod"}
+        meta = {"format": FORMAT, "plan": json.dumps(self.plan.to_dict()), "sampler": self.sampler,
+                "sampler_opts": json.dumps(self.sampler_opts), "schedule": json.dumps(sched),
+                "model_calls": str(self.model_calls), "num_steps": str(self.num_steps), "start": str(self.start),
+                "num_noises": str(len(self.noises)), "num_residuals": str(len(self.residuals))}
+        save_file(t, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "InversionResult":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a renoise inversion file (format {meta.get('format')!r}, "
+                                 f"expected {FORMAT!r})")
+            get = f.get_tensor
+            keys = set(f.keys())
+            noises = [get(f"noise.{i}") if f"noise.{i}" in keys else None for i in range(int(meta["num_noises"]))]
+            residuals = [get(f"residuals.{k}") for k in range(int(meta["num_residuals"]))]
+            schedule = Schedule(get("schedule.alphas_cumprod").cpu(), **json.loads(meta["schedule"]))
+            plan = json.loads(meta["plan"])
+            plan = presets.Plan.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in plan.items()})
+            return cls(get("z_T"), noises, get("trajectory"), residuals, int(meta["model_calls"]), get("timesteps"),
+                       plan, meta["sampler"], json.loads(meta["sampler_opts"]), schedule,
+                       int(meta["num_steps"]), int(meta["start"]))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _sampler(sampler):
+    if isinstance(sampler, str):
+        return _samplers.get(sampler)
+    if getattr(sampler, "NAME", None) in _samplers.NAMES:
+        return sampler
+    raise ValueError(f"sampler must be a name ({', '.join(_samplers.NAMES)}) or a renoise.samplers module, "
+                     f"got {sampler!r}")
+
+
+def _start(num_steps, strength):
+    """diffusers' img2img rule: run the last int(n·strength) steps of the chain."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    run = min(int(num_steps * strength), num_steps)
+    if run < 1:
+        raise ValueError(f"strength {strength} with {num_steps} steps leaves no step to invert; raise one of them")
+    return num_steps - run
+
+
+def _randn(like, generator):
+    dev = generator.device
+    return torch.randn(like.shape, generator=generator, device=dev, dtype=torch.float32).to(like.device, like.dtype)
+
+
+def _noises(noises, chain, stochastic, z0, generator):
+    n = len(chain)
+    if noises is None:
+        noises = [None] * n
+    elif isinstance(noises, torch.Tensor):
+        if noises.dim() != z0.dim() + 1 or noises.shape[0] != n:
+            raise ValueError(f"noises as one tensor must have shape [{n}, *z0.shape] (one per inverted step), "
+                             f"got {tuple(noises.shape)}")
+        noises = list(noises.unbind(0))
+    else:
+        noises = list(noises)
+    if len(noises) != n:
+        raise ValueError(f"noises must have one entry per inverted step ({n}, in denoising order; None where the "
+                         f"step adds no noise), got {len(noises)}")
+    out = []
+    for i, ((t, tn), st, nz) in enumerate(zip(chain, stochastic, noises)):
+        if nz is not None and (not isinstance(nz, torch.Tensor) or nz.shape != z0.shape):
+            shape = tuple(nz.shape) if isinstance(nz, torch.Tensor) else type(nz).__name__
+            raise ValueError(f"noises[{i}] (step t={t}) must have z0's shape {tuple(z0.shape)}, got {shape}")
+        if not st:
+            out.append(None)
+        elif nz is not None:
+            out.append(nz.to(z0.device, z0.dtype))
+        elif generator is None:
+            raise ValueError(f"step {i} (t={t}) is stochastic and has no noise: pass noises= or a torch.Generator "
+                             "as generator=")
+        else:
+            out.append(_randn(z0, generator))
+    return out
+
+
+def _check_sampler(smod, schedule, plan, chain, opts):
+    """Refuse early what cannot run: unknown sampler options, non-invertible steps, R on non-noise."""
+    try:
+        stochastic = [bool(smod.is_stochastic(tn, **opts)) for _, tn in chain]
+    except TypeError as e:
+        raise ValueError(f"sampler {smod.NAME!r} does not take the options {sorted(opts)}: {e}") from None
+    probe = torch.zeros(1, 1)
+    for (t, tn), st in zip(chain, stochastic):
+        smod.inverse_step(probe, probe, t, tn, schedule, noise=probe if st else None, **opts)
+    if plan.regularize and schedule.prediction_type != "epsilon":
+        raise ValueError(f"the edit-enhancement regularizer acts on predicted noise, but the schedule's "
+                         f"prediction_type is {schedule.prediction_type!r}; turn it off (reg_rounds=0) for this model")
+    return stochastic
+
+
+def _finite_or_raise(z, res, t, step_index, what):
+    if bool(torch.isfinite(z).all()):
+        return
+    bad = (~torch.isfinite(res)).any(1).nonzero().flatten().tolist() if res is not None else []
+    where = f"renoising iteration {bad[0]} of {res.shape[0]}" if bad else what
+    raise NonFiniteLatentError(f"non-finite latent at inversion step {step_index} (timestep t={t}), {where}; "
+                               "check the model, its dtype (fp16 overflow) and the plan's iterations")
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, generator):
+    """One ReNoise step: (z_t, residuals [K+1, B], model calls)."""
+    k, (a, _), weights = plan.at(t)
+    reg = plan.regularize
+    e_ref = []
+
+    def R(e):
+        return regularizers.regularize(e, e_ref[0], generator, lambda_kl=plan.lambda_kl, lambda_ac=plan.lambda_ac,
+                                       rounds=plan.reg_rounds, rolls=plan.reg_rolls)
+
+    def inv(e):
+        return smod.inverse_step(z_prev, e, t, tn, schedule, noise=noise, **opts)
+
+    def g(z, i):
+        if reg and i == 0:
+            ref, e = denoiser(torch.cat([z_ref, z]), t).chunk(2)
+            e_ref.append(ref)
+        else:
+            e = denoiser(z, t)
+        z_next = inv(R(e) if reg and (i >= a or (not plan.average and i > 0)) else e)
+        return (z_next, e) if weights is not None else z_next
+
+    if weights is not None:
+        res = fixed_point.iterate(g, z_prev, k + 1, weights=weights, indexed=True,
+                                  readout=lambda e_mean: inv(R(e_mean) if reg else e_mean))
+    else:
+        res = fixed_point.iterate(g, z_prev, k + 1, indexed=True, anderson=plan.anderson)
+    return res.z, res.residuals, res.evals
+
+
+@torch.no_grad()
+def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noises=None, generator=None,
+           strength=1.0, sampler_opts=None, callback=None) -> InversionResult:
+    """Invert z0 [B, ...] to z_T along `schedule`'s `num_steps`-step chain for `sampler`.
+
+    denoiser(x, t) -> model output for x in the sampler's space; it must accept a batch of 2B when
+    the plan regularizes. plan: a preset name or a Plan. noises: the stochastic steps' noises, one
+    per inverted step in denoising order (a list, None entries drawn from `generator`, or a tensor
+    [n, *z0.shape]). strength < 1 inverts only the last int(num_steps·strength) steps.
+    callback(step_index, t, z_t) runs after each inversion step. Returns an InversionResult.
+    """
+    plan = presets.resolve(plan)
+    smod = _sampler(sampler)
+    opts = dict(sampler_opts or {})
+    if not isinstance(z0, torch.Tensor) or not z0.is_floating_point() or z0.dim() < 2:
+        raise ValueError("z0 must be a floating-point tensor [B, ...]")
+    if not bool(torch.isfinite(z0).all()):
+        raise ValueError("z0 contains NaN or inf")
+    start = _start(num_steps, strength)
+    chain = schedule.chain(num_steps, smod.NAME)[start:]
+    stochastic = _check_sampler(smod, schedule, plan, chain, opts)
+    noises = _noises(noises, chain, stochastic, z0, generator)
+    z_ref_noise = None
+    if plan.regularize:
+        if generator is None:
+            raise ValueError("the edit-enhancement regularizer draws random shifts (and the reference noise): "
+                             "pass a torch.Generator as generator=")
+        if plan.reference_noise == "noised":
+            z_ref_noise = _randn(z0, generator)
+
+    z, trajectory, residuals, calls = z0, [z0], [], 0
+    for step_index, i in enumerate(reversed(range(len(chain)))):
+        t, tn = chain[i]
+        z_ref = None
+        if plan.regularize:
+            z_ref = z0 if z_ref_noise is None else smod.add_noise(z0, z_ref_noise, t, schedule)
+        z_prev = z
+        z, res, evals = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noises[i], z_ref, generator)
+        calls += evals
+        _finite_or_raise(z, res, t, step_index, "the averaged answer")
+        if stochastic[i] and plan.noise_correction != "none":
+            out = denoiser(z, t)
+            calls += 1
+            noises[i] = noise_correction.correct(plan.noise_correction, smod, noises[i], z, out, z_prev, t, tn,
+                                                 schedule, steps=plan.nc_steps, lr=plan.nc_lr, **opts)
+            _finite_or_raise(noises[i], None, t, step_index, "noise correction")
+        trajectory.append(z)
+        residuals.append(res)
+        if callback is not None:
+            callback(step_index, t, z)
+
+    timesteps = torch.tensor([t for t, _ in chain])
+    return InversionResult(z, noises, torch.stack(trajectory), residuals, calls, timesteps, plan, smod.NAME, opts,
+                           schedule, int(num_steps), start)
+
+
+@torch.no_grad()
+def sample(denoiser, result: InversionResult, *, z_T=None, callback=None) -> torch.Tensor:
+    """Denoise from result.z_T (or `z_T`) along the inverted chain with the stored noises.
+
+    For editing, pass a denoiser with another prompt. callback(step_index, t, x) after each step.
+    """
+    smod = _sampler(result.sampler)
+    x = result.z_T if z_T is None else z_T
+    if x.shape != result.z_T.shape:
+        raise ValueError(f"z_T must have the inverted latent's shape {tuple(result.z_T.shape)}, got {tuple(x.shape)}")
+    for i, (t, tn) in enumerate(result.chain):
+        x = smod.step(x, denoiser(x, t), t, tn, result.schedule, noise=result.noises[i], **result.sampler_opts)
+        if callback is not None:
+            callback(i, t, x)
+    return x
