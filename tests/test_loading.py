@@ -1,0 +1,237 @@
+"""Loading: sharded and variant files, hub ids from a local cache, pickle opt-in, strict checks,
+clear errors, and weights created on the meta device (no random init, no second copy)."""
+import json
+import shutil
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import constants
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from renoise.models import load_state_dict, load_unet, load_vae
+from renoise.models.configs import UnsupportedConfigError
+from renoise.models.loading import CheckpointError, find_weights, read_safetensors, safetensors_header
+from tiny_models import save_tiny_unet, save_tiny_vae, unet_inputs
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def assert_same_weights(ours, ref, dtype=torch.float32):
+    theirs = ref.state_dict()
+    mine = ours.state_dict()
+    assert sorted(mine) == sorted(theirs)
+    for k, v in mine.items():
+        assert v.dtype == dtype and torch.equal(v, theirs[k].to(dtype)), k
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sd1")
+    return path, save_tiny_unet(path, "sd1")
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    ref = save_tiny_unet(tmp_path, "sdxl", max_shard_size="300KB")
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    assert index.is_file() and not (tmp_path / WEIGHTS).exists()
+    assert len(set(json.loads(index.read_text())["weight_map"].values())) > 2
+    assert find_weights(tmp_path) == index
+    assert_same_weights(load_unet(tmp_path), ref)
+
+
+def test_sharded_fp16_variant(tmp_path):
+    ref = save_tiny_unet(tmp_path, "sd1", max_shard_size="300KB", variant="fp16", dtype=torch.float16)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    assert_same_weights(load_unet(tmp_path, variant="fp16", dtype=torch.float16), ref, torch.float16)
+
+
+def test_pipeline_folder_and_subfolders(tmp_path):
+    unet_ref = save_tiny_unet(tmp_path / "unet", "sd1")
+    vae_ref = save_tiny_vae(tmp_path / "vae", "sd")
+    assert_same_weights(load_unet(tmp_path), unet_ref)
+    assert_same_weights(load_vae(tmp_path), vae_ref)
+    assert_same_weights(load_unet(tmp_path / "unet"), unet_ref)      # the model folder itself
+
+
+def test_bare_file_with_config(sd1):
+    path, ref = sd1
+    from renoise.models.configs import read_config
+    assert_same_weights(load_unet(path / WEIGHTS, config=read_config(path / "config.json")), ref)
+    with pytest.raises(ValueError, match="config="):
+        load_unet(path / WEIGHTS)
+
+
+# ---------------------------------------------------------------- hub ids, no network
+
+def make_cache(cache, repo_id, pipeline_folder, commit="0123456789abcdef0123456789abcdef01234567"):
+    """Lay out a Hugging Face cache entry for `repo_id` whose snapshot is `pipeline_folder`."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(pipeline_folder, repo / "snapshots" / commit)
+
+
+def test_hub_id_from_offline_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    ref = save_tiny_unet(tmp_path / "pipe" / "unet", "sdxl")
+    save_tiny_unet(tmp_path / "pipe" / "unet", "sdxl", variant="fp16", dtype=torch.float16)
+    vref = save_tiny_vae(tmp_path / "pipe" / "vae", "sdxl")
+    make_cache(tmp_path / "cache", "tiny/sdxl", tmp_path / "pipe")
+
+    calls = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda **kw: calls.append(kw["allow_patterns"]) or real(**kw))
+    ours = load_unet("tiny/sdxl", cache_dir=tmp_path / "cache")
+    assert_same_weights(ours, ref)
+    patterns = [p for c in calls for p in c]
+    assert "unet/config.json" in patterns and f"unet/{WEIGHTS}" in patterns
+    assert all(p.startswith("unet/") and "fp16" not in p for p in patterns)     # only what is needed
+    calls.clear()
+    load_unet("tiny/sdxl", cache_dir=tmp_path / "cache", variant="fp16", dtype=torch.float16)
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in calls[0] and f"unet/{WEIGHTS}" not in calls[0]
+    assert_same_weights(load_vae("tiny/sdxl", cache_dir=tmp_path / "cache"), vref)
+    x, t, c, extra = unet_inputs("sdxl")
+    with torch.no_grad():
+        assert torch.isfinite(ours(x, t, c, **extra)).all()
+
+
+def test_hub_id_not_cached_offline(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        load_unet("nobody/not-cached", cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- pickle
+
+class NotATensor:
+    pass
+
+
+def test_pickle_refused_without_opt_in(tmp_path, sd1):
+    _, ref = sd1
+    ref.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        load_unet(tmp_path)
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        load_state_dict(tmp_path / "diffusion_pytorch_model.bin")
+    assert_same_weights(load_unet(tmp_path, allow_pickle=True), ref)
+
+
+def test_pickle_read_with_weights_only(tmp_path):
+    torch.save({"state_dict": {"w": torch.ones(2)}, "evil": NotATensor()}, tmp_path / "x.ckpt")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_state_dict(tmp_path / "x.ckpt", allow_pickle=True)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "step": 3}, tmp_path / "y.ckpt")
+    assert torch.equal(load_state_dict(tmp_path / "y.ckpt", allow_pickle=True)["w"], torch.ones(2))
+
+
+# ---------------------------------------------------------------- strict checks, named errors
+
+@pytest.fixture
+def sd1_copy(tmp_path, sd1):
+    path, _ = sd1
+    shutil.copytree(path, tmp_path / "m")
+    return tmp_path / "m"
+
+
+def edit_weights(folder, fn):
+    sd = load_file(folder / WEIGHTS)
+    fn(sd)
+    save_file(sd, folder / WEIGHTS)
+
+
+def test_missing_key_named(sd1_copy):
+    edit_weights(sd1_copy, lambda sd: sd.pop("mid_block.attentions.0.proj_in.weight"))
+    with pytest.raises(CheckpointError, match=r"1 missing keys: mid_block\.attentions\.0\.proj_in\.weight"):
+        load_unet(sd1_copy)
+
+
+def test_unexpected_key_named(sd1_copy):
+    edit_weights(sd1_copy, lambda sd: sd.update({"down_blocks.0.extra.weight": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"unexpected keys: down_blocks\.0\.extra\.weight"):
+        load_unet(sd1_copy)
+
+
+def test_misshaped_key_named(sd1_copy):
+    edit_weights(sd1_copy, lambda sd: sd.update({"conv_in.weight": torch.zeros(32, 4, 1, 1)}))
+    with pytest.raises(CheckpointError, match=r"conv_in\.weight: checkpoint \(32, 4, 1, 1\) vs model \(32, 4, 3, 3\)"):
+        load_unet(sd1_copy)
+
+
+def test_config_that_does_not_match_weights(sd1_copy):
+    cfg = json.loads((sd1_copy / "config.json").read_text())
+    (sd1_copy / "config.json").write_text(json.dumps(dict(cfg, cross_attention_dim=16)))
+    with pytest.raises(CheckpointError, match=r"attn2\.to_k\.weight"):
+        load_unet(sd1_copy)
+
+
+def test_truncated_safetensors(sd1_copy):
+    data = (sd1_copy / WEIGHTS).read_bytes()
+    (sd1_copy / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_unet(sd1_copy)
+    (sd1_copy / WEIGHTS).write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_unet(sd1_copy)
+
+
+def test_folder_without_unet(tmp_path):
+    save_tiny_vae(tmp_path / "vae", "sd")
+    with pytest.raises(FileNotFoundError, match="no UNet in"):
+        load_unet(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no UNet in"):
+        load_unet(tmp_path / "vae")            # a VAE folder is not a UNet
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(CheckpointError, match="no diffusion_pytorch_model weights"):
+        load_unet(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither an existing path nor a hub id"):
+        load_unet(str(tmp_path / "does" / "not" / "exist"))
+
+
+def test_unknown_architecture(sd1_copy):
+    cfg = json.loads((sd1_copy / "config.json").read_text())
+    (sd1_copy / "config.json").write_text(json.dumps(dict(cfg, mid_block_type="UNetMidBlock2DSimpleCrossAttn")))
+    with pytest.raises(UnsupportedConfigError, match="mid_block_type"):
+        load_unet(sd1_copy)
+    with pytest.raises(UnsupportedConfigError, match="unknown UNet architecture"):
+        load_unet(sd1_copy / WEIGHTS, config="sd9")
+
+
+def test_missing_variant_hint(sd1_copy):
+    with pytest.raises(CheckpointError, match="variant='fp16'"):
+        load_unet(sd1_copy, variant="fp16")
+    (sd1_copy / WEIGHTS).rename(sd1_copy / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(CheckpointError, match="pass variant='fp16'"):
+        load_unet(sd1_copy)
+
+
+# ---------------------------------------------------------------- no init, no second copy
+
+def test_load_builds_on_meta_and_skips_init(sd1, monkeypatch):
+    path, ref = sd1
+    seen = []
+    for cls in (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm):
+        real = cls.reset_parameters
+        monkeypatch.setattr(cls, "reset_parameters",
+                            lambda self, real=real: seen.append(self.weight.device.type) or real(self))
+    ours = load_unet(path, dtype=torch.float16)
+    assert seen and set(seen) == {"meta"}         # every init ran on meta: no memory, no random numbers
+    assert not any(p.is_meta for p in ours.parameters())
+    assert all(p.dtype == torch.float16 and not p.requires_grad for p in ours.parameters())
+    assert not ours.training
+
+
+def test_tensors_read_straight_into_final_dtype(sd1):
+    path, ref = sd1
+    header = safetensors_header(path / WEIGHTS)
+    sd = read_safetensors(path / WEIGHTS, dtype=torch.bfloat16, keys=["conv_in.weight"])
+    assert list(sd) == ["conv_in.weight"] and sd["conv_in.weight"].dtype == torch.bfloat16
+    assert list(sd["conv_in.weight"].shape) == header["conv_in.weight"]["shape"]
+    assert torch.equal(sd["conv_in.weight"], ref.conv_in.weight.detach().bfloat16())
+    full = read_safetensors(path / WEIGHTS)
+    assert all(torch.equal(full[k], v) for k, v in load_file(path / WEIGHTS).items())
