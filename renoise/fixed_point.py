@@ -12,10 +12,13 @@ and residual changes ΔF_i = f_{i+1} - f_i (f(x) = g(x) - x) and proposes
     γ = argmin ‖f - ΔF·γ‖² + λ‖γ‖²,    x_next = g(x) - s·(ΔX + ΔF)·γ
 
 with λ = reg·tr(ΔFᵀΔF)/m and s ≤ 1 shrinking the correction to at most `trust`·‖f‖ (a trust region
-around the plain step g(x)). Safeguard: a proposal is accepted only if its residual ‖g(x_next) -
-x_next‖ is below the residual of the point it came from; otherwise that sample drops its history
-and takes the plain step g(x) next (which is always accepted, as in plain iteration). Each sample
-answers g(x) at its last accepted x, so z_{k+1} below means that answer after the k-th call.
+around the plain step g(x)). Safeguard, per sample: a mixed proposal is accepted only if its
+residual r' = ‖g(x_next) - x_next‖ beats what a plain step would have given (r' < ρ·r, with r the
+residual of the point it came from and ρ ≤ 1 the residual ratio of that sample's last plain step)
+and the linear model's prediction ‖f - s·ΔF·γ‖. Otherwise the sample drops its history (a
+restart) and takes the plain step g(x) next, which is always accepted, as in plain iteration.
+Each sample answers g(x) at its last accepted x, so z_{k+1} below means that answer after the
+k-th call.
 
 `tol` stops samples whose residual reaches tol: they are frozen (their answer no longer changes,
 their residual reads 0), the others go on, and the loop ends when all have converged. Checking it
@@ -88,7 +91,7 @@ def _check_finite(r, k):
 
 
 def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=False, indexed=False,
-            readout=None, anderson_reg=1e-6, anderson_trust=5.0) -> FixedPointResult:
+            readout=None, anderson_reg=1e-6, anderson_trust=10.0) -> FixedPointResult:
     """Solve z = g(z) from z0 [B, ...] with `iters` calls of g (see the module docstring).
 
     g(z) -> z_next (g(z, k) with indexed=True). With `readout`, g returns (z_next, y) with y
@@ -181,9 +184,14 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
         rc = rms(fc)
         if k == 0:
             a, ga, fa, ra = c, gc, fc, rc
+            rate = torch.ones_like(rc)
         else:
             plain = ~valid.any(0)                      # c was the plain step g(a): always accepted
-            accept = (plain | (rc < ra)) & ~done
+            # a mixed step must beat the plain step it replaces (residual ratio `rate` of the last
+            # plain step) and the linear model that proposed it; plain steps are always taken
+            better = (rc < ra * rate) & (rc <= predicted)
+            accept = (plain | better) & ~done
+            rate = torch.where(plain & accept, (rc / ra.clamp_min(1e-30)).clamp(max=1.0), rate)
             col = accept[:, None]
             s = (k - 1) % m
             dX[s] = torch.where(col, c - a, dX[s])
@@ -204,7 +212,7 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
         if tol is not None and bool(done.all()):
             break
         if k < iters - 1:
-            c = _propose(a, ga, fa, dX, dF, valid, reg, trust)
+            c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, trust)
             c = torch.where(done[:, None], a, c)
     z = ga.reshape(shape).to(z0.dtype)
     return FixedPointResult(avg.result(z, evals), torch.stack(residuals), evals, iterates)
@@ -225,4 +233,5 @@ def _propose(a, ga, fa, dX, dF, valid, reg, trust):
     gamma = torch.linalg.solve(system, rhs).to(fa.dtype)           # [B, m]
     corr = torch.einsum("ibn,bi->bn", G, gamma)
     scale = (trust * rms(fa) / rms(corr).clamp_min(1e-30)).clamp(max=1.0)
-    return ga - scale[:, None] * corr
+    predicted = rms(fa - scale[:, None] * torch.einsum("ibn,bi->bn", F, gamma))
+    return ga - scale[:, None] * corr, predicted
