@@ -1,0 +1,216 @@
+"""UNet forward speed and memory: renoise's UNet against diffusers' UNet2DConditionModel.
+
+Both run in one process on the *same* weight tensors (ours is built on the meta device and its
+parameters are assigned diffusers' tensors), same inputs, calls interleaved so that background
+load hits both alike. Peak memory of a forward is the activation peak above the weights: CUDA's
+allocator peak on GPU, the process high-water mark (/proc VmHWM, reset through clear_refs) on CPU.
+Load memory: a fresh subprocess loads a saved checkpoint; its peak RSS above the post-import
+baseline is reported against the weights' size (our loader, then diffusers' from_pretrained).
+
+    python benchmarks/unet.py                        # CPU: tiny config + SD 1.5 at 32×32 latents, fp32
+    python benchmarks/unet.py --cases small --reps 5 # quick
+    on CUDA: SD 1.5 at 512 px and SDXL at 1024 px in fp16 (plus the CPU cases with --cases)
+
+Prints a table and writes JSON (benchmarks/out/unet.json or --json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from renoise.models import UNet, UNetConfig  # noqa: E402
+
+SMALL = dict(block_out_channels=(64, 128), layers_per_block=2, norm_num_groups=32, cross_attention_dim=128,
+             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+             attention_head_dim=8, sample_size=32)
+SD15 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+            cross_attention_dim=768, sample_size=64)
+SDXL = dict(block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+            up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), layers_per_block=2,
+            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, sample_size=128)
+
+# name: (diffusers config, latent size, dtype, device, default reps)
+CASES = {
+    "small-cpu-32": (SMALL, 32, torch.float32, "cpu", 10),
+    "sd15-cpu-32": (SD15, 32, torch.float32, "cpu", 3),
+    "sd15-cuda-512": (SD15, 64, torch.float16, "cuda", 20),
+    "sdxl-cuda-1024": (SDXL, 128, torch.float16, "cuda", 10),
+}
+
+
+def rss_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_kib("VmRSS") * 1024
+
+
+def peak_since(device, base) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return rss_kib("VmHWM") * 1024 - base
+
+
+def build_pair(cfg: dict, dtype, device, seed=0):
+    """diffusers' UNet with random weights, and ours sharing the very same tensors."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    with torch.device(device):
+        ref = UNet2DConditionModel(**cfg)
+    ref = ref.to(dtype).eval().requires_grad_(False)
+    with torch.device("meta"):
+        ours = UNet(UNetConfig.from_dict(dict(ref.config)))
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return ref, ours.eval()
+
+
+def inputs(cfg, size, dtype, device, batch=2, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g).to(device, dtype)
+    t = torch.tensor([801.0, 801.0]).to(device)
+    ctx = torch.randn(batch, 77, cfg["cross_attention_dim"], generator=g).to(device, dtype)
+    extra = {}
+    if cfg.get("addition_embed_type") == "text_time":
+        extra = dict(text_embeds=torch.randn(batch, 1280, generator=g).to(device, dtype),
+                     time_ids=torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch).to(device, dtype))
+    return x, t, ctx, extra
+
+
+def time_pair(ref, ours, args, device, reps):
+    x, t, ctx, extra = args
+    dkw = {"added_cond_kwargs": extra} if extra else {}
+    runs = {"renoise": lambda: ours(x, t, ctx, **extra), "diffusers": lambda: ref(x, t, ctx, **dkw).sample}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    res = {}
+    with torch.inference_mode():
+        outs = {k: f() for k, f in runs.items()}                     # warm-up (and the parity check)
+        err = ((outs["renoise"].float() - outs["diffusers"].float()).norm() / outs["diffusers"].float().norm()).item()
+        del outs
+        for k, f in runs.items():
+            base = reset_peak(device)
+            f()
+            res[k] = {"peak_bytes": peak_since(device, base), "times": []}
+        for _ in range(reps):
+            for k, f in runs.items():
+                sync()
+                t0 = time.perf_counter()
+                f()
+                sync()
+                res[k]["times"].append(time.perf_counter() - t0)
+    for r in res.values():
+        r["median_s"] = statistics.median(r["times"])
+    return res, err
+
+
+LOAD_SCRIPT = r"""
+import json, sys, time, torch
+def kib(f):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(f + ':'))
+import renoise.models.loading, renoise.models.unet
+from diffusers import UNet2DConditionModel
+torch.ones(1)
+base = kib('VmRSS') * 1024
+t0 = time.perf_counter()
+if sys.argv[1] == 'renoise':
+    m = renoise.models.loading.load_unet(sys.argv[2])
+else:
+    m = UNet2DConditionModel.from_pretrained(sys.argv[2])
+dt = time.perf_counter() - t0
+w = sum(p.numel() * p.element_size() for p in m.parameters())
+print(json.dumps({'peak_bytes': kib('VmHWM') * 1024 - base, 'weights_bytes': w, 'seconds': dt}))
+"""
+
+
+def load_memory(ref, who: str, folder: Path):
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, who, str(folder)], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", nargs="*", help=f"subset of {list(CASES)} (default: all that fit the device)")
+    ap.add_argument("--reps", type=int, help="timed calls per model (default per case)")
+    ap.add_argument("--no-load", action="store_true", help="skip the load-memory measurement")
+    ap.add_argument("--json", default=str(Path(__file__).parent / "out" / "unet.json"))
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    names = a.cases or [n for n, c in CASES.items() if c[3] == "cpu" or cuda]
+    if not names:
+        raise SystemExit("no case selected")
+    results = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
+                       "cuda": torch.cuda.get_device_name() if cuda else None}, "cases": {}}
+    try:
+        import diffusers
+        results["env"]["diffusers"] = diffusers.__version__
+    except ImportError:
+        raise SystemExit("this benchmark compares against diffusers; install it") from None
+
+    for name in names:
+        cfg, size, dtype, device, reps = CASES[name]
+        if device == "cuda" and not cuda:
+            print(f"skip {name}: no CUDA")
+            continue
+        ref, ours = build_pair(cfg, dtype, device)
+        nparams = sum(p.numel() for p in ours.parameters())
+        res, err = time_pair(ref, ours, inputs(cfg, size, dtype, device), device, a.reps or reps)
+        case = {"params": nparams, "latent": size, "dtype": str(dtype), "device": device, "batch": 2,
+                "rel_err_vs_diffusers": err, **res}
+        if not a.no_load and device == "cpu":
+            with tempfile.TemporaryDirectory() as tmp:
+                ref.save_pretrained(tmp)
+                del ref, ours
+                case["load"] = {who: load_memory(None, who, Path(tmp)) for who in ("renoise", "diffusers")}
+        else:
+            del ref, ours
+        results["cases"][name] = case
+        print_case(name, case)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(results, indent=1))
+    print(f"\nJSON: {a.json}")
+
+
+def print_case(name, c):
+    mib = 2 ** 20
+    r, d = c["renoise"], c["diffusers"]
+    print(f"\n{name}: {c['params'] / 1e6:.1f}M params, batch 2, {c['latent']}x{c['latent']} latents, "
+          f"{c['dtype']} on {c['device']}, rel err vs diffusers {c['rel_err_vs_diffusers']:.1e}")
+    print(f"  {'':10} {'median ms':>10} {'min ms':>8} {'fwd peak MiB':>13}")
+    for k, v in (("renoise", r), ("diffusers", d)):
+        print(f"  {k:10} {1e3 * v['median_s']:10.1f} {1e3 * min(v['times']):8.1f} {v['peak_bytes'] / mib:13.1f}")
+    print(f"  speed-up (diffusers / renoise median): {d['median_s'] / r['median_s']:.3f}x")
+    if "load" in c:
+        for k, v in c["load"].items():
+            print(f"  load {k:10}: peak RSS +{v['peak_bytes'] / mib:.0f} MiB for {v['weights_bytes'] / mib:.0f} MiB "
+                  f"of weights ({v['peak_bytes'] / v['weights_bytes']:.2f}x) in {v['seconds']:.2f}s")
+
+
+if __name__ == "__main__":
+    main()
