@@ -86,6 +86,9 @@ def read_safetensors(path, *, dtype=None, device="cpu", keys=None, rename=None) 
     """
     path = Path(path)
     header, offset = _header(path)
+    absent = [k for k in (keys or ()) if k not in header]
+    if absent:
+        raise CheckpointError(f"{path.name} does not contain {absent[:10]}")
     names = sorted(header if keys is None else keys, key=lambda k: header[k]["data_offsets"][0])
     out = {}
     with open(path, "rb", buffering=0) as f:

@@ -98,6 +98,19 @@ def test_hub_id_from_offline_cache(tmp_path, monkeypatch):
         assert torch.isfinite(ours(x, t, c, **extra)).all()
 
 
+def test_hub_id_sharded_fetches_the_listed_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    ref = save_tiny_unet(tmp_path / "pipe" / "unet", "sd1", max_shard_size="300KB")
+    make_cache(tmp_path / "cache", "tiny/sharded", tmp_path / "pipe")
+    calls = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda **kw: calls.append(kw["allow_patterns"]) or real(**kw))
+    assert_same_weights(load_unet("tiny/sharded", cache_dir=tmp_path / "cache"), ref)
+    shards = sorted(p.name for p in (tmp_path / "pipe" / "unet").glob("*-of-*.safetensors"))
+    assert len(calls) == 2 and sorted(calls[1]) == [f"unet/{s}" for s in shards]
+
+
 def test_hub_id_not_cached_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
