@@ -220,7 +220,7 @@ class Schedule:
             raise ValueError(f"timestep must be a number, a tensor or None, got {type(t).__name__}")
         if t.is_floating_point():
             return 1.0 / (1.0 + self.sig(t) ** 2)
-        return self.table(t.device)[0][t]
+        return torch.take(self.table(t.device)[0], t)
 
     def sig(self, t):
         """σ(t) = √((1-ᾱ)/ᾱ) as a Python float or float64 tensor, linearly interpolated between
@@ -236,10 +236,11 @@ class Schedule:
             raise ValueError(f"timestep must be a number, a tensor or None, got {type(t).__name__}")
         sig = self.table(t.device)[1]
         if not t.is_floating_point():
-            return sig[t]
+            return torch.take(sig, t)
         tf = t.to(torch.float64).clamp(0, self.num_train_timesteps - 1)
         i = tf.floor().clamp(max=self.num_train_timesteps - 2).long()
-        return sig[i] + (tf - i) * (sig[i + 1] - sig[i])
+        lo, hi = torch.take(sig, i), torch.take(sig, i + 1)
+        return lo + (tf - i) * (hi - lo)
 
     def alpha(self, t) -> torch.Tensor:
         """ᾱ(t) as a float64 tensor (0-d for a number or None); alpha(None) = final_alpha_cumprod."""
