@@ -61,12 +61,13 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm → proj_in → transformer blocks on the H·W tokens → proj_out, plus residual.
 
-    SD 1.x projects with 1×1 convolutions (before flattening), SD 2.x / SDXL with linears (after).
+    SD 1.x checkpoints hold 1×1 convolutions for proj_in/out, SD 2.x / SDXL linears; both are
+    applied as one matmul on the token layout `[B, H·W, C]` (a 1×1 conv is that matmul, and on the
+    tokens it needs one layout copy instead of three).
     """
 
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int, linear: bool):
         super().__init__()
-        self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
@@ -76,20 +77,12 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x, context):
         B, C, H, W = x.shape
-        h = self.norm(x)
-        if not self.linear:
-            h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)
-        if self.linear:
-            h = self.proj_in(h)
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
+        h = F.linear(h, self.proj_in.weight.reshape(C, C), self.proj_in.bias)
         for block in self.transformer_blocks:
             h = block(h, context)
-        if self.linear:
-            h = self.proj_out(h)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)
-        if not self.linear:
-            h = self.proj_out(h.contiguous())
-        return h + x
+        h = F.linear(h, self.proj_out.weight.reshape(C, C), self.proj_out.bias)
+        return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class UNetLevel(nn.Module):
