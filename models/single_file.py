@@ -412,7 +412,7 @@ def load_single_file(path, *, config=None, kind: str | None = None, tokenizer=No
     from .clip import text_encoder_from_state_dict
 
     path = Path(path)
-    ckpt = load_state_dict(path, allow_pickle=allow_pickle, dtype=dtype)
+    ckpt = load_state_dict(path, allow_pickle=allow_pickle, dtype=dtype, device=device)  # straight to device
     kind = kind or sniff(ckpt)
     if kind not in SCHEDULER_CONFIGS:
         raise ValueError(f"kind must be one of {sorted(SCHEDULER_CONFIGS)}, got {kind!r}")

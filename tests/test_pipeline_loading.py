@@ -77,3 +77,33 @@ def test_errors(tmp_path):
         load_pipeline(tmp_path)
     with pytest.raises(FileNotFoundError, match="neither"):
         load_pipeline(tmp_path / "nothing" / "here")
+
+
+def test_hub_id_from_offline_cache(tmp_path, monkeypatch):
+    """A hub id resolves through the local Hugging Face cache, fetching only the needed files."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = tiny_pipeline.save_sdxl(tmp_path / "sdxl")
+    (folder / "unet" / "unused.bin").write_bytes(b"not needed")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--tiny--sdxl"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    import shutil
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    calls = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda **kw: calls.append(kw["allow_patterns"]) or real(**kw))
+    pipe = load_pipeline("tiny/sdxl", cache_dir=tmp_path / "cache")
+    local = load_pipeline(folder)
+    assert pipe.kind == "sdxl" and pipe.scheduler_config == local.scheduler_config
+    for name, module in local.modules().items():
+        theirs = pipe.modules()[name].state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in module.state_dict().items()), name
+    assert torch.equal(pipe.tokenizer_2(["a cat"]), local.tokenizer_2(["a cat"]))
+    patterns = [p for c in calls for p in c]
+    assert "tokenizer_2/merges.txt" in patterns and not any(p.endswith(".bin") for p in patterns)
+    with pytest.raises(FileNotFoundError, match="not-cached"):
+        load_pipeline("nobody/not-cached", cache_dir=tmp_path / "cache")
