@@ -183,7 +183,7 @@ def _finite_or_raise(z, res, t, step_index, what):
     if bool(torch.isfinite(z).all()):
         return
     bad = (~torch.isfinite(res)).any(1).nonzero().flatten().tolist() if res is not None else []
-    where = f"renoising iteration {bad[0]} of {res.shape[0]}" if bad else what
+    where = f"renoising iteration i={bad[0]} (of i=0..{res.shape[0] - 1})" if bad else what
     raise NonFiniteLatentError(f"non-finite latent at inversion step {step_index} (timestep t={t}), {where}; "
                                "check the model, its dtype (fp16 overflow) and the plan's iterations")
 

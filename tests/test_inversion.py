@@ -1,0 +1,299 @@
+"""renoise.invert / renoise.sample on the analytic Gaussian-mixture model; plans, presets, I/O, errors."""
+import dataclasses
+
+import pytest
+import torch
+
+import renoise
+from renoise import noise_correction, presets
+from renoise.inversion import InversionResult, NonFiniteLatentError
+from renoise.presets import Plan
+from renoise.schedules import Schedule
+from renoise.toy import GaussianMixture, psnr
+
+SPACING = {"ddim": "leading", "euler_ancestral": "trailing", "lcm": None}
+STEPS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread is fastest (and does not thrash on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    g = torch.Generator().manual_seed(0)
+    gm = GaussianMixture.random(16, 64, std=0.3, generator=g)
+    x0 = gm.sample(12, g).view(12, 4, 4, 4).float()
+    return gm, x0
+
+
+def setup(gm, sampler, prediction_type="epsilon"):
+    sch = Schedule.create(timestep_spacing=SPACING[sampler], steps_offset=1, prediction_type=prediction_type)
+    return sch, gm.denoiser(sch, sampler)
+
+
+def recon_psnr(den, res, x0):
+    return psnr(renoise.sample(den, res).flatten(1), x0.flatten(1)).median().item()
+
+
+def plan(sampler, **kw):
+    return Plan(sampler=sampler, num_steps=STEPS, **kw)
+
+
+# ------------------------------------------------------------------------------ reconstruction
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_ancestral", "lcm"])
+def test_renoise_beats_plain_inversion(sampler, mixture):
+    gm, x0 = mixture
+    sch, den = setup(gm, sampler)
+    nc = "none" if sampler == "ddim" else "override"     # both methods get the same noise correction
+    scores = {}
+    for name, kw in {"plain": dict(), "last": dict(iters=9, window=(9, 10), average=False),
+                     "avg": dict(iters=9, window=(7, 10))}.items():
+        res = renoise.invert(den, x0, sch, sampler, STEPS, plan(sampler, noise_correction=nc, **kw),
+                             generator=torch.Generator().manual_seed(1))
+        scores[name] = recon_psnr(den, res, x0)
+    assert scores["last"] > scores["plain"] + 5, scores
+    assert scores["avg"] > scores["plain"] + 5, scores
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "lcm"])
+def test_override_noise_correction_lands_exactly(sampler, mixture):
+    """With override, denoising from z_T with the stored noises retraces the inversion's trajectory
+    at every stochastic step (float32 rounding); only the last, deterministic step keeps the first
+    inversion step's fixed-point error, which more iterations shrink."""
+    gm, x0 = mixture
+    sch, den = setup(gm, sampler)
+    res = renoise.invert(den, x0, sch, sampler, STEPS, plan(sampler, iters=2, window=(0, 3), noise_correction="override"),
+                         generator=torch.Generator().manual_seed(2))
+    seen = []
+    renoise.sample(den, res, callback=lambda i, t, x: seen.append(x))
+    n = len(res.chain)
+    for i in range(n - 1):
+        want = res.trajectory[n - 1 - i]
+        assert (seen[i] - want).abs().max() <= 2e-6 * want.abs().max(), i
+    # without correction the same inversion does not land
+    raw = renoise.invert(den, x0, sch, sampler, STEPS, plan(sampler, iters=2, window=(0, 3)),
+                         generator=torch.Generator().manual_seed(2))
+    seen = []
+    renoise.sample(den, raw, callback=lambda i, t, x: seen.append(x))
+    assert (seen[0] - raw.trajectory[n - 1]).abs().max() > 1e-2
+
+
+def test_optimize_moves_toward_the_target_in_unit_steps():
+    g = torch.Generator().manual_seed(0)
+    n, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    target[1] = n[1] + 1e-3 * torch.randn(4, 8, 8, generator=g)        # already within lr of the target
+    d0 = (n - target).flatten(1).norm(dim=1)
+    one = noise_correction.optimize(n, target, steps=1, lr=1.8)
+    d1 = (one - target).flatten(1).norm(dim=1)
+    torch.testing.assert_close(d1[0], d0[0] - 1.8)
+    torch.testing.assert_close(((one - n).flatten(1).norm(dim=1)), torch.full((2,), 1.8))
+    d10 = (noise_correction.optimize(n, target) - target).flatten(1).norm(dim=1)
+    assert d0[0] > 18 and torch.isclose(d10[0], d0[0] - 18, rtol=1e-4)    # ten full moves toward it
+    d9 = (noise_correction.optimize(n, target, steps=9) - target).flatten(1).norm(dim=1)
+    assert d0[1] < 0.1                                                     # overshoots and oscillates:
+    assert torch.isclose(d9[1], 1.8 - d0[1], rtol=1e-3) and torch.isclose(d10[1], d0[1], rtol=1e-2)
+    assert torch.equal(noise_correction.optimize(target, target), target)
+
+
+@pytest.mark.parametrize("sampler", ["ddim"])
+def test_residuals_fall_with_iteration_where_the_map_contracts(sampler, mixture):
+    gm, x0 = mixture
+    sch, den = setup(gm, sampler)
+    res = renoise.invert(den, x0, sch, sampler, STEPS, plan(sampler, iters=9, window=(9, 10), average=False))
+    assert len(res.residuals) == STEPS
+    for r in res.residuals[1:]:                         # t >= 250: the map contracts on this model
+        med = r.median(1).values
+        assert r.shape == (10, 12)
+        assert (med[1:] < med[:-1]).all(), med
+        assert med[-1] < 0.2 * med[0]
+
+
+def test_ddim_eta_noise_correction_is_generic(mixture):
+    gm, x0 = mixture
+    sch, den = setup(gm, "ddim")
+    kw = dict(iters=3, window=(0, 4), noise_correction="override")
+    res = renoise.invert(den, x0, sch, "ddim", STEPS, plan("ddim", **kw), generator=torch.Generator().manual_seed(3),
+                         sampler_opts={"eta": 0.5})
+    assert all(n is not None for n in res.noises)      # DDIM with eta > 0 adds noise on every step
+    assert res.model_calls == STEPS * (4 + 1)
+    seen = []
+    renoise.sample(den, res, callback=lambda i, t, x: seen.append(x))
+    for i in range(STEPS):
+        want = res.trajectory[STEPS - 1 - i]
+        assert (seen[i] - want).abs().max() <= 2e-6 * max(want.abs().max(), 1)
+
+
+# ------------------------------------------------------------------------------ bookkeeping
+
+def test_model_calls_and_batching_of_reference_map(mixture):
+    gm, x0 = mixture
+    sch, den0 = setup(gm, "euler_ancestral")
+    batches = []
+
+    def den(x, t):
+        batches.append(x.shape[0])
+        return den0(x, t)
+
+    # the reference preset's structure; weaker weights, as a 4x4 toy map is no 128x128 latent
+    p = Plan.preset("sdxl-turbo-reference").replace(lambda_ac=0.2, lambda_kl=0.001)
+    res = renoise.invert(den, x0, sch, "euler_ancestral", 4, p, generator=torch.Generator().manual_seed(0))
+    # first step (t = 249 < 250): K = 5, deterministic; then 3 steps of K = 9 + 1 noise-correction call
+    assert res.model_calls == len(batches) == 6 + 3 * (10 + 1)
+    first_calls = [0, 6, 17, 28]
+    assert [batches[i] for i in first_calls] == [24] * 4            # reference map stacked on iteration 0
+    assert sum(b == 24 for b in batches) == 4
+    assert [r.shape[0] for r in res.residuals] == [6, 10, 10, 10]
+
+
+def test_deterministic_and_batch_equals_per_image(mixture):
+    gm, x0 = mixture
+    sch, den = setup(gm, "euler_ancestral")
+    p = plan("euler_ancestral", iters=3, window=(1, 4), noise_correction="optimize")
+    noises = [torch.randn(x0.shape, generator=torch.Generator().manual_seed(i)) for i in range(3)] + [None]
+    a = renoise.invert(den, x0, sch, "euler_ancestral", STEPS, p, noises=noises)
+    b = renoise.invert(den, x0, sch, "euler_ancestral", STEPS, p, noises=noises)
+    assert torch.equal(a.z_T, b.z_T)
+    for i in (0, 5):
+        one = renoise.invert(den, x0[i:i + 1], sch, "euler_ancestral", STEPS, p,
+                             noises=[n[i:i + 1] if n is not None else None for n in noises])
+        torch.testing.assert_close(one.z_T[0], a.z_T[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(one.noises[0][0], a.noises[0][i], rtol=1e-5, atol=1e-5)
+    # with the regularizer: the same generator seed gives the same result
+    pr = p.replace(lambda_ac=0.2, lambda_kl=0.001, reg_rounds=2, reg_rolls=2)
+    c = renoise.invert(den, x0, sch, "euler_ancestral", STEPS, pr, generator=torch.Generator().manual_seed(4))
+    d = renoise.invert(den, x0, sch, "euler_ancestral", STEPS, pr, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(c.z_T, d.z_T) and not torch.equal(c.z_T, a.z_T)
+
+
+def test_save_load_roundtrip(mixture, tmp_path):
+    gm, x0 = mixture
+    sch, den = setup(gm, "euler_ancestral")
+    p = Plan.preset("sdxl-turbo").replace(reg_rounds=1, lambda_ac=0.2, lambda_kl=0.001)
+    res = renoise.invert(den, x0, sch, "euler_ancestral", 4, p, generator=torch.Generator().manual_seed(5),
+                         strength=0.75)
+    assert len(res.chain) == 3 and res.start == 1
+    path = tmp_path / "inv.safetensors"
+    res.save(path)
+    back = InversionResult.load(path)
+    for f in ("z_T", "trajectory", "timesteps"):
+        assert torch.equal(getattr(back, f), getattr(res, f))
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(back.noises, res.noises))
+    assert all(torch.equal(x, y) for x, y in zip(back.residuals, res.residuals))
+    assert back.plan == res.plan and back.sampler == "euler_ancestral" and back.model_calls == res.model_calls
+    assert back.chain == res.chain and torch.equal(back.schedule.alphas_cumprod, sch.alphas_cumprod)
+    assert torch.equal(renoise.sample(den, back), renoise.sample(den, res))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ValueError, match="not a renoise inversion"):
+        InversionResult.load(tmp_path / "bad.safetensors")
+
+
+def test_non_finite_latent_names_timestep_and_iteration(mixture):
+    gm, x0 = mixture
+    sch, den0 = setup(gm, "ddim")
+    calls = []
+
+    def den(x, t):
+        calls.append(t)
+        out = den0(x, t)
+        return out * float("nan") if len(calls) == 2 + 3 else out      # step 0 made 2 calls: step 1, i = 2
+
+    with pytest.raises(NonFiniteLatentError, match=r"inversion step 1 \(timestep t=251\), renoising iteration i=2 "):
+        renoise.invert(den, x0, sch, "ddim", STEPS, plan("ddim", iters=4, window=(4, 5), average=False,
+                                                        first_iters=1, first_window=(1, 2)))
+
+
+def test_anderson_plan_runs_and_counts(mixture):
+    gm, x0 = mixture
+    sch, den = setup(gm, "ddim")
+    res = renoise.invert(den, x0, sch, "ddim", STEPS, plan("ddim", iters=5, window=(0, 6), average=False, anderson=3))
+    assert res.model_calls == STEPS * 6
+    assert recon_psnr(den, res, x0) > recon_psnr(
+        den, renoise.invert(den, x0, sch, "ddim", STEPS, plan("ddim")), x0)
+
+
+# ------------------------------------------------------------------------------ presets
+
+def test_presets_hold_table_1():
+    sd, xl, turbo, lcm, ref = (Plan.preset(n) for n in ("sd14", "sdxl", "sdxl-turbo", "lcm-lora",
+                                                          "sdxl-turbo-reference"))
+    assert (sd.sampler, sd.num_steps, sd.iters, sd.lambda_ac, sd.lambda_kl) == ("ddim", 50, 1, 10.0, 0.05)
+    assert sd.at(241) == (1, (0, 2), [1.0, 1.0]) and sd.at(261)[2] == [0.0, 1.0]     # w1,w2 / w2
+    assert presets.resolve("sd15").replace(name="sd14") == sd
+    assert (xl.sampler, xl.num_steps, xl.iters, xl.lambda_ac, xl.lambda_kl) == ("ddim", 50, 1, 10.0, 0.055)
+    assert (turbo.sampler, turbo.num_steps, turbo.iters, turbo.lambda_ac, turbo.lambda_kl) == \
+        ("euler_ancestral", 4, 9, 10.0, 0.055)
+    assert turbo.at(249)[2] == [1.0] * 4 and turbo.at(499)[2] == [0.0] * 7 + [1.0] * 3   # w1..w4 / w8..w10
+    assert turbo.noise_correction == "optimize"
+    assert (lcm.sampler, lcm.iters, lcm.lambda_ac, lcm.lambda_kl) == ("lcm", 7, 20.0, 0.075)
+    assert lcm.at(259)[2] == [0.0] * 5 + [1.0] * 3                                     # w6..w8
+    assert ref.at(249) == (5, (0, 5), [1.0] * 5 + [0.0]) and ref.at(999)[2] == [0.0] * 8 + [1.0] * 2
+    assert (ref.lambda_ac, ref.lambda_kl, ref.reg_rounds, ref.reg_rolls, ref.nc_steps, ref.nc_lr) == \
+        (20.0, 0.065, 4, 5, 10, 1.8)
+    assert turbo.replace(iters=5, window=(3, 6)).at(999) == (5, (3, 6), [0, 0, 0, 1.0, 1.0, 1.0])
+    assert dataclasses.replace(turbo, lambda_kl=0.0).lambda_kl == 0.0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(iters=3, window=(2, 5)), "outside the iterations 0..3"),
+    (dict(iters=3, window=(-1, 2)), "outside"),
+    (dict(iters=3, window=(2, 2)), "outside"),
+    (dict(iters=3, first_iters=1), r"first_window \(0, 1\)|first_window"),
+    (dict(iters=2, window=(0, 3), weights=(1.0, -1.0, 1.0)), "non-negative"),
+    (dict(iters=2, window=(0, 3), weights=(1.0, 1.0)), "has 2 entries"),
+    (dict(sampler="heun"), "unknown sampler"),
+    (dict(noise_correction="always"), "noise_correction"),
+    (dict(iters=-1), "iters must be an int"),
+    (dict(anderson=2), "cannot be combined with averaging"),
+    (dict(lambda_ac=-1.0), "lambda_ac"),
+])
+def test_inconsistent_plans_are_refused(kw, match):
+    if kw.get("iters") == 3 and "first_iters" in kw:
+        kw = dict(kw, window=(3, 4))
+    with pytest.raises(ValueError, match=match):
+        Plan(**kw)
+
+
+def test_bad_input_is_refused(mixture):
+    gm, x0 = mixture
+    sch, den = setup(gm, "euler_ancestral")
+    with pytest.raises(ValueError, match="unknown preset"):
+        renoise.invert(den, x0, sch, "euler_ancestral", 4, "sdxl-lightning")
+    with pytest.raises(ValueError, match="unknown plan field"):
+        presets.resolve("sdxl", lambda_pair=3)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        renoise.invert(den, x0, sch, "dpm++", 4, "sdxl")
+    with pytest.raises(ValueError, match="no noise"):
+        renoise.invert(den, x0, sch, "euler_ancestral", 4, plan("euler_ancestral"))
+    with pytest.raises(ValueError, match="one entry per inverted step"):
+        renoise.invert(den, x0, sch, "euler_ancestral", 4, plan("euler_ancestral"), noises=[torch.randn_like(x0)] * 2)
+    with pytest.raises(ValueError, match=r"noises\[1\].*shape"):
+        renoise.invert(den, x0, sch, "euler_ancestral", 4, plan("euler_ancestral"),
+                       noises=[torch.randn_like(x0), torch.randn(1, 4, 4, 4), None, None])
+    with pytest.raises(ValueError, match="generator"):
+        renoise.invert(den, x0, sch, "ddim", 4, Plan.preset("sdxl"))
+    with pytest.raises(ValueError, match="eta"):
+        renoise.invert(den, x0, sch, "ddim", 4, plan("ddim"), sampler_opts={"eta": 2.0})
+    with pytest.raises(ValueError, match="does not take the options"):
+        renoise.invert(den, x0, sch, "lcm", 4, plan("lcm", noise_correction="override"), sampler_opts={"eta": 0.5},
+                       generator=torch.Generator())
+    v = Schedule.create(timestep_spacing="trailing", prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="prediction_type is 'v_prediction'"):
+        renoise.invert(gm.denoiser(v, "ddim"), x0, v, "ddim", 4, Plan.preset("sdxl"), generator=torch.Generator())
+    x = Schedule.create(timestep_spacing="trailing", prediction_type="sample")
+    with pytest.raises(ValueError, match="cannot be inverted"):
+        renoise.invert(gm.denoiser(x, "euler_ancestral"), x0, x, "euler_ancestral", 4, plan("euler_ancestral"),
+                       generator=torch.Generator())
+    with pytest.raises(ValueError, match="strength"):
+        renoise.invert(den, x0, sch, "ddim", 4, plan("ddim"), strength=0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        renoise.invert(den, x0 * float("nan"), sch, "ddim", 4, plan("ddim"))
+    res = renoise.invert(den, x0, sch, "ddim", 4, plan("ddim"))
+    with pytest.raises(ValueError, match="shape"):
+        renoise.sample(den, res, z_T=x0[:2])
