@@ -12,13 +12,14 @@ and residual changes ΔF_i = f_{i+1} - f_i (f(x) = g(x) - x) and proposes
     γ = argmin ‖f - ΔF·γ‖² + λ‖γ‖²,    x_next = g(x) - s·(ΔX + ΔF)·γ
 
 with λ = reg·tr(ΔFᵀΔF)/m and s ≤ 1 shrinking the correction to at most `trust`·‖f‖ (a trust region
-around the plain step g(x)). Safeguard, per sample: a mixed proposal is accepted only if its
-residual r' = ‖g(x_next) - x_next‖ beats what a plain step would have given (r' < ρ·r, with r the
-residual of the point it came from and ρ ≤ 1 the residual ratio of that sample's last plain step)
-and the linear model's prediction ‖f - s·ΔF·γ‖. Otherwise the sample drops its history (a
-restart) and takes the plain step g(x) next, which is always accepted, as in plain iteration.
-Each sample answers g(x) at its last accepted x, so z_{k+1} below means that answer after the
-k-th call.
+around the plain step g(x)). Safeguard, per sample, on the residual r' = ‖g(x') - x'‖ of a
+mixed proposal x' versus the residual r of the point x it came from:
+  - r' < ρ·r (ρ ≤ 1: the residual ratio of that sample's last plain step, i.e. x' beats the plain
+    step it replaced) and r' no worse than the linear model predicted: accept, keep the history;
+  - otherwise, if r' < r: move to x' but restart (drop the history; the next step is plain);
+  - otherwise: reject x', restart, and take the plain step g(x) next (this costs one call).
+Plain steps are always taken, as in plain iteration. Each sample answers g(x) at its last
+accepted x, so z_{k+1} below means that answer after the k-th call.
 
 `tol` stops samples whose residual reaches tol: they are frozen (their answer no longer changes,
 their residual reads 0), the others go on, and the loop ends when all have converged. Checking it
@@ -186,20 +187,21 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
             a, ga, fa, ra = c, gc, fc, rc
             rate = torch.ones_like(rc)
         else:
-            plain = ~valid.any(0)                      # c was the plain step g(a): always accepted
-            # a mixed step must beat the plain step it replaces (residual ratio `rate` of the last
-            # plain step) and the linear model that proposed it; plain steps are always taken
-            better = (rc < ra * rate) & (rc <= predicted)
-            accept = (plain | better) & ~done
-            rate = torch.where(plain & accept, (rc / ra.clamp_min(1e-30)).clamp(max=1.0), rate)
-            col = accept[:, None]
-            s = (k - 1) % m
+            plain = ~valid.any(0)                      # c was the plain step g(a)
+            # a mixed step is good if it beats the plain step it replaces (the residual ratio
+            # `rate` of this sample's last plain step) and the linear model that proposed it
+            good = (rc < ra * rate) & (rc <= predicted)
+            move = (plain | good | (rc < ra)) & ~done   # take c: a plain step, or better than a
+            keep = (plain | good) & ~done               # otherwise restart: drop the history
+            rate = torch.where(plain & move, (rc / ra.clamp_min(1e-30)).clamp(max=1.0), rate)
+            valid = torch.where(keep[None], valid, torch.zeros_like(valid))
+            s, col = (k - 1) % m, keep[:, None]
             dX[s] = torch.where(col, c - a, dX[s])
             dF[s] = torch.where(col, fc - fa, dF[s])
-            valid = torch.where(accept[None], valid, torch.zeros_like(valid))   # restart on rejection
-            valid[s] = valid[s] | accept
+            valid[s] = valid[s] | keep
+            col = move[:, None]
             a, ga, fa = torch.where(col, c, a), torch.where(col, gc, ga), torch.where(col, fc, fa)
-            ra = torch.where(accept, rc, ra)
+            ra = torch.where(move, rc, ra)
         r = torch.where(done, torch.zeros_like(ra), ra)
         if tol is not None:
             _check_finite(r, k)
@@ -220,18 +222,20 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
 
 def _propose(a, ga, fa, dX, dF, valid, reg, trust):
     """The Anderson point g(a) - s·(ΔX + ΔF)·γ for every sample ([B, N] tensors)."""
+    # the least squares is scaled by 1/rms(f) so that the Gram matrix stays O(1) (no denormals)
+    unit = 1 / rms(fa).clamp_min(torch.finfo(fa.dtype).tiny ** 0.5)[:, None]
     mask = valid.to(fa.dtype)[..., None]                           # [m, B, 1]
-    F = torch.stack(dF) * mask                                     # [m, B, N]
-    G = F + torch.stack(dX) * mask                                 # ΔG = ΔX + ΔF
+    F = torch.stack(dF) * mask * unit                              # [m, B, N]
+    G = (torch.stack(dF) + torch.stack(dX)) * mask * unit          # ΔG = ΔX + ΔF
     gram = torch.einsum("ibn,jbn->bij", F, F).double()             # [B, m, m]
-    rhs = torch.einsum("ibn,bn->bi", F, fa).double()               # [B, m]
+    rhs = torch.einsum("ibn,bn->bi", F, fa * unit).double()        # [B, m]
     m = gram.shape[-1]
     eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
-    lam = reg * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / m + 1e-300
+    lam = reg * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / m + 1e-12
     unused = (~valid).T.double()                                   # keeps empty slots' γ at 0
     system = gram + (lam[:, None] + unused)[..., None] * eye
     gamma = torch.linalg.solve(system, rhs).to(fa.dtype)           # [B, m]
-    corr = torch.einsum("ibn,bi->bn", G, gamma)
-    scale = (trust * rms(fa) / rms(corr).clamp_min(1e-30)).clamp(max=1.0)
-    predicted = rms(fa - scale[:, None] * torch.einsum("ibn,bi->bn", F, gamma))
+    corr = torch.einsum("ibn,bi->bn", G, gamma) / unit             # (ΔX + ΔF)·γ
+    scale = (trust * rms(fa) / rms(corr).clamp_min(torch.finfo(fa.dtype).tiny)).clamp(max=1.0)
+    predicted = rms(fa - scale[:, None] * torch.einsum("ibn,bi->bn", F, gamma) / unit)
     return ga - scale[:, None] * corr, predicted

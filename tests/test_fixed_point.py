@@ -1,0 +1,210 @@
+"""renoise.fixed_point.iterate: plain, weighted, readout, tol, safeguarded Anderson."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from renoise.fixed_point import iterate
+
+
+def contraction(seed, B=3, n=6, rho=0.6, cond_spread=False):
+    """g(z) = M z + b per sample with symmetric M, eigenvalues in [0, rho] (rho exactly present
+    when cond_spread); the exact fixed point is (I - M)^{-1} b."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(B, n, n, generator=gen, dtype=torch.float64))
+    ev = torch.rand(B, n, generator=gen, dtype=torch.float64) * rho
+    if cond_spread:
+        ev[:, 0] = rho
+    M = Q @ torch.diag_embed(ev) @ Q.transpose(1, 2)
+    b = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    exact = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - M, b)
+    return (lambda z: torch.einsum("bij,bj->bi", M, z) + b), exact
+
+
+class Counter:
+    def __init__(self, g):
+        self.g, self.calls = g, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.g(*args)
+
+
+@settings(max_examples=20)
+@given(seed=st.integers(0, 10**6), rho=st.floats(0.05, 0.7), m=st.sampled_from([0, 1, 3]))
+def test_converges_to_the_exact_fixed_point(seed, rho, m):
+    g, exact = contraction(seed, rho=rho)
+    res = iterate(g, torch.zeros_like(exact), 80, anderson=m)
+    torch.testing.assert_close(res.z, exact, rtol=1e-8, atol=1e-8)
+    assert res.residuals.shape == (80, 3) and res.evals == 80
+
+
+@settings(max_examples=8)
+@given(seed=st.integers(0, 10**6), rho=st.floats(0.9, 0.98), m=st.sampled_from([2, 3, 5]))
+def test_anderson_needs_fewer_evaluations_on_ill_conditioned_contractions(seed, rho, m):
+    g, exact = contraction(seed, B=2, n=20, rho=rho, cond_spread=True)
+    z0 = torch.zeros_like(exact)
+    plain = iterate(g, z0, 2000, tol=1e-7)
+    mixed = iterate(g, z0, 2000, anderson=m, tol=1e-7)
+    assert bool((plain.residuals.min(0).values <= 1e-7).all()) and bool((mixed.residuals.min(0).values <= 1e-7).all())
+    assert 2 * mixed.evals < plain.evals
+    # residual r bounds the error by r / (1 - rho)
+    err = (mixed.z - exact).pow(2).mean(1).sqrt()
+    assert bool((err <= 1e-7 / (1 - rho)).all())
+
+
+@given(seed=st.integers(0, 10**6), iters=st.integers(1, 8), data=st.data())
+def test_weights_give_the_weighted_mean_of_iterates(seed, iters, data):
+    g, _ = contraction(seed, rho=0.9)
+    w = data.draw(st.lists(st.floats(0, 3), min_size=iters, max_size=iters).filter(lambda v: sum(v) > 0.1))
+    counted = Counter(g)
+    res = iterate(counted, torch.ones(3, 6, dtype=torch.float64), iters, weights=w, keep_iterates=True)
+    assert counted.calls == res.evals == iters == len(res.iterates)
+    expected = sum(wk * zk for wk, zk in zip(w, res.iterates)) / sum(w)
+    torch.testing.assert_close(res.z, expected, rtol=1e-12, atol=1e-12)
+    # the iterates are g applied again and again, and the residuals their differences
+    z = torch.ones(3, 6, dtype=torch.float64)
+    for k in range(iters):
+        z_next = g(z)
+        torch.testing.assert_close(res.iterates[k], z_next)
+        torch.testing.assert_close(res.residuals[k], (z_next - z).pow(2).mean(1).sqrt())
+        z = z_next
+
+
+def test_no_weights_answers_the_last_iterate():
+    g, _ = contraction(1)
+    res = iterate(g, torch.zeros(3, 6, dtype=torch.float64), 4, keep_iterates=True)
+    assert torch.equal(res.z, res.iterates[-1])
+    assert iterate(g, torch.zeros(3, 6, dtype=torch.float64), 4).iterates is None
+
+
+def test_readout_averages_the_y_and_reads_out_once():
+    g, _ = contraction(2)
+    seen = []
+
+    def g2(z, k):
+        z_next = g(z)
+        return z_next, 10.0 * z_next + k
+
+    def readout(y):
+        seen.append(y)
+        return y.sum(1)
+
+    w = [0, 1, 3]
+    res = iterate(g2, torch.zeros(3, 6, dtype=torch.float64), 3, weights=w, readout=readout, indexed=True,
+                  keep_iterates=True)
+    ys = [10.0 * z + k for k, z in enumerate(res.iterates)]
+    ybar = (1 * ys[1] + 3 * ys[2]) / 4
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], ybar)
+    torch.testing.assert_close(res.z, ybar.sum(1))
+    last = iterate(g2, torch.zeros(3, 6, dtype=torch.float64), 3, readout=lambda y: y, indexed=True)
+    torch.testing.assert_close(last.z, ys[-1])
+
+
+@pytest.mark.parametrize("m", [0, 2])
+def test_tol_freezes_converged_samples(m):
+    """Three samples contracting at very different rates: each stops on its own, frozen."""
+    rates = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)[:, None]
+    target = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)[:, None].expand(3, 4)
+    g = Counter(lambda z: target + rates * (z - target))
+    res = iterate(g, torch.zeros(3, 4, dtype=torch.float64), 500, anderson=m, tol=1e-6, keep_iterates=True)
+    assert g.calls == res.evals < 500 and res.residuals.shape == (res.evals, 3)
+    stop = [int((res.residuals[:, b] > 1e-6).sum()) for b in range(3)]   # calls before converging
+    if m == 0:
+        assert stop[0] < stop[1] < stop[2] == res.evals - 1
+    for b in range(3):
+        frozen = res.iterates[stop[b]][b]
+        for later in res.iterates[stop[b]:]:
+            assert torch.equal(later[b], frozen)
+        assert bool((res.residuals[stop[b] + 1:, b] == 0).all())
+    torch.testing.assert_close(res.z, target, rtol=0, atol=1e-5)
+
+
+def test_tol_with_weights_gives_remaining_weight_to_the_frozen_value():
+    g, _ = contraction(3, rho=0.3)
+    z0 = torch.zeros(3, 6, dtype=torch.float64)
+    w = [1.0] * 50
+    stopped = iterate(g, z0, 50, weights=w, tol=1e-12, keep_iterates=True)
+    assert stopped.evals < 50
+    full = iterate(g, z0, 50, weights=w)
+    torch.testing.assert_close(stopped.z, full.z, rtol=1e-10, atol=1e-10)
+
+
+def test_safeguarded_anderson_against_plain_on_a_nonlinear_map():
+    """g(z) = c + 0.9·tanh(3z)/3: a contraction whose slope changes a lot along the way, so the
+    secant model goes stale. At equal calls the safeguarded median error is never above plain
+    iteration's, and from 10 calls on no sample is worse than plain."""
+    gen = torch.Generator().manual_seed(5)
+    c = torch.randn(64, 8, generator=gen, dtype=torch.float64)
+
+    def g(z):
+        return c + 0.9 * torch.tanh(3 * z) / 3
+
+    z0 = torch.zeros(64, 8, dtype=torch.float64)
+    exact = iterate(g, z0, 400).z
+    err = lambda z: (z - exact).pow(2).mean(1).sqrt()  # noqa: E731
+    for iters in (3, 5, 10, 15):
+        plain = err(iterate(g, z0, iters).z)
+        for m in (1, 3):
+            mixed = err(iterate(g, z0, iters, anderson=m).z)
+            assert mixed.median() <= plain.median(), (iters, m)
+            if iters >= 10:
+                assert bool((mixed <= plain).all()), (iters, m)
+
+
+def test_rejected_mixed_steps_restart_from_the_plain_step():
+    """Slope 0.9 towards 1 below z = 0.6, then slope 0.5 towards the true fixed point 0.7, and a
+    trap (g = 100) above 0.9. After two plain steps the secant extrapolates straight to 1.0, into
+    the trap: the safeguard must reject that proposal and go on to 0.7."""
+    def g(z):
+        low = 0.9 * z + 0.1
+        high = 0.7 + 0.5 * (z - 0.7)
+        return torch.where(z > 0.9, torch.full_like(z, 100.0), torch.where(z < 0.6, low, high))
+
+    calls = []
+    z0 = torch.zeros(4, 3, dtype=torch.float64)
+    res = iterate(lambda z: calls.append(z.clone()) or g(z), z0, 30, anderson=2, keep_iterates=True)
+    assert any(bool((c > 0.9).any()) for c in calls)                   # the trap was proposed ...
+    assert all(bool((z <= 0.7 + 1e-12).all()) for z in res.iterates)  # ... and never accepted
+    torch.testing.assert_close(res.z, torch.full_like(z0, 0.7), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("m", [0, 3])
+def test_compiles_without_graph_breaks(m):
+    g, exact = contraction(4, B=2, n=5, rho=0.5)
+    g32 = lambda z: g(z.double()).float()  # noqa: E731
+    z0 = torch.zeros(2, 5)
+    weights = [0, 0, 1, 1, 1, 1] if m == 0 else None
+    run = lambda z: iterate(g32, z, 6, anderson=m, weights=weights).z  # noqa: E731
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(z0), run(z0))
+    explained = torch._dynamo.explain(run)(z0)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_bad_input_raises():
+    g, _ = contraction(5)
+    z0 = torch.zeros(3, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="iters"):
+        iterate(g, z0, 0)
+    with pytest.raises(ValueError, match="weights"):
+        iterate(g, z0, 3, weights=[1, 1])
+    with pytest.raises(ValueError, match="weights"):
+        iterate(g, z0, 2, weights=[1, -1])
+    with pytest.raises(ValueError, match="readout"):
+        iterate(lambda z: (g(z), z), z0, 2, anderson=2, readout=lambda y: y)
+    with pytest.raises(ValueError, match="anderson"):
+        iterate(g, z0, 2, anderson=-1)
+    with pytest.raises(ValueError, match="shape"):
+        iterate(lambda z: z[:1], z0, 2)
+    with pytest.raises(ValueError, match="pair"):
+        iterate(g, z0, 2, readout=lambda y: y)
+    with pytest.raises(ValueError, match="NaN"):
+        iterate(g, torch.full_like(z0, float("nan")), 2)
+    with pytest.raises(ValueError, match="non-finite.*samples \\[1\\]"):
+        def bad(z):
+            out = g(z).clone()
+            out[1] = float("inf")
+            return out
+        iterate(bad, z0, 3, tol=1e-3)
