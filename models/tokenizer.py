@@ -93,7 +93,8 @@ class CLIPTokenizer:
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, bos_token="<|startoftext|>",
                  eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
-                 max_length: int = 77, added_tokens: dict[str, int] | None = None):
+                 max_length: int = 77, added_tokens: dict[str, int] | None = None,
+                 normalized_tokens: frozenset[str] = frozenset()):
         self.vocab = dict(vocab)
         for name, token in [("bos", bos_token), ("eos", eos_token), ("pad", pad_token), ("unk", unk_token)]:
             if token not in self.vocab:
@@ -111,8 +112,11 @@ class CLIPTokenizer:
         self.added = {t: (added_tokens or {}).get(t, self.vocab.get(t)) for t in specials}
         if any(v is None for v in self.added.values()):
             raise ValueError(f"added tokens without an id: {[t for t, v in self.added.items() if v is None]}")
-        # longest first, so that one special token that is a prefix of another cannot shadow it
-        self._specials = sorted(self.added, key=len, reverse=True)
+        # Special tokens are found in the raw text, or (the "normalized" ones, as transformers' files
+        # may flag them) in the cleaned, lowercased text. Longest first: no prefix shadows a token.
+        by_len = sorted(self.added, key=len, reverse=True)
+        self._raw_specials = [t for t in by_len if t not in normalized_tokens]
+        self._clean_specials = [t for t in by_len if t in normalized_tokens]
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -150,11 +154,12 @@ class CLIPTokenizer:
         self._cache[piece] = ids
         return ids
 
-    def _split_specials(self, text: str):
-        """Yield (segment, is_special) with literal special tokens cut out."""
+    @staticmethod
+    def _split(text: str, specials: list[str]):
+        """Yield (segment, is_special) with the literal `specials` cut out of `text`."""
         start = i = 0
         while i < len(text):
-            hit = next((s for s in self._specials if text.startswith(s, i)), None)
+            hit = next((s for s in specials if text.startswith(s, i)), None)
             if hit:
                 yield text[start:i], False
                 yield hit, True
@@ -168,12 +173,16 @@ class CLIPTokenizer:
         if not isinstance(text, str):
             raise TypeError(f"expected a string, got {type(text).__name__}")
         ids = []
-        for segment, special in self._split_specials(text):
+        for raw, special in self._split(text, self._raw_specials):
             if special:
-                ids.append(self.added[segment])
-            else:
-                for piece in pretokenize(clean_text(segment)):
-                    ids.extend(self._bpe(piece))
+                ids.append(self.added[raw])
+                continue
+            for segment, special in self._split(clean_text(raw), self._clean_specials):
+                if special:
+                    ids.append(self.added[segment])
+                else:
+                    for piece in pretokenize(segment):
+                        ids.extend(self._bpe(piece))
         return ids
 
     def __call__(self, texts, max_length: int | None = None) -> torch.LongTensor:
@@ -214,8 +223,12 @@ def load_tokenizer(source, subfolder: str | None = "tokenizer", **hub) -> CLIPTo
     max_length = settings.get("model_max_length")
     if isinstance(max_length, int) and max_length <= 4096:  # transformers writes 1e30 for "unlimited"
         kwargs["max_length"] = max_length
+    entries = [v for v in (settings.get("added_tokens_decoder") or {}).values()]
+    entries += [settings[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if settings.get(k) is not None]
     added = {_token_content(v): int(k) for k, v in (settings.get("added_tokens_decoder") or {}).items()}
+    normalized = frozenset(e["content"] for e in entries if isinstance(e, dict) and e.get("normalized"))
     return CLIPTokenizer.from_files(folder / "vocab.json", folder / "merges.txt", added_tokens=added or None,
+                                    normalized_tokens=normalized,
                                     **kwargs)
 
 

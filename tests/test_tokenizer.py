@@ -26,6 +26,7 @@ TRICKY = [
     "numbers 1234567890 and 3.14159 and ½ ² ٣",
     "<|startoftext|> a literal start token <|endoftext|> and end token",
     "no<|endoftext|>space",
+    "<|STARTOFTEXT|> upper-case <|EndOfText|> specials",
     "   leading and trailing spaces   ",
     "odd\u00a0spaces\u2003here\u3000too \x0b\x0c",
     "control \x1c\x1d chars",
@@ -101,10 +102,28 @@ def test_encode_matches_transformers(files):
     assert len(tok.encode(TRICKY[-1])) > 77
 
 
-@pytest.mark.parametrize("pad", [None, "!"])
-def test_batch_ids_match_transformers(files, tmp_path, pad):
+def _added(content, normalized):
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": normalized,
+            "rstrip": False, "single_word": False}
+
+
+def _sd_style(vocab, normalized, pad):
+    """tokenizer_config.json as the SD repositories write it (AddedToken dicts, added_tokens_decoder)."""
+    special = {"bos_token": _added("<|startoftext|>", normalized), "eos_token": _added("<|endoftext|>", normalized),
+               "unk_token": _added("<|endoftext|>", normalized), "pad_token": pad}
+    decoder = {str(vocab[t]): _added(t, normalized) for t in ("<|startoftext|>", "<|endoftext|>")}
+    return {"model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer",
+            "added_tokens_decoder": decoder, **special}
+
+
+@pytest.mark.parametrize("style,pad", [("plain", None), ("plain", "!"), ("sd", "<|endoftext|>"), ("sd", "!"),
+                                       ("sd-raw", "!")])
+def test_batch_ids_match_transformers(files, tmp_path, style, pad):
     folder, vocab = files
-    config = {"model_max_length": 77} if pad is None else {"model_max_length": 77, "pad_token": pad}
+    if style == "plain":
+        config = {"model_max_length": 77} if pad is None else {"model_max_length": 77, "pad_token": pad}
+    else:
+        config = _sd_style(vocab, normalized=style == "sd", pad=pad)
     folder = _with_config(folder, tmp_path, **config)
     ref = transformers.CLIPTokenizer.from_pretrained(folder)
     tok = ours.load_tokenizer(folder.parent)
@@ -112,7 +131,7 @@ def test_batch_ids_match_transformers(files, tmp_path, pad):
     ids = tok(TRICKY)
     assert ids.dtype == torch.long and ids.shape == (len(TRICKY), 77)
     assert torch.equal(ids, expected)
-    assert tok.pad_token_id == (vocab["<|endoftext|>"] if pad is None else vocab["!"])
+    assert tok.pad_token_id == vocab[pad or "<|endoftext|>"]
     assert ids[-1, -1] == tok.eos_token_id  # truncation keeps EOS
     assert ids[0, :2].tolist() == [tok.bos_token_id, tok.eos_token_id]
 
