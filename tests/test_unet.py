@@ -28,15 +28,25 @@ def diffusers_call(ref, x, t, context, extra):
     return ref(x, t, context, **kw).sample
 
 
-@pytest.fixture(scope="module", params=KINDS)
-def saved(request, tmp_path_factory):
-    """(kind, folder, diffusers model) for a tiny model saved in fp32, fp16 and bf16 variants."""
-    kind = request.param
-    path = tmp_path_factory.mktemp(kind)
-    ref = save_tiny_unet(path, kind, seed=KINDS.index(kind))
-    save_tiny_unet(path, kind, seed=KINDS.index(kind), variant="fp16", dtype=torch.float16)
-    save_tiny_unet(path, kind, seed=KINDS.index(kind), variant="bf16", dtype=torch.bfloat16)
-    return kind, path, ref
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """kind → (kind, folder, diffusers model): a tiny model saved in fp32, fp16 and bf16 variants."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            path = tmp_path_factory.mktemp(kind)
+            ref = save_tiny_unet(path, kind, seed=KINDS.index(kind))
+            save_tiny_unet(path, kind, seed=KINDS.index(kind), variant="fp16", dtype=torch.float16)
+            save_tiny_unet(path, kind, seed=KINDS.index(kind), variant="bf16", dtype=torch.bfloat16)
+            cache[kind] = kind, path, ref
+        return cache[kind]
+    return get
+
+
+@pytest.fixture(params=KINDS)
+def saved(request, store):
+    return store(request.param)
 
 
 @torch.no_grad()
@@ -51,18 +61,20 @@ def test_fp32_parity_cfg_batch_per_sample_timesteps(saved):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("t", [999, 0, 417.5, torch.tensor(250), torch.tensor([31.25])])
-def test_scalar_timesteps(saved, t):
-    kind, path, ref = saved
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_scalar_timesteps(store, kind):
+    kind, path, ref = store(kind)
     ours = load_unet(path)
     x, _, context, extra = unet_inputs(kind, batch=2, seed=2)
-    assert rel_err(ours(x, t, context, **extra), diffusers_call(ref, x, t, context, extra)) < 1e-5
+    for t in [999, 0, 417.5, torch.tensor(250), torch.tensor([31.25])]:
+        assert rel_err(ours(x, t, context, **extra), diffusers_call(ref, x, t, context, extra)) < 1e-5, t
 
 
 @torch.no_grad()
-def test_odd_latent_size(saved):
+@pytest.mark.parametrize("kind", ["sd2", "sdxl"])
+def test_odd_latent_size(store, kind):
     """Sizes not divisible by 2^levels: upsampling follows the skip connection's size."""
-    kind, path, ref = saved
+    kind, path, ref = store(kind)
     ours = load_unet(path)
     x, t, context, extra = unet_inputs(kind, batch=2, size=10, seed=3)
     x = x[..., :9, :10]
