@@ -262,22 +262,27 @@ def resolve_folder(source, subfolder: str | None, *, class_name: str, what: str,
 
 
 def _download(repo_id, subfolder, *, variant, allow_pickle, base, cache_dir, revision, local_files_only) -> Path:
-    """Fetch just the needed files of a hub repo (or find them in the cache); returns the snapshot folder."""
+    """Fetch just the needed files of a hub repo (or find them in the cache); returns the snapshot folder.
+
+    First the config (in `subfolder`, else at the repo root: a single-model repo such as a VAE),
+    then that folder's weights of the chosen variant, then the shards its index lists.
+    """
     import huggingface_hub as hf
     from huggingface_hub import errors
 
-    pre = f"{subfolder}/" if subfolder else ""
     v = f".{variant}" if variant else ""
-    names = ["config.json", f"{base}{v}.safetensors", f"{base}.safetensors.index{v}.json"]
+    names = [f"{base}{v}.safetensors", f"{base}.safetensors.index{v}.json"]
     if allow_pickle:
         names += [f"{base}{v}.bin", f"{base}.bin.index{v}.json"]
     kw = dict(repo_id=repo_id, cache_dir=cache_dir, revision=revision)
     if local_files_only is not None:
         kw["local_files_only"] = local_files_only
     try:
+        sub = f"{subfolder}/" if subfolder else ""
+        root = Path(hf.snapshot_download(allow_patterns=list(dict.fromkeys([sub + "config.json", "config.json"])), **kw))
+        pre = sub if (root / sub / "config.json").is_file() else ""
         root = Path(hf.snapshot_download(allow_patterns=[pre + n for n in names], **kw))
-        index = next((root / pre / n for n in names if n.endswith(".json") and n != "config.json"
-                      and (root / pre / n).is_file()), None)
+        index = next((root / pre / n for n in names if n.endswith(".json") and (root / pre / n).is_file()), None)
         if index is not None and not (root / pre / f"{base}{v}.safetensors").is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             root = Path(hf.snapshot_download(allow_patterns=[pre + s for s in shards], **kw))

@@ -86,12 +86,12 @@ def test_hub_id_from_offline_cache(tmp_path, monkeypatch):
                         lambda **kw: calls.append(kw["allow_patterns"]) or real(**kw))
     ours = load_unet("tiny/sdxl", cache_dir=tmp_path / "cache")
     assert_same_weights(ours, ref)
-    patterns = [p for c in calls for p in c]
-    assert "unet/config.json" in patterns and f"unet/{WEIGHTS}" in patterns
-    assert all(p.startswith("unet/") and "fp16" not in p for p in patterns)     # only what is needed
+    assert calls[0] == ["unet/config.json", "config.json"]
+    assert f"unet/{WEIGHTS}" in calls[1]
+    assert all(p.startswith("unet/") and "fp16" not in p for p in calls[1])     # only what is needed
     calls.clear()
     load_unet("tiny/sdxl", cache_dir=tmp_path / "cache", variant="fp16", dtype=torch.float16)
-    assert "unet/diffusion_pytorch_model.fp16.safetensors" in calls[0] and f"unet/{WEIGHTS}" not in calls[0]
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in calls[1] and f"unet/{WEIGHTS}" not in calls[1]
     assert_same_weights(load_vae("tiny/sdxl", cache_dir=tmp_path / "cache"), vref)
     x, t, c, extra = unet_inputs("sdxl")
     with torch.no_grad():
@@ -108,7 +108,15 @@ def test_hub_id_sharded_fetches_the_listed_shards(tmp_path, monkeypatch):
                         lambda **kw: calls.append(kw["allow_patterns"]) or real(**kw))
     assert_same_weights(load_unet("tiny/sharded", cache_dir=tmp_path / "cache"), ref)
     shards = sorted(p.name for p in (tmp_path / "pipe" / "unet").glob("*-of-*.safetensors"))
-    assert len(calls) == 2 and sorted(calls[1]) == [f"unet/{s}" for s in shards]
+    assert len(calls) == 3 and sorted(calls[2]) == [f"unet/{s}" for s in shards]
+
+
+def test_hub_id_of_a_single_model_repo(tmp_path, monkeypatch):
+    """A repo holding one model at its root (e.g. a stand-alone VAE) loads with the default subfolder."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    ref = save_tiny_vae(tmp_path / "vae-repo", "sdxl")
+    make_cache(tmp_path / "cache", "tiny/vae", tmp_path / "vae-repo")
+    assert_same_weights(load_vae("tiny/vae", cache_dir=tmp_path / "cache"), ref)
 
 
 def test_hub_id_not_cached_offline(tmp_path, monkeypatch):
