@@ -70,7 +70,7 @@ def accuracy(args):
     nc = "override" if stochastic else "none"
     den = gm.denoiser(schedule, args.sampler)
 
-    def run(name, k, calls_per_step, z0hat, model_calls):
+    def run(name, k, z0hat, model_calls):
         score = psnr(z0hat.flatten(1), x0.flatten(1)).float()
         return dict(method=name.rsplit("-", 1)[0], name=name, K=k, calls=model_calls, psnr=score.tolist())
 
@@ -83,12 +83,12 @@ def accuracy(args):
         res = renoise.invert(den, x0, schedule, args.sampler, n, Plan(sampler=args.sampler, num_steps=n,
                              noise_correction=nc), generator=torch.Generator().manual_seed(1), sampler_opts=opts)
         z = renoise.sample(den, res) if n == args.steps else denoise(den, smod, schedule, res.z_T, args.steps, opts)
-        rows.append(run(f"plain-{n}", k, 1, z, res.model_calls + args.steps))
+        rows.append(run(f"plain-{n}", k, z, res.model_calls + args.steps))
     for name, k, kw in methods(args.max_k):
         plan = Plan(sampler=args.sampler, num_steps=args.steps, noise_correction=nc, **kw)
         res = renoise.invert(den, x0, schedule, args.sampler, args.steps, plan,
                              generator=torch.Generator().manual_seed(1), sampler_opts=opts)
-        rows.append(run(name, k, k + 1, renoise.sample(den, res), res.model_calls + args.steps))
+        rows.append(run(name, k, renoise.sample(den, res), res.model_calls + args.steps))
     seconds = time.perf_counter() - t0
 
     plain_iter = {r["calls"]: torch.tensor(r["psnr"]) for r in rows if r["method"] == "renoise"}

@@ -66,10 +66,11 @@ def test_renoise_beats_plain_inversion(sampler, mixture):
 def test_override_noise_correction_lands_exactly(sampler, mixture):
     """With override, denoising from z_T with the stored noises retraces the inversion's trajectory
     at every stochastic step (float32 rounding); only the last, deterministic step keeps the first
-    inversion step's fixed-point error, which more iterations shrink."""
+    inversion step's fixed-point error (no noise there to correct)."""
     gm, x0 = mixture
     sch, den = setup(gm, sampler)
-    res = renoise.invert(den, x0, sch, sampler, STEPS, plan(sampler, iters=2, window=(0, 3), noise_correction="override"),
+    p = plan(sampler, iters=2, window=(0, 3), noise_correction="override")
+    res = renoise.invert(den, x0, sch, sampler, STEPS, p,
                          generator=torch.Generator().manual_seed(2))
     seen = []
     renoise.sample(den, res, callback=lambda i, t, x: seen.append(x))

@@ -17,7 +17,8 @@ def kl_loop(e, e_ref, p=4):
                 a = e[ch, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(-1)
                 b = e_ref[ch, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(-1)
                 m0, v0, m1, v1 = a.mean(), a.var(), b.mean(), b.var()
-                total = total + torch.abs(torch.log((v1 + 1e-6) / (v0 + 1e-6)) + (v0 + (m0 - m1) ** 2) / (v1 + 1e-6) - 1)
+                kl = torch.log((v1 + 1e-6) / (v0 + 1e-6)) + (v0 + (m0 - m1) ** 2) / (v1 + 1e-6) - 1
+                total = total + torch.abs(kl)
     return total
 
 
