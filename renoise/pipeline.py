@@ -21,7 +21,8 @@ Prompts: SD 1.x/2.x condition on the text encoder's `last_hidden_state` (with `c
 SDXL on the concatenated penultimate hidden states of both encoders, the pooled projection
 (`text_embeds`) of encoder 2 and `time_ids = [orig_h, orig_w, crop_top, crop_left, target_h,
 target_w]`. An SDXL negative prompt left as None is all zeros when the model asks for it
-(`force_zeros_for_empty_prompt`), as in diffusers; SD's is the encoding of "".
+(`force_zeros_for_empty_prompt`), as in diffusers; SD's is the encoding of "". `clip_skip` applies
+to negative prompts too (diffusers 0.42 ignores it for SDXL negatives).
 
 Editing (the paper's protocol): denoise from the source image's z_T with its stored noises, the
 edit prompt as the condition, the source prompt as the negative, guidance `edit_guidance_scale`
@@ -156,8 +157,8 @@ class GuidedDenoiser:
     tiled to the batch, classifier-free guidance in one UNet call. Counts its calls."""
 
     def __init__(self, unet, schedule, sampler, cond: Conditioning, uncond: Conditioning | None = None,
-                 guidance_scale: float = 1.0, on_call=None):
-        self.unet, self.schedule, self.on_call = unet, schedule, on_call
+                 guidance_scale: float = 1.0):
+        self.unet, self.schedule = unet, schedule
         self.sampler = _samplers.get(sampler) if isinstance(sampler, str) else sampler
         self.cond, self.uncond, self.guidance_scale = cond, uncond, float(guidance_scale)
         self.cfg = self.guidance_scale > 1.0
@@ -180,16 +181,14 @@ class GuidedDenoiser:
             xin = torch.cat([xin, xin])
         out = self.unet(xin, t, cond.context, text_embeds=cond.text_embeds, time_ids=cond.time_ids).to(x.dtype)
         self.calls += 1
-        if self.on_call is not None:
-            self.on_call()
         if self.cfg:
             uncond_out, cond_out = out.chunk(2)
             out = uncond_out + self.guidance_scale * (cond_out - uncond_out)
         return out
 
 
-def guided_denoiser(unet, schedule, sampler, cond, uncond=None, guidance_scale=1.0, on_call=None) -> GuidedDenoiser:
-    return GuidedDenoiser(unet, schedule, sampler, cond, uncond, guidance_scale, on_call)
+def guided_denoiser(unet, schedule, sampler, cond, uncond=None, guidance_scale=1.0) -> GuidedDenoiser:
+    return GuidedDenoiser(unet, schedule, sampler, cond, uncond, guidance_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,129 +229,147 @@ class Inversion:
     guidance_scale: float = 1.0
     negative_prompts: list | None = None
     clip_skip: int | None = None
-    num_steps: int = 0                   # the full chain's step count (strength < 1 runs a part of it)
-    z0: torch.Tensor | None = None       # the encoded images, for metrics
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)      # free-form, saved along (the CLI keeps file names)
 
-    META = ("prompts", "size", "guidance_scale", "negative_prompts", "clip_skip", "num_steps", "extra")
+    META = ("prompts", "size", "guidance_scale", "negative_prompts", "clip_skip", "extra")
 
-    def save(self, path) -> None:
-        """Writes `path` (InversionResult.save) and its settings as JSON at `path` + '.json';
-        the encoded z0 goes to `path` + '.z0.safetensors' when present."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        self.result.save(path)
-        meta = {k: getattr(self, k) for k in self.META}
-        meta["size"] = list(self.size)
-        Path(str(path) + ".json").write_text(json.dumps(meta, indent=1))
-        if self.z0 is not None:
-            save_file({"z0": self.z0.detach().contiguous().cpu()}, str(path) + ".z0.safetensors")
+    @property
+    def z0(self) -> torch.Tensor:
+        """The encoded images the inversion started from."""
+        return self.result.trajectory[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.result.num_steps
+
+    @property
+    def batch(self) -> int:
+        return self.result.z_T.shape[0]
 
     @staticmethod
     def files(path) -> list[Path]:
-        return [Path(path), Path(str(path) + ".json"), Path(str(path) + ".z0.safetensors")]
+        """What `save(path)` writes: the InversionResult file and the settings beside it."""
+        return [Path(path), Path(str(path) + ".json")]
+
+    def save(self, path) -> None:
+        """`path`: InversionResult.save (one safetensors file); `path`.json: prompts, size, guidance."""
+        path, meta_path = self.files(path)
+        self.result.save(path)
+        meta = {k: getattr(self, k) for k in self.META}
+        meta["size"] = list(self.size)
+        meta_path.write_text(json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, path, device="cpu") -> "Inversion":
-        from safetensors.torch import load_file
         from .inversion import InversionResult
-        path = Path(path)
-        meta_path = Path(str(path) + ".json")
+        path, meta_path = cls.files(path)
         if not path.is_file():
             raise FileNotFoundError(f"inversion file not found: {path}")
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} is missing: an inversion saved by renoise has its settings "
-                                    f"(prompts, size, guidance) next to it")
-        result = InversionResult.load(path)
-        result = _to_device(result, device)
-        meta = json.loads(meta_path.read_text())
-        meta["size"] = tuple(meta["size"])
-        z0_path = Path(str(path) + ".z0.safetensors")
-        z0 = load_file(str(z0_path))["z0"].to(device) if z0_path.is_file() else None
-        return cls(result=result, z0=z0, **meta)
-
-
-def _to_device(result, device):
-    to = getattr(result, "to", None)
-    return to(device) if callable(to) else result
+            raise FileNotFoundError(f"{meta_path} is missing: an inversion saved by renoise keeps its settings "
+                                    f"(prompts, image size, guidance) in that file next to it")
+        try:
+            meta = json.loads(meta_path.read_text())
+            meta["size"] = tuple(meta["size"])
+            unknown = set(meta) - set(cls.META)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{meta_path} is not a renoise inversion settings file: {e}") from None
+        if unknown:
+            raise ValueError(f"{meta_path}: unknown settings {sorted(unknown)}")
+        try:
+            result = InversionResult.load(path, device=device)
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- safetensors' own errors for a damaged file
+            raise ValueError(f"cannot read inversion file {path}: {e}") from None
+        return cls(result=result, **meta)
 
 
 class Editor:
-    """Invert, reconstruct and edit real images with a loaded pipeline and a ReNoise preset.
+    """Invert, reconstruct and edit real images with a loaded pipeline and a ReNoise plan.
 
-    preset: a renoise.presets name or Plan; sampler / num_steps / plan overrides replace the
-    preset's; guidance_scale is the inversion's CFG scale (≤ 1: no CFG); strength < 1 inverts
-    only the first part of the chain and denoises from there.
+    preset: a renoise.presets name or Plan; sampler, num_steps, guidance_scale (the inversion's
+    CFG scale; ≤ 1: none) and any other plan field (`plan_overrides`) replace the preset's.
+    strength < 1 inverts only the last part of the chain and denoises from there.
     """
 
     def __init__(self, pipe, preset="sdxl-turbo", *, sampler=None, num_steps=None, guidance_scale=None,
                  strength=1.0, clip_skip=None, sampler_opts=None, plan_overrides=None):
         from . import presets
         from .schedules import Schedule
+        overrides = dict(plan_overrides or {})
+        for key, value in (("sampler", sampler), ("num_steps", num_steps), ("guidance_scale", guidance_scale)):
+            if value is not None:
+                overrides[key] = value
         self.pipe = pipe
-        self.plan = presets.resolve(preset, **(plan_overrides or {}))
-        self.sampler = sampler or self.plan.sampler
-        self.num_steps = int(num_steps or self.plan.num_steps)
-        self.guidance_scale = float(self.plan.guidance_scale if guidance_scale is None else guidance_scale)
+        self.plan = presets.resolve(preset, **overrides)
         self.strength = float(strength)
-        self.clip_skip = clip_skip
-        self.sampler_opts = sampler_opts
-        self.schedule = Schedule.from_config(pipe.scheduler_config)
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
+        self.clip_skip = clip_skip
+        self.sampler_opts = dict(sampler_opts or {})
+        self.schedule = Schedule.from_config(pipe.scheduler_config)
 
     # -- pieces --------------------------------------------------------------------------------
-    def encode(self, prompts, size, negative_prompts=None, guidance_scale=1.0):
-        kwargs = dict(size=size, clip_skip=self.clip_skip)
+    def encode(self, prompts, size, negative_prompts=None, guidance_scale=1.0, clip_skip=None):
+        kwargs = dict(size=size, clip_skip=clip_skip)
         cond = encode_prompts(self.pipe, prompts, **kwargs)
         uncond = negative_conditioning(self.pipe, negative_prompts, cond, **kwargs) if guidance_scale > 1 else None
         return cond, uncond
 
-    def denoiser(self, prompts, size, negative_prompts=None, guidance_scale=1.0, on_call=None) -> GuidedDenoiser:
-        cond, uncond = self.encode(prompts, size, negative_prompts, guidance_scale)
-        return GuidedDenoiser(self.pipe.unet, self.schedule, self.sampler, cond, uncond, guidance_scale, on_call)
+    def denoiser(self, prompts, size, *, negative_prompts=None, guidance_scale=1.0, clip_skip=None,
+                 schedule=None, sampler=None) -> GuidedDenoiser:
+        cond, uncond = self.encode(prompts, size, negative_prompts, guidance_scale, clip_skip)
+        return GuidedDenoiser(self.pipe.unet, schedule or self.schedule, sampler or self.plan.sampler, cond,
+                              uncond, guidance_scale)
 
     # -- the three jobs ------------------------------------------------------------------------
     def invert(self, images: torch.Tensor, prompts, *, negative_prompts=None, generator=None,
                sample_posterior=True, noises=None, callback=None) -> Inversion:
-        """images [B, 3, H, W] in [-1, 1]; one prompt or one per image."""
+        """images [B, 3, H, W] in [-1, 1]; one prompt or one per image. The generator draws the
+        VAE posterior sample first, then the inversion's noises."""
         from .inversion import invert
         batch, size = images.shape[0], tuple(images.shape[-2:])
         prompts = as_prompts(prompts, batch)
         if negative_prompts is not None:
             negative_prompts = as_prompts(negative_prompts, batch, "negative prompt")
         z0 = encode_images(self.pipe, images, generator, sample=sample_posterior)
-        den = self.denoiser(prompts, size, negative_prompts, self.guidance_scale)
-        result = invert(den, z0, self.schedule, self.sampler, self.num_steps, self.plan, noises=noises,
+        g = self.plan.guidance_scale
+        den = self.denoiser(prompts, size, negative_prompts=negative_prompts, guidance_scale=g,
+                            clip_skip=self.clip_skip)
+        result = invert(den, z0, self.schedule, self.plan.sampler, self.plan.num_steps, self.plan, noises=noises,
                         generator=generator, strength=self.strength, sampler_opts=self.sampler_opts,
                         callback=callback)
-        return Inversion(result=result, prompts=prompts, size=size, guidance_scale=self.guidance_scale,
-                         negative_prompts=negative_prompts, clip_skip=self.clip_skip, num_steps=self.num_steps,
-                         z0=z0)
+        return Inversion(result=result, prompts=prompts, size=size, guidance_scale=g,
+                         negative_prompts=negative_prompts, clip_skip=self.clip_skip)
 
     def sample(self, inv: Inversion, prompts=None, *, negative_prompts=None, guidance_scale=None,
-               num_steps=None, on_call=None) -> tuple[torch.Tensor, GuidedDenoiser]:
-        """Denoise inv's z_T with its stored noises; the latent z0' and the denoiser used."""
+               num_steps=None, callback=None) -> tuple[torch.Tensor, GuidedDenoiser]:
+        """Denoise inv's z_T along its own chain with its stored noises; the prompts default to
+        the source prompts and the guidance to the inversion's. Returns z0' and the denoiser."""
         from .inversion import sample
         if num_steps is not None and int(num_steps) != inv.num_steps:
             raise ValueError(
                 f"cannot denoise with {num_steps} steps an inversion made with {inv.num_steps}: its z_T sits at "
                 f"the top timestep of the {inv.num_steps}-step chain and its stored noises belong to those steps; "
                 f"invert again with {num_steps} steps")
-        batch = inv.result.z_T.shape[0]
-        prompts = inv.prompts if prompts is None else as_prompts(prompts, batch)
+        prompts = inv.prompts if prompts is None else as_prompts(prompts, inv.batch)
+        if negative_prompts is not None:
+            negative_prompts = as_prompts(negative_prompts, inv.batch, "negative prompt")
         g = inv.guidance_scale if guidance_scale is None else float(guidance_scale)
-        den = self.denoiser(prompts, inv.size, negative_prompts, g, on_call)
-        return sample(den, inv.result), den
+        den = self.denoiser(prompts, inv.size, negative_prompts=negative_prompts, guidance_scale=g,
+                            clip_skip=inv.clip_skip, schedule=inv.result.schedule, sampler=inv.result.sampler)
+        return sample(den, inv.result, callback=callback), den
 
-    def reconstruct(self, inv: Inversion, *, num_steps=None) -> torch.Tensor:
+    def reconstruct(self, inv: Inversion, *, num_steps=None, callback=None) -> torch.Tensor:
         """Denoise with the source prompts and the inversion's own guidance: images [B, 3, H, W]."""
-        z, _ = self.sample(inv, negative_prompts=inv.negative_prompts, num_steps=num_steps)
+        z, _ = self.sample(inv, negative_prompts=inv.negative_prompts, num_steps=num_steps, callback=callback)
         return decode_latents(self.pipe, z)
 
-    def edit(self, inv: Inversion, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None) -> torch.Tensor:
+    def edit(self, inv: Inversion, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None,
+             callback=None) -> torch.Tensor:
         """The paper's edit: edit prompt as condition, source prompt as negative, guidance
         `edit_guidance_scale` (1.0: the edit prompt alone)."""
         z, _ = self.sample(inv, edit_prompts, negative_prompts=inv.prompts, guidance_scale=edit_guidance_scale,
-                           num_steps=num_steps)
+                           num_steps=num_steps, callback=callback)
         return decode_latents(self.pipe, z)

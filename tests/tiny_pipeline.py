@@ -15,9 +15,12 @@ from pathlib import Path
 
 import torch
 
+from tiny_models import TINY_POOLED_DIM as PROJECTION_2      # the tiny SDXL UNet's pooled-embedding size
+
 WORDS_MERGES = ["c a", "ca t</w>", "t i", "g e", "ti ge", "tige r</w>", "p h", "o t", "ph ot", "phot o</w>",
                 "d o", "do g</w>"]
-TEXT_HIDDEN, TEXT_HIDDEN_2, PROJECTION_2, TIME_EMBED = 32, 32, 24, 8
+INPUT_SCALE = 0.01
+TEXT_HIDDEN, TEXT_HIDDEN_2 = 32, 32                          # tiny sd1 UNet: cross-attention 32; sdxl: 64
 
 
 def _byte_symbols():
@@ -61,36 +64,32 @@ def _tokenizer(folder):
 
 def _text_encoder(hidden, projection=None, seed=0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=len(vocabulary()[0]), hidden_size=hidden, intermediate_size=2 * hidden + 5,
                          num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
                          hidden_act="gelu" if projection else "quick_gelu", projection_dim=projection or hidden,
                          bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
-def _unet(cross_dim, sdxl, seed):
-    from diffusers import UNet2DConditionModel
-    torch.manual_seed(seed)
-    extra = {}
-    if sdxl:
-        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED,
-                     projection_class_embeddings_input_dim=6 * TIME_EMBED + PROJECTION_2,
-                     use_linear_projection=True, transformer_layers_per_block=(1, 2))
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_dim, attention_head_dim=(2, 4), norm_num_groups=16, **extra).eval()
+def _unet(kind, seed):
+    """tiny_models' UNet (sd1: cross-attention 32 = TEXT_HIDDEN; sdxl: 64 = both encoders) with its
+    input convolution's weight scaled by INPUT_SCALE: the output keeps its size but varies slowly
+    with the latent (as a trained model's noise prediction does near a clean image), so that
+    ReNoise's fixed-point map contracts and inversions of the random model stay finite."""
+    from tiny_models import make_tiny_unet
+    unet = make_tiny_unet(kind, seed=seed)
+    with torch.no_grad():
+        unet.conv_in.weight.mul_(INPUT_SCALE)
+    return unet
 
 
-def _vae(scaling_factor, seed):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(seed)
-    blocks = 4
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-                         block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=32,
-                         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-                         scaling_factor=scaling_factor).eval()
+def _vae(kind, seed):
+    """tiny_models' VAE widened to 4 levels, so that it downsamples by 8 like the real ones."""
+    from tiny_models import make_tiny_vae
+    return make_tiny_vae(kind, seed=seed, block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=32)
 
 
 SCALED_LINEAR = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -104,8 +103,8 @@ def save_sd(folder, seed=0, scheduler="ddim"):
     tok = _tokenizer(save_tokenizer(folder / "_tok"))
     sched = (DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **SCALED_LINEAR) if scheduler == "ddim"
              else EulerAncestralDiscreteScheduler(timestep_spacing="trailing", **SCALED_LINEAR))
-    pipe = StableDiffusionPipeline(vae=_vae(0.18215, seed + 1), text_encoder=_text_encoder(TEXT_HIDDEN, seed=seed + 2),
-                                   tokenizer=tok, unet=_unet(TEXT_HIDDEN, False, seed + 3), scheduler=sched,
+    pipe = StableDiffusionPipeline(vae=_vae("sd", seed + 1), text_encoder=_text_encoder(TEXT_HIDDEN, seed=seed + 2),
+                                   tokenizer=tok, unet=_unet("sd1", seed + 3), scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _replace_tokenizer(folder / "tokenizer", folder / "_tok")
@@ -119,9 +118,9 @@ def save_sdxl(folder, seed=0):
     tok = _tokenizer(save_tokenizer(folder / "_tok"))
     tok2 = _tokenizer(save_tokenizer(folder / "_tok2", pad_token="!"))
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(0.13025, seed + 1), text_encoder=_text_encoder(TEXT_HIDDEN, seed=seed + 2),
+        vae=_vae("sdxl", seed + 1), text_encoder=_text_encoder(TEXT_HIDDEN, seed=seed + 2),
         text_encoder_2=_text_encoder(TEXT_HIDDEN_2, PROJECTION_2, seed=seed + 3), tokenizer=tok, tokenizer_2=tok2,
-        unet=_unet(TEXT_HIDDEN + TEXT_HIDDEN_2, True, seed + 4),
+        unet=_unet("sdxl", seed + 4),
         scheduler=EulerAncestralDiscreteScheduler(timestep_spacing="trailing", **SCALED_LINEAR),
         force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(str(folder), safe_serialization=True)
