@@ -308,10 +308,17 @@ def _vae_rename(name: str) -> str:
     return name
 
 
-def load_model(model, weights: Path, *, dtype, device, allow_pickle=False, rename=None, what="model"):
-    """Fill a meta-device `model` from a checkpoint, strictly, in `dtype` on `device`."""
+def load_model(model, weights: Path, *, dtype, device, allow_pickle=False, rename=None, squeeze_1x1=False,
+               what="model"):
+    """Fill a meta-device `model` from a checkpoint, strictly, in `dtype` on `device`.
+
+    `rename` maps checkpoint names to the model's; `squeeze_1x1` accepts [C, C, 1, 1] conv weights
+    where the model has [C, C] linears (old VAE attention).
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    squeeze = _squeeze_1x1(expected)
+    squeeze = _squeeze_1x1(expected) if squeeze_1x1 else (lambda name, shape: tuple(shape))
     shapes = checkpoint_shapes(weights)
     if shapes is not None:   # check names and shapes from the headers before reading any data
         check_keys(expected, {(rename(k) if rename else k): squeeze(rename(k) if rename else k, s)
@@ -326,7 +333,6 @@ def load_model(model, weights: Path, *, dtype, device, allow_pickle=False, renam
 
 
 def _squeeze_1x1(expected):
-    """Accept [C, C, 1, 1] conv weights where the model has [C, C] linears (old VAE attention)."""
     def f(name, shape):
         want = expected.get(name)
         if want is not None and len(want) == 2 and len(shape) == 4 and tuple(shape[2:]) == (1, 1):
@@ -348,7 +354,7 @@ def _config(config, folder, cls, by_name):
 
 
 def _load(source, *, model_cls, cfg_cls, by_name, class_name, what, dtype, device, variant, subfolder,
-          allow_pickle, config, rename, **hub):
+          allow_pickle, config, rename=None, squeeze_1x1=False, **hub):
     dtype = dtype or torch.float32
     if not is_hub_id(source) and Path(source).is_file():   # a bare weights file: config= names the architecture
         if config is None:
@@ -362,7 +368,8 @@ def _load(source, *, model_cls, cfg_cls, by_name, class_name, what, dtype, devic
         weights = find_weights(folder, variant=variant, allow_pickle=allow_pickle)
     with torch.device("meta"):
         model = model_cls(cfg)
-    return load_model(model, weights, dtype=dtype, device=device, allow_pickle=allow_pickle, rename=rename, what=what)
+    return load_model(model, weights, dtype=dtype, device=device, allow_pickle=allow_pickle, rename=rename,
+                      squeeze_1x1=squeeze_1x1, what=what)
 
 
 def load_unet(source, *, dtype=torch.float32, device="cpu", variant=None, subfolder="unet", allow_pickle=False,
@@ -370,7 +377,7 @@ def load_unet(source, *, dtype=torch.float32, device="cpu", variant=None, subfol
     """A `UNet` with weights from a diffusers folder, a hub id, or a weights file (with config=)."""
     return _load(source, model_cls=UNet, cfg_cls=UNetConfig, by_name=unet_config,
                  class_name="UNet2DConditionModel", what="UNet", dtype=dtype, device=device, variant=variant,
-                 subfolder=subfolder, allow_pickle=allow_pickle, config=config, rename=None,
+                 subfolder=subfolder, allow_pickle=allow_pickle, config=config,
                  cache_dir=cache_dir, revision=revision, local_files_only=local_files_only)
 
 
@@ -382,5 +389,5 @@ def load_vae(source, *, dtype=torch.float32, device="cpu", variant=None, subfold
     """
     return _load(source, model_cls=AutoencoderKL, cfg_cls=VAEConfig, by_name=vae_config,
                  class_name="AutoencoderKL", what="VAE", dtype=dtype, device=device, variant=variant,
-                 subfolder=subfolder, allow_pickle=allow_pickle, config=config, rename=_vae_rename,
+                 subfolder=subfolder, allow_pickle=allow_pickle, config=config, rename=_vae_rename, squeeze_1x1=True,
                  cache_dir=cache_dir, revision=revision, local_files_only=local_files_only)

@@ -183,6 +183,17 @@ def test_misshaped_key_named(sd1_copy):
         load_unet(sd1_copy)
 
 
+def test_conv_weights_for_linear_projections_refused(tmp_path):
+    """SD1-style [C, C, 1, 1] proj_in under an SD2-style (linear) config is a mismatch, not squeezed."""
+    save_tiny_unet(tmp_path, "sd1")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, use_linear_projection=True)))
+    with pytest.raises(CheckpointError, match=r"proj_in\.weight: checkpoint \(32, 32, 1, 1\) vs model \(32, 32\)"):
+        load_unet(tmp_path)
+    with pytest.raises(ValueError, match="floating torch.dtype"):
+        load_unet(tmp_path, dtype="float16")
+
+
 def test_config_that_does_not_match_weights(sd1_copy):
     cfg = json.loads((sd1_copy / "config.json").read_text())
     (sd1_copy / "config.json").write_text(json.dumps(dict(cfg, cross_attention_dim=16)))
