@@ -31,26 +31,26 @@ class Counter:
 
 
 @settings(max_examples=20)
-@given(seed=st.integers(0, 10**6), rho=st.floats(0.05, 0.7), m=st.sampled_from([0, 1, 3]))
+@given(seed=st.integers(0, 10**6), rho=st.floats(0.05, 0.6), m=st.sampled_from([0, 1, 3]))
 def test_converges_to_the_exact_fixed_point(seed, rho, m):
     g, exact = contraction(seed, rho=rho)
-    res = iterate(g, torch.zeros_like(exact), 80, anderson=m)
+    res = iterate(g, torch.zeros_like(exact), 60, anderson=m)
     torch.testing.assert_close(res.z, exact, rtol=1e-8, atol=1e-8)
-    assert res.residuals.shape == (80, 3) and res.evals == 80
+    assert res.residuals.shape == (60, 3) and res.evals == 60
 
 
 @settings(max_examples=8)
-@given(seed=st.integers(0, 10**6), rho=st.floats(0.9, 0.98), m=st.sampled_from([2, 3, 5]))
+@given(seed=st.integers(0, 10**6), rho=st.floats(0.9, 0.97), m=st.sampled_from([2, 3, 5]))
 def test_anderson_needs_fewer_evaluations_on_ill_conditioned_contractions(seed, rho, m):
-    g, exact = contraction(seed, B=2, n=20, rho=rho, cond_spread=True)
+    g, exact = contraction(seed, B=2, n=16, rho=rho, cond_spread=True)
     z0 = torch.zeros_like(exact)
-    plain = iterate(g, z0, 2000, tol=1e-7)
-    mixed = iterate(g, z0, 2000, anderson=m, tol=1e-7)
-    assert bool((plain.residuals.min(0).values <= 1e-7).all()) and bool((mixed.residuals.min(0).values <= 1e-7).all())
+    plain = iterate(g, z0, 1000, tol=1e-6)
+    mixed = iterate(g, z0, 1000, anderson=m, tol=1e-6)
+    assert bool((plain.residuals.min(0).values <= 1e-6).all()) and bool((mixed.residuals.min(0).values <= 1e-6).all())
     assert 2 * mixed.evals < plain.evals
     # residual r bounds the error by r / (1 - rho)
     err = (mixed.z - exact).pow(2).mean(1).sqrt()
-    assert bool((err <= 1e-7 / (1 - rho)).all())
+    assert bool((err <= 1e-6 / (1 - rho)).all())
 
 
 @given(seed=st.integers(0, 10**6), iters=st.integers(1, 8), data=st.data())
