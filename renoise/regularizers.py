@@ -14,7 +14,9 @@ auto-corr    for each channel, at every scale of a 2×2 average-pooling pyramid 
              height at that scale.
 
 `regularize` runs `rounds` rounds, each: one patch-KL step (gradient clipped to ±100, times λ_kl),
-then `rolls` auto-correlation steps (gradient / rolls, times λ_ac), each with fresh shifts.
+then `rolls` auto-correlation steps (gradient / rolls, times λ_ac), each with fresh shifts. The
+gradients are closed-form (`patch_kl_grad`, `autocorr_grad`; tested against autograd of the
+losses), so R runs under `torch.inference_mode` and needs no autograd graph.
 
 Shifts and the reference implementation: the reference draws one `randint(0, h // 2)` per
 (round, roll, channel, scale), in that order, from the run's generator, and supports batch 1 only.
@@ -116,10 +118,61 @@ def autocorr_loss(e, shifts):
     return loss
 
 
-def _grad(loss_fn, e):
-    with torch.enable_grad():
-        x = e.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss_fn(x).sum(), x)
+def patch_kl_grad(e, e_ref, patch_size=4):
+    """d(Σ patch_kl_loss)/de in closed form, [B, C, H, W] (no autograd: works under inference_mode).
+
+    Per patch of n values, with d = x - m0:  ∂/∂x = sign(kl)·[(1/(v1+ε) - 1/(v0+ε))·2d/(n-1)
+    + 2(m0 - m1)/(v1+ε)/n]; zero past the last whole patch.
+    """
+    _check(e)
+    b, c, h, w = e.shape
+    p = patch_size
+    hp, wp, n = h // p, w // p, p * p
+    if hp == 0 or wp == 0:
+        raise ValueError(f"noise map {h}x{w} is smaller than one {p}x{p} patch")
+
+    def patches(x):
+        return x[..., : hp * p, : wp * p].reshape(b, c, hp, p, wp, p)
+
+    x, r = patches(e), patches(e_ref.to(e.dtype))
+    m0, m1 = x.mean(dim=(3, 5), keepdim=True), r.mean(dim=(3, 5), keepdim=True)
+    d = x - m0
+    v0 = d.pow(2).sum(dim=(3, 5), keepdim=True) / (n - 1)
+    v1 = (r - m1).pow(2).sum(dim=(3, 5), keepdim=True) / (n - 1)
+    kl = torch.log((v1 + EPS) / (v0 + EPS)) + (v0 + (m0 - m1) ** 2) / (v1 + EPS) - 1
+    gx = torch.sign(kl) * ((1 / (v1 + EPS) - 1 / (v0 + EPS)) * 2 * d / (n - 1) + 2 * (m0 - m1) / (v1 + EPS) / n)
+    g = torch.zeros_like(e)
+    g[..., : hp * p, : wp * p] = gx.reshape(b, c, hp * p, wp * p)
+    return g
+
+
+def autocorr_grad(e, shifts):
+    """d(Σ autocorr_loss)/de in closed form, [B, C, H, W].
+
+    At each scale, d mean(x·roll(x, s))²/dx = 2m·(roll(x, s) + roll(x, -s))/N; coarser levels flow
+    back through the 2×2 average pooling (each value spread as 1/4 over its block).
+    """
+    _check(e)
+    b, c, h, w = e.shape
+    scales = len(pyramid_heights(h, w))
+    if tuple(shifts.shape) != (b, c, scales):
+        raise ValueError(f"shifts must have shape {(b, c, scales)} for a {h}x{w} map, got {tuple(shifts.shape)}")
+    shifts = shifts.to(e.device)
+    levels = [e]
+    for _ in range(1, scales):
+        levels.append(F.avg_pool2d(levels[-1], kernel_size=2))
+    g = None
+    for k in reversed(range(scales)):
+        x, s = levels[k], shifts[..., k]
+        gk = torch.zeros_like(x)
+        for dim in (2, 3):
+            fwd, back = _roll(x, s, dim), _roll(x, -s, dim)
+            m = (x * fwd).mean(dim=(2, 3), keepdim=True)
+            gk = gk + 2 * m * (fwd + back) / (x.shape[2] * x.shape[3])
+        if g is not None:
+            up = g.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) / 4
+            gk[..., : up.shape[2], : up.shape[3]] += up
+        g = gk
     return g
 
 
@@ -143,10 +196,8 @@ def regularize(e, e_ref, generator=None, *, lambda_kl, lambda_ac, rounds=4, roll
         shifts = draw_shifts(generator, b, c, h, w, rounds, rolls)
     for r in range(rounds):
         if lambda_kl > 0:
-            g = _grad(lambda v: patch_kl_loss(v, ref, patch_size), x)
-            x = x - lambda_kl * g.clamp(-GRAD_CLIP, GRAD_CLIP)
+            x = x - lambda_kl * patch_kl_grad(x, ref, patch_size).clamp(-GRAD_CLIP, GRAD_CLIP)
         if lambda_ac > 0:
             for j in range(rolls):
-                g = _grad(lambda v: autocorr_loss(v, shifts[r, j]), x)
-                x = x - lambda_ac * (g / rolls)
+                x = x - lambda_ac * (autocorr_grad(x, shifts[r, j]) / rolls)
     return x.to(dtype)

@@ -75,6 +75,7 @@ def test_patch_kl_loss_and_grad_match_loop(hw, rng):
         lb.backward()
         torch.testing.assert_close(loss[b], lb, rtol=1e-10, atol=0)
         torch.testing.assert_close(g[b], xb.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(R.patch_kl_grad(e, ref), g, rtol=1e-9, atol=1e-12)     # closed form
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (32, 32), (24, 16), (17, 18)])
@@ -93,6 +94,7 @@ def test_autocorr_loss_and_grad_match_loop(hw, rng):
         lb.backward()
         torch.testing.assert_close(loss[i], lb, rtol=1e-10, atol=0)
         torch.testing.assert_close(g[i], xb.grad, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(R.autocorr_grad(e, shifts)[i], xb.grad, rtol=1e-9, atol=1e-14)   # closed form
 
 
 def test_shifts_follow_reference_draw_order():
@@ -117,6 +119,15 @@ def test_regularize_equals_reference_loop(lams, rng):
     want = regularize_loop(e[0], ref[0], torch.Generator().manual_seed(5), lam_kl, lam_ac, 3, 4)
     assert not torch.equal(out[0], e[0])
     torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_regularize_runs_under_inference_mode(rng):
+    e, ref = torch.randn(2, 4, 16, 16, generator=rng), torch.randn(2, 4, 16, 16, generator=rng)
+    want = R.regularize(e, ref, torch.Generator().manual_seed(3), lambda_kl=0.05, lambda_ac=10.0, rounds=2, rolls=2)
+    with torch.inference_mode():
+        got = R.regularize(e.clone(), ref.clone(), torch.Generator().manual_seed(3), lambda_kl=0.05, lambda_ac=10.0,
+                           rounds=2, rolls=2)
+    assert torch.equal(got, want)
 
 
 def test_regularize_batch_equals_per_image(rng):
