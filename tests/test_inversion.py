@@ -298,3 +298,14 @@ def test_bad_input_is_refused(mixture):
     res = renoise.invert(den, x0, sch, "ddim", 4, plan("ddim"))
     with pytest.raises(ValueError, match="shape"):
         renoise.sample(den, res, z_T=x0[:2])
+
+
+def test_invert_runs_under_inference_mode(mixture):
+    gm, x0 = mixture
+    sch, den = setup(gm, "euler_ancestral")
+    p = Plan.preset("sdxl-turbo").replace(lambda_ac=0.2, lambda_kl=0.001)
+    want = renoise.invert(den, x0, sch, "euler_ancestral", 4, p, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        got = renoise.invert(den, x0, sch, "euler_ancestral", 4, p, generator=torch.Generator().manual_seed(6))
+        assert torch.equal(renoise.sample(den, got), renoise.sample(den, want))
+    assert torch.equal(got.z_T, want.z_T)
