@@ -21,7 +21,7 @@ Part two (`--part speed`, to be written with issue 6): seconds per image of reno
 official ReNoise loop on diffusers, same weights and inputs. `speed()` below is the place for it.
 
     python benchmarks/inversion.py                       # DDIM, 64 samples
-    python benchmarks/inversion.py --sampler euler_ancestral --std 0.3
+    python benchmarks/inversion.py --sampler euler_ancestral --std 0.1
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--components", type=int, default=16)
     ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--std", type=float, default=0.1)
+    ap.add_argument("--std", type=float, default=0.3, help="component std of the mixture")
     ap.add_argument("--scale", type=float, default=0.5, help="std of the component means")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
