@@ -62,8 +62,13 @@ def test_sd_folder(tmp_path):
     _check_components(pipe, folder, sdxl=False)
 
 
-def test_sdxl_folder(tmp_path):
-    folder = tiny_pipeline.save_sdxl(tmp_path / "sdxl")
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    return tiny_pipeline.save_sdxl(tmp_path_factory.mktemp("pipes") / "sdxl")
+
+
+def test_sdxl_folder(sdxl_folder):
+    folder = sdxl_folder
     pipe = load_pipeline(folder, dtype=torch.float32)
     assert pipe.kind == "sdxl" and pipe.force_zeros_for_empty_prompt is True
     assert pipe.scheduler_config["_class_name"] == "EulerAncestralDiscreteScheduler"
@@ -79,19 +84,19 @@ def test_errors(tmp_path):
         load_pipeline(tmp_path / "nothing" / "here")
 
 
-def test_hub_id_from_offline_cache(tmp_path, monkeypatch):
+def test_hub_id_from_offline_cache(tmp_path, monkeypatch, sdxl_folder):
     """A hub id resolves through the local Hugging Face cache, fetching only the needed files."""
     import huggingface_hub
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    folder = tiny_pipeline.save_sdxl(tmp_path / "sdxl")
-    (folder / "unet" / "unused.bin").write_bytes(b"not needed")
+    import shutil
+    folder = sdxl_folder
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "cache" / "models--tiny--sdxl"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    import shutil
     shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "snapshots" / commit / "unet" / "unused.bin").write_bytes(b"not needed")
     calls = []
     real = huggingface_hub.snapshot_download
     monkeypatch.setattr(huggingface_hub, "snapshot_download",

@@ -50,6 +50,19 @@ SCHED = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta
          "clip_sample": False, "prediction_type": "epsilon"}
 
 
+_MADE = {}
+
+
+@pytest.fixture
+def checkpoint(tmp_path_factory):
+    """make_checkpoint, once per kind for the whole module."""
+    def get(kind):
+        if kind not in _MADE:
+            _MADE[kind] = make_checkpoint(tmp_path_factory.mktemp(kind), kind)
+        return _MADE[kind]
+    return get
+
+
 def make_checkpoint(tmp_path, kind):
     """A diffusers folder (tiny random weights) and the same weights as one LDM/SGM .safetensors."""
     folder = tmp_path / kind
@@ -117,8 +130,8 @@ def _unet_out(model, x, t, ctx, extra, ours):
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
-def test_single_file_matches_source_and_diffusers(tmp_path, kind):
-    folder, path, src = make_checkpoint(tmp_path, kind)
+def test_single_file_matches_source_and_diffusers(checkpoint, kind):
+    folder, path, src = checkpoint(kind)
     assert sf.sniff(load_file(path)) == kind
     pipe = load_single_file(path, config=folder)
     assert pipe.kind == ("sdxl" if kind == "sdxl" else "sd")
@@ -226,8 +239,8 @@ def test_sniff_and_errors(tmp_path):
         load_single_file(tmp_path / "x.ckpt")
 
 
-def test_wrong_config_is_named(tmp_path):
-    folder, path, _ = make_checkpoint(tmp_path, "sd1")
+def test_wrong_config_is_named(tmp_path, checkpoint):
+    folder, path, _ = checkpoint("sd1")
     other = tmp_path / "other"
     tiny_models.save_tiny_unet(other / "unet", "sd1", seed=0, cross_attention_dim=48)
     (other / "vae").mkdir()
@@ -240,8 +253,8 @@ def test_wrong_config_is_named(tmp_path):
                          tokenizer=tmp_path / "nowhere")
 
 
-def test_load_pipeline_dispatches_single_files(tmp_path):
-    folder, path, src = make_checkpoint(tmp_path, "sd1")
+def test_load_pipeline_dispatches_single_files(checkpoint):
+    folder, path, src = checkpoint("sd1")
     pipe = load_pipeline(path, config=folder)
     x, t, ctx, extra, ids = _inputs("sd1", src, torch.Generator().manual_seed(3))
     with torch.no_grad():
