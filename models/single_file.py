@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .clip import CLIPTextConfig, clip_config, normalize_text_encoder_keys
+from .clip import CLIPTextConfig, normalize_text_encoder_keys
 
 __all__ = ["sniff", "split_checkpoint", "unet_key_map", "vae_key_map", "convert_unet", "convert_vae",
            "convert_clip", "convert_open_clip", "unet_to_ldm", "vae_to_ldm", "open_clip_from_transformers",

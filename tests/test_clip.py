@@ -1,5 +1,4 @@
 """Our CLIP text encoders against transformers on the same random weights (saved, then loaded)."""
-import json
 
 import pytest
 import torch

@@ -52,8 +52,13 @@ def _check_components(pipe, folder, sdxl):
             assert _rel(pipe.text_encoder_2(ids2).text_embeds, ref_te2(ids2).text_embeds) < 1e-5
 
 
-def test_sd_folder(tmp_path):
-    folder = tiny_pipeline.save_sd(tmp_path / "sd")
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return tiny_pipeline.save_sd(tmp_path_factory.mktemp("pipes") / "sd")
+
+
+def test_sd_folder(sd_folder):
+    folder = sd_folder
     pipe = load_pipeline(folder)
     assert pipe.kind == "sd" and pipe.text_encoder_2 is None and pipe.tokenizer_2 is None
     assert pipe.force_zeros_for_empty_prompt is False
@@ -112,3 +117,31 @@ def test_hub_id_from_offline_cache(tmp_path, monkeypatch, sdxl_folder):
     assert "tokenizer_2/merges.txt" in patterns and not any(p.endswith(".bin") for p in patterns)
     with pytest.raises(FileNotFoundError, match="not-cached"):
         load_pipeline("nobody/not-cached", cache_dir=tmp_path / "cache")
+
+
+def test_merge_lora_into_a_pipeline(sd_folder):
+    """One kohya file with UNet and text-encoder keys; inplace=False gives a new Pipeline."""
+    from renoise.models import merge_lora
+    pipe = load_pipeline(sd_folder)
+    g = torch.Generator().manual_seed(0)
+    names = [n for n, _ in pipe.unet.named_modules()]
+    to_k = next(n for n in names if n.endswith("attn2.to_k"))
+    conv = next(n for n in names if n.startswith("up_blocks.") and n.endswith("resnets.0.conv1"))
+    lora = {}
+    for prefix, module, name in (("lora_unet_", pipe.unet, to_k), ("lora_unet_", pipe.unet, conv),
+                                 ("lora_te_", pipe.text_encoder, "text_model.encoder.layers.1.mlp.fc1")):
+        w = module.get_submodule(name).weight
+        down = torch.randn(2, *w.shape[1:], generator=g)
+        up = torch.randn(w.shape[0], 2, *([1, 1] if w.ndim == 4 else []), generator=g)
+        key = prefix + name.replace(".", "_")
+        lora.update({key + ".lora_down.weight": down, key + ".lora_up.weight": up, key + ".alpha": torch.tensor(1.0)})
+    merged = merge_lora(pipe, lora, scale=0.5, inplace=False)
+    assert merged is not pipe and merged.tokenizer is pipe.tokenizer and merged.vae is pipe.vae
+    for prefix, name, comp in (("lora_unet_", conv, "unet"), ("lora_unet_", to_k, "unet"),
+                               ("lora_te_", "text_model.encoder.layers.1.mlp.fc1", "text_encoder")):
+        key = prefix + name.replace(".", "_")
+        old = getattr(pipe, comp).get_submodule(name).weight
+        new = getattr(merged, comp).get_submodule(name).weight
+        up, down = lora[key + ".lora_up.weight"], lora[key + ".lora_down.weight"]
+        expected = old + 0.5 * (1.0 / 2) * (up.flatten(1) @ down.flatten(1)).view(old.shape)
+        assert torch.allclose(new, expected, atol=1e-6)
