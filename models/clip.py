@@ -216,23 +216,22 @@ def normalize_text_encoder_keys(state_dict: dict) -> dict:
     return out
 
 
+def check_text_encoder_keys(config: CLIPTextConfig, shapes: dict, where="the text encoder weights") -> None:
+    """Raise ValueError naming missing / unexpected / mis-shaped keys ({our name: shape})."""
+    from .loading import check_keys
+
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, where, "text encoder")
+
+
 def text_encoder_from_state_dict(config: CLIPTextConfig, state_dict: dict, *, dtype=torch.float32,
                                  device="cpu") -> CLIPTextModel:
     """Build on the meta device and load `state_dict` (our/transformers names) with strict checks."""
     state_dict = normalize_text_encoder_keys(state_dict)
+    check_text_encoder_keys(config, {k: tuple(v.shape) for k, v in state_dict.items()})
     with torch.device("meta"):
         model = CLIPTextModel(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"text encoder weights do not match the config: missing {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected "
-                         f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
-    for key, param in expected.items():
-        if tuple(state_dict[key].shape) != tuple(param.shape):
-            raise ValueError(f"text encoder weight {key}: shape {tuple(state_dict[key].shape)} in the file, "
-                             f"{tuple(param.shape)} expected from the config")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()},
                           strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -255,5 +254,8 @@ def load_text_encoder(source, *, subfolder: str | None = "text_encoder", dtype=t
                                         variant=variant, allow_pickle=allow_pickle, base="model", **hub)
     config = CLIPTextConfig.from_dict(json.loads((folder / "config.json").read_text()))
     weights = loading.find_weights(folder, variant=variant, allow_pickle=allow_pickle, base="model")
+    shapes = loading.checkpoint_shapes(weights)
+    if shapes is not None:  # names and shapes from the header, before reading any data
+        check_text_encoder_keys(config, normalize_text_encoder_keys(shapes), weights)
     state_dict = loading.load_state_dict(weights, allow_pickle=allow_pickle, dtype=dtype, device=device)
     return text_encoder_from_state_dict(config, state_dict, dtype=dtype, device=device)

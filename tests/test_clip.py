@@ -95,16 +95,21 @@ def test_errors_name_the_problem(tmp_path):
     config = ours.CLIPTextConfig.from_dict(ref.config.to_dict())
     sd = dict(ref.state_dict())
     sd.pop("encoder.layers.0.mlp.fc1.weight")
-    with pytest.raises(ValueError, match="missing.*layers.0.mlp.fc1.weight"):
+    with pytest.raises(ValueError, match="missing keys: .*layers.0.mlp.fc1.weight"):
         ours.text_encoder_from_state_dict(config, sd)
     bad = ours.CLIPTextConfig.from_dict({**ref.config.to_dict(), "intermediate_size": 40})
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="shape mismatches: .*fc1.weight"):
         ours.text_encoder_from_state_dict(bad, ref.state_dict())
     with pytest.raises(ValueError, match="hidden_act"):
         ours.CLIPTextConfig.from_dict({"hidden_act": "relu6"})
     (tmp_path / "text_encoder").mkdir()
     with pytest.raises(FileNotFoundError):
         ours.load_text_encoder(tmp_path)
+    ref.save_pretrained(tmp_path / "edited")
+    config = tmp_path / "edited" / "config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 3', '"num_hidden_layers": 4'))
+    with pytest.raises(ValueError, match="(?s)model.safetensors.*16 missing keys: .*layers.3"):
+        ours.load_text_encoder(tmp_path / "edited", subfolder=None)
 
 
 def test_known_configs():
