@@ -3,7 +3,7 @@
     python -m renoise edit --model stabilityai/sdxl-turbo --image cat.png --prompt "a cat" \\
         --edit-prompt "a tiger" --out out/
 
-writes out/cat_edit.png, out/inversion.safetensors (+ .json settings, + .z0.safetensors) and
+writes out/cat_edit.png, out/inversion.safetensors (+ its .json settings) and
 out/report.json (metrics, timings, model calls, residuals). `reconstruct` and `edit` also take
 `--inversion out/inversion.safetensors` instead of inverting again, so one inversion serves
 many edits. Outputs are staged in a temporary folder and moved into --out only when the whole
@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
              "reconstruct": "invert (or load an inversion) and denoise back with the source prompt",
              "edit": "invert (or load an inversion) and denoise with an edit prompt"}
     for name, text in helps.items():
-        p = sub.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=text, description=text)
         _common(p, name)
+        _plan_flags(p)
     return parser
 
 
@@ -57,7 +58,7 @@ def _common(p, command):
                     help="input image (repeat for a batch)" + ("" if command == "invert" else
                                                                 "; optional with --inversion (for metrics)"))
     io.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                    help="source prompt: one for all images or one per image (default: \"\")")
+                    help="source prompt: one for all images or one per image (default: empty)")
     io.add_argument("--negative-prompt", action="append", default=None, metavar="TEXT",
                     help="negative prompt for inversion guidance > 1 (default: none; zeros for SDXL)")
     if command != "invert":
@@ -66,34 +67,100 @@ def _common(p, command):
     if command == "edit":
         io.add_argument("--edit-prompt", action="append", default=[], required=True, metavar="TEXT",
                         help="edit prompt: one for all images or one per image")
-        io.add_argument("--edit-guidance", type=float, default=1.0,
-                        help="guidance scale of the edit (the source prompt is the negative)")
+        io.add_argument("--edit-guidance", type=float, default=1.0, metavar="G",
+                        help="guidance scale of the edit; the source prompt is the negative (default: 1.0)")
     io.add_argument("--out", required=True, metavar="DIR", help="output folder (created on success)")
     io.add_argument("--size", default=None, metavar="HxW", help="scale to cover HxW and centre-crop (e.g. 512 or 512x768)")
     io.add_argument("--fit", choices=("crop", "resize", "none"), default="crop",
-                    help="make sides multiples of 8 by centre-cropping, resizing, or refusing")
+                    help="make sides multiples of 8 by centre-cropping, resizing, or refusing (default: crop)")
     io.add_argument("--quiet", action="store_true", help="no progress bar")
 
     inv = p.add_argument_group("inversion")
     inv.add_argument("--preset", default=None,
                      help="ReNoise preset (sd14, sd15, sdxl, sdxl-turbo, lcm-lora, sdxl-turbo-reference, ...); "
                           "default: from the model (sdxl-turbo for SDXL with trailing steps, sdxl, sd15)")
-    inv.add_argument("--sampler", choices=("ddim", "euler_ancestral", "lcm"), default=None, help="override the preset's")
-    inv.add_argument("--steps", type=int, default=None, help="number of inversion (and denoising) steps")
-    inv.add_argument("--guidance", type=float, default=None, help="inversion guidance scale (≤ 1: no CFG)")
-    inv.add_argument("--strength", type=float, default=1.0, help="fraction of the chain to invert (0, 1]")
+    inv.add_argument("--sampler", choices=("ddim", "euler_ancestral", "lcm"), default=None,
+                     help="the preset's unless given")
+    inv.add_argument("--steps", type=int, default=None, metavar="N",
+                     help="number of inversion (and denoising) steps (the preset's unless given)")
+    inv.add_argument("--guidance", type=float, default=None, metavar="G",
+                     help="inversion guidance scale, <= 1: no CFG (the preset's unless given)")
+    inv.add_argument("--strength", type=float, default=1.0, metavar="S",
+                     help="invert only the last int(S*steps) steps, 0 < S <= 1 (default: 1)")
     inv.add_argument("--eta", type=float, default=None, help="DDIM eta (> 0 makes DDIM stochastic)")
-    inv.add_argument("--clip-skip", type=int, default=None, help="skip the last N text-encoder layers")
+    inv.add_argument("--clip-skip", type=int, default=None, metavar="N", help="skip the last N text-encoder layers")
     inv.add_argument("--posterior", choices=("sample", "mean"), default="sample",
-                     help="encode with the VAE posterior's sample (the reference) or its mean")
-    inv.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                     help="override any plan field (value as JSON, e.g. --set renoise_iters=5); repeatable")
+                     help="encode with the VAE posterior's sample (the reference's choice) or its mean "
+                          "(default: sample)")
 
     run = p.add_argument_group("run")
-    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, or auto")
-    run.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights' dtype")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, or auto (default: cpu)")
+    run.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights' dtype (default: float32)")
     run.add_argument("--variant", default=None, help="weight file variant, e.g. fp16")
-    run.add_argument("--seed", type=int, default=0, help="seed of the run's generator (VAE sample, noises)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of the run's generator: VAE sample, noises, regularizer shifts (default: 0)")
+
+
+_COVERED = {"name", "sampler", "num_steps", "guidance_scale"}     # by --sampler / --steps / --guidance
+_TUPLES = {"window", "weights", "first_window", "first_weights"}
+_PLAN_HELP = {
+    "iters": "K: renoising iterations per step (steps with t >= first-until)",
+    "window": "averaging window a,b: iterations a..b-1",
+    "weights": "averaging weights over the window (default: uniform)",
+    "first_iters": "K for the first steps (t < first-until)",
+    "first_window": "averaging window for the first steps",
+    "first_weights": "averaging weights for the first steps",
+    "first_until": "timestep below which the first-* settings apply",
+    "average": "average the window's model outputs (false: the last iterate)",
+    "lambda_ac": "edit enhancement: pairwise auto-correlation weight",
+    "lambda_kl": "edit enhancement: patch-KL weight",
+    "reg_rounds": "edit enhancement rounds (0: off)",
+    "reg_rolls": "auto-correlation steps per round",
+    "reference_noise": "noised | clean: where the reference noise map is taken",
+    "noise_correction": "none | override | optimize (stochastic samplers)",
+    "nc_steps": "noise correction by optimisation: steps",
+    "nc_lr": "noise correction by optimisation: step length",
+    "anderson": "Anderson mixing memory, 0: off (needs --average false)",
+}
+
+
+def _plan_flags(p):
+    """One flag per renoise.presets.Plan field, so every hyperparameter can be overridden."""
+    import dataclasses
+
+    from .presets import Plan
+    group = p.add_argument_group(
+        "plan fields (the preset's unless given; see renoise.presets.Plan)",
+        "lists as a,b (e.g. --window 7,10); 'none' for None; true/false for flags")
+    for f in dataclasses.fields(Plan):
+        if f.name not in _COVERED:
+            group.add_argument("--" + f.name.replace("_", "-"), dest="plan_" + f.name, default=None,
+                               metavar="V", type=_plan_value, help=_PLAN_HELP.get(f.name))
+
+
+def _plan_value(text):
+    low = text.strip().lower()
+    if low == "none":
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    if "," in text:
+        return tuple(_number(x) for x in text.split(",") if x.strip())
+    return _number(text)
+
+
+def _number(text):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _plan_overrides(args) -> dict:
+    out = {k[5:]: v for k, v in vars(args).items() if k.startswith("plan_") and v is not None}
+    return {k: (v,) if k in _TUPLES and not isinstance(v, tuple) else v for k, v in out.items()}
 
 
 def _parse_size(text):
@@ -106,19 +173,6 @@ def _parse_size(text):
     if len(parts) not in (1, 2) or min(parts) <= 0:
         raise UsageError(f"--size {text!r}: expected N or HxW with positive numbers")
     return (parts[0], parts[-1])
-
-
-def _parse_sets(items) -> dict:
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise UsageError(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            out[key.strip().replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip().replace("-", "_")] = value
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +189,8 @@ class Progress:
     def update(self, n=1):
         self.done += n
         now = time.perf_counter()
-        if self.enabled and (now - self.last > 0.1 or self.done == self.total):
+        live = self.enabled and getattr(self.stream, "isatty", lambda: False)()
+        if live and (now - self.last > 0.1 or self.done == self.total):      # redraw in place on a terminal
             self.last = now
             self._draw(now)
 
@@ -149,6 +204,7 @@ class Progress:
         self.stream.flush()
 
     def close(self):
+        """The final state, one line (the only line when stderr is not a terminal)."""
         if self.enabled:
             self._draw(time.perf_counter())
             self.stream.write("\n")
@@ -172,8 +228,11 @@ class Staging:
 
     def commit(self):
         self.out.mkdir(parents=True, exist_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
         for name in self.names:
             if (self.dir / name).exists():
+                os.chmod(self.dir / name, 0o666 & ~umask)
                 os.replace(self.dir / name, self.out / name)
 
     def discard(self):
@@ -243,37 +302,41 @@ def run(args) -> dict:
 
     from . import images as imgs
     from . import metrics, presets
-    from .pipeline import Editor, Inversion, as_prompts
+    from .pipeline import Editor, Inversion, as_prompts, decode_latents
 
     t_start = time.perf_counter()
     timings = {}
     command = args.command
-    size = _parse_size(args.size)
-    overrides = _parse_sets(args.set)
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be ≥ 1, got {args.steps}")
-    if args.preset is not None:
-        presets.resolve(args.preset, **overrides)            # unknown preset / field: fail before loading
     inversion_file = getattr(args, "inversion", None)
-    if command == "invert" or not inversion_file:
-        if not args.image:
-            raise UsageError(f"{command} needs --image (or --inversion FILE for reconstruct/edit)")
-    image_paths = list(args.image)
+
+    # -- check everything that can be checked before loading the model ------------------------
+    size = _parse_size(args.size)
+    overrides = _plan_overrides(args)
+    for flag, value, low in (("--steps", args.steps, 1), ("--clip-skip", args.clip_skip, 0)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.preset is not None:
+        presets.resolve(args.preset, **overrides)            # unknown preset or plan field
+    if not args.image and not inversion_file:
+        raise UsageError(f"{command} needs --image FILE" + ("" if command == "invert" else " or --inversion FILE"))
+    image_paths = [str(p) for p in args.image]
     images = imgs.load_images(image_paths, size=size, mode=args.fit) if image_paths else None
-    loaded = Inversion.load(inversion_file) if inversion_file else None
-    batch = images.shape[0] if images is not None else loaded.result.z_T.shape[0]
-    if images is not None and loaded is not None:
-        if tuple(images.shape[-2:]) != tuple(loaded.size) or images.shape[0] != batch:
-            raise UsageError(f"--image gives {images.shape[0]} image(s) of {images.shape[2]}x{images.shape[3]}, "
-                             f"the inversion holds {batch} of {loaded.size[0]}x{loaded.size[1]}")
-    if loaded is None:
-        prompts = as_prompts(args.prompt or [""], batch)
-    elif args.prompt:
-        raise UsageError("--prompt cannot change a saved inversion's source prompt; invert again")
+    device, dtype = _device(args.device), getattr(torch, args.dtype)
+    loaded = Inversion.load(inversion_file, device=device) if inversion_file else None
+    if loaded is not None:
+        if args.prompt:
+            raise UsageError("--prompt cannot change a saved inversion's source prompt; invert again instead")
+        if images is not None and (images.shape[0] != loaded.batch or tuple(images.shape[-2:]) != loaded.size):
+            raise UsageError(f"--image gives {images.shape[0]} image(s) of {images.shape[2]}x{images.shape[3]} but "
+                             f"the inversion holds {loaded.batch} of {loaded.size[0]}x{loaded.size[1]}")
+        if args.steps is not None and args.steps != loaded.num_steps:
+            raise UsageError(f"--steps {args.steps}: the inversion was made with {loaded.num_steps} steps; its z_T "
+                             f"and stored noises belong to that chain, so invert again with --steps {args.steps}")
+    batch = loaded.batch if loaded is not None else images.shape[0]
+    prompts = as_prompts(args.prompt or [""], batch) if loaded is None else loaded.prompts
     negative = as_prompts(args.negative_prompt, batch, "negative prompt") if args.negative_prompt else None
     edit_prompts = as_prompts(args.edit_prompt, batch, "edit prompt") if command == "edit" else None
     _check_model_path(args.model)
-    device, dtype = _device(args.device), getattr(torch, args.dtype)
 
     stage = Staging(args.out)
     try:
@@ -282,69 +345,62 @@ def run(args) -> dict:
         pipe = load_pipeline(args.model, dtype=dtype, device=device, variant=args.variant)
         _sync(device)
         timings["load"] = time.perf_counter() - t0
-        preset = args.preset or (loaded.extra.get("preset") if loaded else None) or _default_preset(pipe)
-        sampler_opts = {"eta": args.eta} if args.eta is not None else None
-        if loaded is not None:
-            settings = loaded.extra.get("settings", {})
-            editor = Editor(pipe, preset, sampler=settings.get("sampler"), num_steps=loaded.num_steps,
-                            guidance_scale=loaded.guidance_scale, clip_skip=loaded.clip_skip,
-                            plan_overrides=overrides)
-        else:
-            editor = Editor(pipe, preset, sampler=args.sampler, num_steps=args.steps, guidance_scale=args.guidance,
-                            strength=args.strength, clip_skip=args.clip_skip, sampler_opts=sampler_opts,
-                            plan_overrides=overrides)
         generator = torch.Generator(device).manual_seed(args.seed)
-        report = {"command": command, "model": args.model, "kind": pipe.kind, "preset": str(preset),
-                  "device": str(device), "dtype": args.dtype, "seed": args.seed, "images": image_paths,
-                  "outputs": []}
+        report = {"command": command, "model": args.model, "kind": pipe.kind, "device": str(device),
+                  "dtype": args.dtype, "seed": args.seed, "images": image_paths, "outputs": []}
 
-        # 1. invert (or load)
+        # 1. invert, or take the saved inversion
         if loaded is None:
-            bar = Progress("invert", enabled=not args.quiet)
+            preset = args.preset or _default_preset(pipe)
+            editor = Editor(pipe, preset, sampler=args.sampler, num_steps=args.steps, guidance_scale=args.guidance,
+                            strength=args.strength, clip_skip=args.clip_skip, plan_overrides=overrides,
+                            sampler_opts={"eta": args.eta} if args.eta is not None else None)
+            n = editor.plan.num_steps
+            bar = Progress("invert", total=min(int(n * editor.strength), n), enabled=not args.quiet)
             t0 = time.perf_counter()
             inv = editor.invert(images.to(device), prompts, negative_prompts=negative, generator=generator,
-                                sample_posterior=args.posterior == "sample", callback=lambda *a, **k: bar.update())
+                                sample_posterior=args.posterior == "sample",
+                                callback=lambda *_: bar.update())
             _sync(device)
             timings["invert"] = time.perf_counter() - t0
             bar.close()
-            inv.extra = {"preset": str(preset), "images": image_paths,
-                         "settings": {"sampler": editor.sampler, "strength": editor.strength,
-                                      "plan_overrides": overrides}}
+            inv.extra = {"images": image_paths, "model": args.model, "preset": str(preset)}
             inv.save(stage.path(INVERSION_FILE))
-            for extra in Inversion.files(stage.dir / INVERSION_FILE)[1:]:
-                if extra.exists():
-                    stage.names.append(extra.name)
+            stage.names.append(Inversion.files(INVERSION_FILE)[1].name)
             report["inversion"] = INVERSION_FILE
-            report["model_calls"] = {"invert": _jsonable(inv.result.model_calls)}
-            report["residuals"] = _jsonable(inv.result.residuals)
+            report["model_calls"] = {"invert": inv.result.model_calls}
         else:
             inv = loaded
+            editor = Editor(pipe, inv.result.plan, clip_skip=inv.clip_skip)
             report["inversion"] = str(inversion_file)
             report["model_calls"] = {}
-        report["settings"] = {"sampler": editor.sampler, "num_steps": inv.num_steps,
-                              "guidance_scale": inv.guidance_scale, "strength": editor.strength,
-                              "prompts": inv.prompts, "negative_prompts": inv.negative_prompts,
-                              "size": list(inv.size), "plan": _jsonable(_plan_dict(editor.plan))}
+        res = inv.result
+        report["preset"] = inv.extra.get("preset", res.plan.name)
+        report["settings"] = {"sampler": res.sampler, "num_steps": res.num_steps, "strength": editor.strength
+                              if loaded is None else None, "inverted_timesteps": res.timesteps,
+                              "guidance_scale": inv.guidance_scale, "prompts": inv.prompts,
+                              "negative_prompts": inv.negative_prompts, "size": list(inv.size),
+                              "sampler_opts": res.sampler_opts, "plan": res.plan.to_dict()}
+        report["residuals"] = {"final_per_step": [r[-1] for r in res.residuals],
+                               "per_iteration": res.residuals}
 
-        # 2. denoise
+        # 2. denoise and decode
         if command != "invert":
             stems = _stems(inv.extra.get("images") or [f"image{i}" for i in range(batch)])
-            bar = Progress("denoise", total=inv.num_steps, enabled=not args.quiet)
+            bar = Progress("denoise", total=len(res.timesteps), enabled=not args.quiet)
             t0 = time.perf_counter()
             if command == "reconstruct":
-                z, den = editor.sample(inv, negative_prompts=inv.negative_prompts, num_steps=args.steps,
-                                       on_call=bar.update)
+                z, den = editor.sample(inv, negative_prompts=inv.negative_prompts, callback=lambda *_: bar.update())
             else:
-                z, den = editor.sample(inv, edit_prompts, negative_prompts=inv.prompts, num_steps=args.steps,
-                                       guidance_scale=args.edit_guidance, on_call=bar.update)
+                z, den = editor.sample(inv, edit_prompts, negative_prompts=inv.prompts,
+                                       guidance_scale=args.edit_guidance, callback=lambda *_: bar.update())
                 report["settings"].update(edit_prompts=edit_prompts, edit_guidance_scale=args.edit_guidance)
             _sync(device)
             timings["sample"] = time.perf_counter() - t0
             bar.close()
             report["model_calls"]["sample"] = den.calls
             t0 = time.perf_counter()
-            from .pipeline import decode_latents
-            out_images = decode_latents(editor.pipe, z)
+            out_images = decode_latents(pipe, z)
             _sync(device)
             timings["decode"] = time.perf_counter() - t0
             suffix = "reconstruction" if command == "reconstruct" else "edit"
@@ -352,18 +408,434 @@ def run(args) -> dict:
                 name = f"{stem}_{suffix}.png"
                 imgs.save_image(picture, stage.path(name))
                 report["outputs"].append(name)
+            # reconstruction: how close to the input; edit: how much of the input survived
             key = "metrics" if command == "reconstruct" else "metrics_vs_input"
-            report[key] = {}
+            report[key] = {"latent": metrics.latent_metrics(z, inv.z0.to(z.device))}
             if images is not None:
                 ref = images.to(out_images.device)
-                report[key]["image"] = {"psnr": _jsonable(metrics.psnr(out_images, ref)),
-                                        "ssim": _jsonable(metrics.ssim(out_images, ref))}
-            if inv.z0 is not None:
-                report[key]["latent"] = _jsonable(metrics.latent_metrics(z, inv.z0.to(z.device)))
+                report[key]["image"] = {"psnr": metrics.psnr(out_images, ref), "ssim": metrics.ssim(out_images, ref)}
         timings["total"] = time.perf_counter() - t_start
         report["timings"] = timings
+        report = _jsonable(report)
         with open(stage.path(REPORT_FILE), "w") as f:
-            json.dump(_jsonable(report), f, indent=1)
+            json.dump(report, f, indent=1)
+        stage.commit()
+        return report
+    finally:
+        stage.discard()
+
+
+BAD_INPUT = 2
+DTYPES = ("float32", "float16", "bfloat16")
+INVERSION_FILE = "inversion.safetensors"
+REPORT_FILE = "report.json"
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m renoise",
+        description="ReNoise real-image inversion and editing with Stable Diffusion / SDXL weights.",
+        epilog='example: python -m renoise edit --model stabilityai/sdxl-turbo --image cat.png '
+               '--prompt "a cat" --edit-prompt "a tiger" --out out/')
+    sub = parser.add_subparsers(dest="command", metavar="{invert,reconstruct,edit}")
+    helps = {"invert": "invert images to z_T (+ noises); writes the inversion and a report",
+             "reconstruct": "invert (or load an inversion) and denoise back with the source prompt",
+             "edit": "invert (or load an inversion) and denoise with an edit prompt"}
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text)
+        _common(p, name)
+        _plan_flags(p)
+    return parser
+
+
+def _common(p, command):
+    io = p.add_argument_group("input and output")
+    io.add_argument("--model", required=True, help="diffusers folder, hub id, or single-file checkpoint")
+    io.add_argument("--image", action="append", default=[], metavar="FILE",
+                    help="input image (repeat for a batch)" + ("" if command == "invert" else
+                                                                "; optional with --inversion (for metrics)"))
+    io.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                    help="source prompt: one for all images or one per image (default: empty)")
+    io.add_argument("--negative-prompt", action="append", default=None, metavar="TEXT",
+                    help="negative prompt for inversion guidance > 1 (default: none; zeros for SDXL)")
+    if command != "invert":
+        io.add_argument("--inversion", metavar="FILE", help="a saved inversion (from a previous run) to "
+                        "denoise instead of inverting again")
+    if command == "edit":
+        io.add_argument("--edit-prompt", action="append", default=[], required=True, metavar="TEXT",
+                        help="edit prompt: one for all images or one per image")
+        io.add_argument("--edit-guidance", type=float, default=1.0, metavar="G",
+                        help="guidance scale of the edit; the source prompt is the negative (default: 1.0)")
+    io.add_argument("--out", required=True, metavar="DIR", help="output folder (created on success)")
+    io.add_argument("--size", default=None, metavar="HxW", help="scale to cover HxW and centre-crop (e.g. 512 or 512x768)")
+    io.add_argument("--fit", choices=("crop", "resize", "none"), default="crop",
+                    help="make sides multiples of 8 by centre-cropping, resizing, or refusing (default: crop)")
+    io.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    inv = p.add_argument_group("inversion")
+    inv.add_argument("--preset", default=None,
+                     help="ReNoise preset (sd14, sd15, sdxl, sdxl-turbo, lcm-lora, sdxl-turbo-reference, ...); "
+                          "default: from the model (sdxl-turbo for SDXL with trailing steps, sdxl, sd15)")
+    inv.add_argument("--sampler", choices=("ddim", "euler_ancestral", "lcm"), default=None,
+                     help="the preset's unless given")
+    inv.add_argument("--steps", type=int, default=None, metavar="N",
+                     help="number of inversion (and denoising) steps (the preset's unless given)")
+    inv.add_argument("--guidance", type=float, default=None, metavar="G",
+                     help="inversion guidance scale, <= 1: no CFG (the preset's unless given)")
+    inv.add_argument("--strength", type=float, default=1.0, metavar="S",
+                     help="invert only the last int(S*steps) steps, 0 < S <= 1 (default: 1)")
+    inv.add_argument("--eta", type=float, default=None, help="DDIM eta (> 0 makes DDIM stochastic)")
+    inv.add_argument("--clip-skip", type=int, default=None, metavar="N", help="skip the last N text-encoder layers")
+    inv.add_argument("--posterior", choices=("sample", "mean"), default="sample",
+                     help="encode with the VAE posterior's sample (the reference's choice) or its mean "
+                          "(default: sample)")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, or auto (default: cpu)")
+    run.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights' dtype (default: float32)")
+    run.add_argument("--variant", default=None, help="weight file variant, e.g. fp16")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of the run's generator: VAE sample, noises, regularizer shifts (default: 0)")
+
+
+_COVERED = {"name", "sampler", "num_steps", "guidance_scale"}     # by --sampler / --steps / --guidance
+_TUPLES = {"window", "weights", "first_window", "first_weights"}
+_PLAN_HELP = {
+    "iters": "K: renoising iterations per step (steps with t >= first-until)",
+    "window": "averaging window a,b: iterations a..b-1",
+    "weights": "averaging weights over the window (default: uniform)",
+    "first_iters": "K for the first steps (t < first-until)",
+    "first_window": "averaging window for the first steps",
+    "first_weights": "averaging weights for the first steps",
+    "first_until": "timestep below which the first-* settings apply",
+    "average": "average the window's model outputs (false: the last iterate)",
+    "lambda_ac": "edit enhancement: pairwise auto-correlation weight",
+    "lambda_kl": "edit enhancement: patch-KL weight",
+    "reg_rounds": "edit enhancement rounds (0: off)",
+    "reg_rolls": "auto-correlation steps per round",
+    "reference_noise": "noised | clean: where the reference noise map is taken",
+    "noise_correction": "none | override | optimize (stochastic samplers)",
+    "nc_steps": "noise correction by optimisation: steps",
+    "nc_lr": "noise correction by optimisation: step length",
+    "anderson": "Anderson mixing memory, 0: off (needs --average false)",
+}
+
+
+def _plan_flags(p):
+    """One flag per renoise.presets.Plan field, so every hyperparameter can be overridden."""
+    import dataclasses
+
+    from .presets import Plan
+    group = p.add_argument_group(
+        "plan fields (the preset's unless given; see renoise.presets.Plan)",
+        "lists as a,b (e.g. --window 7,10); 'none' for None; true/false for flags")
+    for f in dataclasses.fields(Plan):
+        if f.name not in _COVERED:
+            group.add_argument("--" + f.name.replace("_", "-"), dest="plan_" + f.name, default=None,
+                               metavar="V", type=_plan_value, help=_PLAN_HELP.get(f.name))
+
+
+def _plan_value(text):
+    low = text.strip().lower()
+    if low == "none":
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    if "," in text:
+        return tuple(_number(x) for x in text.split(",") if x.strip())
+    return _number(text)
+
+
+def _number(text):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _plan_overrides(args) -> dict:
+    out = {k[5:]: v for k, v in vars(args).items() if k.startswith("plan_") and v is not None}
+    return {k: (v,) if k in _TUPLES and not isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _parse_size(text):
+    if text is None:
+        return None
+    try:
+        parts = [int(s) for s in text.lower().split("x")]
+    except ValueError:
+        raise UsageError(f"--size {text!r}: expected N or HxW, e.g. 512 or 512x768") from None
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise UsageError(f"--size {text!r}: expected N or HxW with positive numbers")
+    return (parts[0], parts[-1])
+
+
+def _parse_sets(items) -> dict:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# progress and output staging
+
+class Progress:
+    """A plain stderr progress bar: `label [#####-----] done/total  1.2s`."""
+
+    def __init__(self, label, total=None, enabled=True, stream=None):
+        self.label, self.total, self.enabled = label, total, enabled
+        self.stream = stream or sys.stderr
+        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+
+    def update(self, n=1):
+        self.done += n
+        now = time.perf_counter()
+        live = self.enabled and getattr(self.stream, "isatty", lambda: False)()
+        if live and (now - self.last > 0.1 or self.done == self.total):      # redraw in place on a terminal
+            self.last = now
+            self._draw(now)
+
+    def _draw(self, now):
+        if self.total:
+            filled = min(20, int(20 * self.done / self.total))
+            bar = f"[{'#' * filled}{'-' * (20 - filled)}] {self.done}/{self.total}"
+        else:
+            bar = f"{self.done} model calls"
+        self.stream.write(f"\r{self.label:<12} {bar}  {now - self.start:.1f}s")
+        self.stream.flush()
+
+    def close(self):
+        """The final state, one line (the only line when stderr is not a terminal)."""
+        if self.enabled:
+            self._draw(time.perf_counter())
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class Staging:
+    """Files are written in a temporary folder beside --out and moved in by `commit()`."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        anchor = self.out.parent
+        while not anchor.exists():
+            anchor = anchor.parent
+        self.dir = Path(tempfile.mkdtemp(prefix=".renoise-partial-", dir=anchor))
+        self.names = []
+
+    def path(self, name) -> Path:
+        self.names.append(name)
+        return self.dir / name
+
+    def commit(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in self.names:
+            if (self.dir / name).exists():
+                os.chmod(self.dir / name, 0o666 & ~umask)
+                os.replace(self.dir / name, self.out / name)
+
+    def discard(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+def _device(name):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_model_path(model):
+    looks_local = (os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
+                   or model.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.sep in model and model.count("/") != 1)
+    if looks_local and not Path(model).expanduser().exists():
+        raise FileNotFoundError(f"model folder or file not found: {model}")
+
+
+def _stems(paths):
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) < len(stems):
+        stems = [f"{i:02d}_{s}" for i, s in enumerate(stems)]
+    return stems
+
+
+def _default_preset(pipe):
+    if pipe.kind == "sdxl":
+        return "sdxl-turbo" if pipe.scheduler_config.get("timestep_spacing") == "trailing" else "sdxl"
+    return "sd15"
+
+
+def _jsonable(value):
+    import torch
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def run(args) -> dict:
+    """Run one command; returns the report (also written to --out/report.json)."""
+    import torch
+
+    from . import images as imgs
+    from . import metrics, presets
+    from .pipeline import Editor, Inversion, as_prompts, decode_latents
+
+    t_start = time.perf_counter()
+    timings = {}
+    command = args.command
+    inversion_file = getattr(args, "inversion", None)
+
+    # -- check everything that can be checked before loading the model ------------------------
+    size = _parse_size(args.size)
+    overrides = _plan_overrides(args)
+    for flag, value, low in (("--steps", args.steps, 1), ("--clip-skip", args.clip_skip, 0)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.preset is not None:
+        presets.resolve(args.preset, **overrides)            # unknown preset or plan field
+    if not args.image and not inversion_file:
+        raise UsageError(f"{command} needs --image FILE" + ("" if command == "invert" else " or --inversion FILE"))
+    image_paths = [str(p) for p in args.image]
+    images = imgs.load_images(image_paths, size=size, mode=args.fit) if image_paths else None
+    device, dtype = _device(args.device), getattr(torch, args.dtype)
+    loaded = Inversion.load(inversion_file, device=device) if inversion_file else None
+    if loaded is not None:
+        if args.prompt:
+            raise UsageError("--prompt cannot change a saved inversion's source prompt; invert again instead")
+        if images is not None and (images.shape[0] != loaded.batch or tuple(images.shape[-2:]) != loaded.size):
+            raise UsageError(f"--image gives {images.shape[0]} image(s) of {images.shape[2]}x{images.shape[3]} but "
+                             f"the inversion holds {loaded.batch} of {loaded.size[0]}x{loaded.size[1]}")
+        if args.steps is not None and args.steps != loaded.num_steps:
+            raise UsageError(f"--steps {args.steps}: the inversion was made with {loaded.num_steps} steps; its z_T "
+                             f"and stored noises belong to that chain, so invert again with --steps {args.steps}")
+    batch = loaded.batch if loaded is not None else images.shape[0]
+    prompts = as_prompts(args.prompt or [""], batch) if loaded is None else loaded.prompts
+    negative = as_prompts(args.negative_prompt, batch, "negative prompt") if args.negative_prompt else None
+    edit_prompts = as_prompts(args.edit_prompt, batch, "edit prompt") if command == "edit" else None
+    _check_model_path(args.model)
+
+    stage = Staging(args.out)
+    try:
+        from .models import load_pipeline
+        t0 = time.perf_counter()
+        pipe = load_pipeline(args.model, dtype=dtype, device=device, variant=args.variant)
+        _sync(device)
+        timings["load"] = time.perf_counter() - t0
+        generator = torch.Generator(device).manual_seed(args.seed)
+        report = {"command": command, "model": args.model, "kind": pipe.kind, "device": str(device),
+                  "dtype": args.dtype, "seed": args.seed, "images": image_paths, "outputs": []}
+
+        # 1. invert, or take the saved inversion
+        if loaded is None:
+            preset = args.preset or _default_preset(pipe)
+            editor = Editor(pipe, preset, sampler=args.sampler, num_steps=args.steps, guidance_scale=args.guidance,
+                            strength=args.strength, clip_skip=args.clip_skip, plan_overrides=overrides,
+                            sampler_opts={"eta": args.eta} if args.eta is not None else None)
+            n = editor.plan.num_steps
+            bar = Progress("invert", total=min(int(n * editor.strength), n), enabled=not args.quiet)
+            t0 = time.perf_counter()
+            inv = editor.invert(images.to(device), prompts, negative_prompts=negative, generator=generator,
+                                sample_posterior=args.posterior == "sample",
+                                callback=lambda *_: bar.update())
+            _sync(device)
+            timings["invert"] = time.perf_counter() - t0
+            bar.close()
+            inv.extra = {"images": image_paths, "model": args.model, "preset": str(preset)}
+            inv.save(stage.path(INVERSION_FILE))
+            stage.names.append(Inversion.files(INVERSION_FILE)[1].name)
+            report["inversion"] = INVERSION_FILE
+            report["model_calls"] = {"invert": inv.result.model_calls}
+        else:
+            inv = loaded
+            editor = Editor(pipe, inv.result.plan, clip_skip=inv.clip_skip)
+            report["inversion"] = str(inversion_file)
+            report["model_calls"] = {}
+        res = inv.result
+        report["preset"] = inv.extra.get("preset", res.plan.name)
+        report["settings"] = {"sampler": res.sampler, "num_steps": res.num_steps, "strength": editor.strength
+                              if loaded is None else None, "inverted_timesteps": res.timesteps,
+                              "guidance_scale": inv.guidance_scale, "prompts": inv.prompts,
+                              "negative_prompts": inv.negative_prompts, "size": list(inv.size),
+                              "sampler_opts": res.sampler_opts, "plan": res.plan.to_dict()}
+        report["residuals"] = {"final_per_step": [r[-1] for r in res.residuals],
+                               "per_iteration": res.residuals}
+
+        # 2. denoise and decode
+        if command != "invert":
+            stems = _stems(inv.extra.get("images") or [f"image{i}" for i in range(batch)])
+            bar = Progress("denoise", total=len(res.timesteps), enabled=not args.quiet)
+            t0 = time.perf_counter()
+            if command == "reconstruct":
+                z, den = editor.sample(inv, negative_prompts=inv.negative_prompts, callback=lambda *_: bar.update())
+            else:
+                z, den = editor.sample(inv, edit_prompts, negative_prompts=inv.prompts,
+                                       guidance_scale=args.edit_guidance, callback=lambda *_: bar.update())
+                report["settings"].update(edit_prompts=edit_prompts, edit_guidance_scale=args.edit_guidance)
+            _sync(device)
+            timings["sample"] = time.perf_counter() - t0
+            bar.close()
+            report["model_calls"]["sample"] = den.calls
+            t0 = time.perf_counter()
+            out_images = decode_latents(pipe, z)
+            _sync(device)
+            timings["decode"] = time.perf_counter() - t0
+            suffix = "reconstruction" if command == "reconstruct" else "edit"
+            for stem, picture in zip(stems, imgs.to_pil(out_images)):
+                name = f"{stem}_{suffix}.png"
+                imgs.save_image(picture, stage.path(name))
+                report["outputs"].append(name)
+            # reconstruction: how close to the input; edit: how much of the input survived
+            key = "metrics" if command == "reconstruct" else "metrics_vs_input"
+            report[key] = {"latent": metrics.latent_metrics(z, inv.z0.to(z.device))}
+            if images is not None:
+                ref = images.to(out_images.device)
+                report[key]["image"] = {"psnr": metrics.psnr(out_images, ref), "ssim": metrics.ssim(out_images, ref)}
+        timings["total"] = time.perf_counter() - t_start
+        report["timings"] = timings
+        report = _jsonable(report)
+        with open(stage.path(REPORT_FILE), "w") as f:
+            json.dump(report, f, indent=1)
         stage.commit()
         return report
     finally:
@@ -391,8 +863,8 @@ def main(argv=None) -> int:
         print(f"renoise {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not args.quiet:
-        outs = ", ".join([report.get("inversion", "")] * (args.command == "invert") + report["outputs"])
-        print(f"renoise {args.command}: wrote {outs} and {REPORT_FILE} to {args.out}", file=sys.stderr)
+        written = report["outputs"] + ([INVERSION_FILE] if report["inversion"] == INVERSION_FILE else [])
+        print(f"renoise {args.command}: wrote {', '.join(written + [REPORT_FILE])} to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -18,8 +18,7 @@ PROMPTS = ["a cat photo", "a tiger, photo!"]
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {"sd": tiny_pipeline.save_sd(root / "sd"), "sdxl": tiny_pipeline.save_sdxl(root / "sdxl")}
+    return tiny_pipeline.shared(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -134,3 +134,13 @@ def _replace_tokenizer(target, source):
     import shutil
     shutil.rmtree(target)
     source.rename(target)
+
+
+def shared(tmp_path_factory):
+    """{"sd": folder, "sdxl": folder}, saved once per test session (several test modules use them)."""
+    root = tmp_path_factory.getbasetemp() / "tiny_pipelines"
+    folders = {"sd": root / "sd", "sdxl": root / "sdxl"}
+    for kind, save in (("sd", save_sd), ("sdxl", save_sdxl)):
+        if not (folders[kind] / "model_index.json").is_file():
+            save(folders[kind])
+    return folders

@@ -1,0 +1,199 @@
+"""`python -m renoise invert | reconstruct | edit` on tiny SD-like / SDXL-like folders.
+
+The CLI runs in-process through `renoise.__main__.main(argv)`; one test runs it as a subprocess.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from renoise import images as imgs
+from renoise.__main__ import main
+from renoise.models import load_pipeline
+from renoise.pipeline import Editor, Inversion
+
+import tiny_pipeline
+
+FAST_SD = ["--steps", "4"]           # the sd15 preset's 50 steps are not needed to test the plumbing
+SD_PX = 64                           # 8x8 latents: the auto-correlation regularizer is unstable on 4x4 ones
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return tiny_pipeline.shared(tmp_path_factory)
+
+
+def picture(path, h, w, seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def run(*argv):
+    return main([str(a) for a in argv] + ["--quiet"])
+
+
+def files(folder):
+    return sorted(p.name for p in Path(folder).iterdir())
+
+
+def test_edit_one_command(folders, tmp_path):
+    """The README's main job: one command from an image file to an edited image."""
+    cat = picture(tmp_path / "cat.png", 40, 52)
+    out = tmp_path / "out"
+    assert run("edit", "--model", folders["sdxl"], "--image", cat, "--prompt", "a cat",
+               "--edit-prompt", "a tiger", "--out", out) == 0
+    assert files(out) == ["cat_edit.png", "inversion.safetensors", "inversion.safetensors.json", "report.json"]
+    with Image.open(out / "cat_edit.png") as im:
+        assert im.size == (48, 40) and im.mode == "RGB"          # 52 px wide centre-cropped to 48
+    report = json.loads((out / "report.json").read_text())
+    assert report["command"] == "edit" and report["kind"] == "sdxl" and report["preset"] == "sdxl-turbo"
+    assert report["outputs"] == ["cat_edit.png"] and report["inversion"] == "inversion.safetensors"
+    assert report["model_calls"] == {"invert": 4 + 3 * 10 + 3, "sample": 4}
+    settings = report["settings"]
+    assert settings["sampler"] == "euler_ancestral" and settings["num_steps"] == 4
+    assert settings["prompts"] == ["a cat"] and settings["edit_prompts"] == ["a tiger"]
+    assert settings["edit_guidance_scale"] == 1.0 and settings["guidance_scale"] == 0.0
+    assert settings["size"] == [40, 48] and settings["inverted_timesteps"] == [999, 749, 499, 249]
+    assert settings["plan"]["noise_correction"] == "optimize"
+    assert [len(r) for r in report["residuals"]["final_per_step"]] == [1] * 4
+    assert [len(r) for r in report["residuals"]["per_iteration"]] == [4, 10, 10, 10]
+    assert set(report["timings"]) == {"load", "invert", "sample", "decode", "total"}
+    m = report["metrics_vs_input"]
+    assert len(m["image"]["psnr"]) == len(m["image"]["ssim"]) == 1 and set(m["latent"]) == {"rmse", "psnr", "ssim"}
+
+
+def test_one_inversion_serves_many_edits(folders, tmp_path):
+    cat = picture(tmp_path / "cat.png", SD_PX, SD_PX)
+    assert run("invert", "--model", folders["sd"], "--image", cat, "--prompt", "a cat", *FAST_SD,
+               "--out", tmp_path / "inv") == 0
+    assert files(tmp_path / "inv") == ["inversion.safetensors", "inversion.safetensors.json", "report.json"]
+    report = json.loads((tmp_path / "inv" / "report.json").read_text())
+    assert report["preset"] == "sd15" and report["model_calls"] == {"invert": 8} and report["outputs"] == []
+    saved = tmp_path / "inv" / "inversion.safetensors"
+    for prompt in ("a tiger", "a dog"):
+        out = tmp_path / prompt.replace(" ", "_")
+        assert run("edit", "--model", folders["sd"], "--inversion", saved, "--edit-prompt", prompt,
+                   "--edit-guidance", "2.5", "--out", out) == 0
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["model_calls"] == {"sample": 4} and rep["outputs"] == ["cat_edit.png"]
+        assert "image" not in rep["metrics_vs_input"]                # no --image given: latent metrics only
+    tiger, dog = (np.asarray(Image.open(tmp_path / d / "cat_edit.png")) for d in ("a_tiger", "a_dog"))
+    assert tiger.shape == (SD_PX, SD_PX, 3) and not np.array_equal(tiger, dog)
+    # the same edit through the API, from the same file
+    pipe = load_pipeline(str(folders["sd"]))
+    inv = Inversion.load(saved)
+    api = Editor(pipe, inv.result.plan).edit(inv, "a tiger", edit_guidance_scale=2.5)
+    assert np.array_equal(np.asarray(imgs.to_pil(api)[0]), tiger)
+
+
+def test_reconstruction_exact_with_override(folders, tmp_path):
+    """Every plan field is a flag: unconverged stochastic steps + override noise correction + a
+    converged last step reconstruct the latent to fp32 rounding."""
+    cat = picture(tmp_path / "cat.png", 32, 48)
+    out = tmp_path / "out"
+    assert run("reconstruct", "--model", folders["sdxl"], "--image", cat, "--prompt", "a cat", "--out", out,
+               "--noise-correction", "override", "--reg-rounds", "0", "--iters", "1", "--window", "0,2",
+               "--first-iters", "12", "--first-window", "12,13") == 0
+    assert files(out) == ["cat_reconstruction.png", "inversion.safetensors", "inversion.safetensors.json",
+                          "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    plan = report["settings"]["plan"]
+    assert plan["noise_correction"] == "override" and plan["window"] == [0, 2] and plan["first_iters"] == 12
+    assert report["metrics"]["latent"]["psnr"][0] > 80            # z0' vs z0, range of z0
+    # the image metrics compare the decoded output with the (cropped) input; a random VAE decodes badly
+    from renoise import metrics
+    x, y = imgs.load_images([out / "cat_reconstruction.png", cat])
+    assert report["metrics"]["image"]["psnr"][0] == pytest.approx(metrics.psnr(x[None], y[None]).item(), abs=0.05)
+    assert report["metrics"]["image"]["ssim"][0] == pytest.approx(metrics.ssim(x[None], y[None]).item(), abs=0.01)
+
+
+def test_batch_of_images_and_prompts(folders, tmp_path):
+    a, b = picture(tmp_path / "a.png", SD_PX, SD_PX, 1), picture(tmp_path / "b.png", SD_PX, SD_PX, 2)
+    out = tmp_path / "out"
+    assert run("edit", "--model", folders["sd"], "--image", a, "--image", b, "--prompt", "a cat",
+               "--prompt", "a dog", "--edit-prompt", "a tiger", *FAST_SD, "--out", out) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"] == ["a_edit.png", "b_edit.png"]
+    assert report["settings"]["prompts"] == ["a cat", "a dog"]
+    assert report["settings"]["edit_prompts"] == ["a tiger", "a tiger"]
+    assert len(report["metrics_vs_input"]["image"]["psnr"]) == 2
+
+
+def bad_cases(tmp_path, folders):
+    ok = picture(tmp_path / "ok.png", 32, 32)
+    odd = picture(tmp_path / "odd.png", 33, 32)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    common = ["--prompt", "a cat", "--edit-prompt", "a tiger"]
+    sd = ["edit", "--model", folders["sd"], *FAST_SD]
+    return {
+        "unreadable image": ([*sd, "--image", broken, *common], "cannot read image"),
+        "missing image": ([*sd, "--image", tmp_path / "nope.png", *common], "not found"),
+        "wrong size": ([*sd, "--image", odd, "--fit", "none", *common], "not a multiple of 8"),
+        "prompt count": ([*sd, "--image", ok, "--image", ok, "--image", ok, "--prompt", "a", "--prompt", "b",
+                          "--edit-prompt", "c"], "got 2 prompts for 3 images"),
+        "edit prompt count": ([*sd, "--image", ok, "--prompt", "a", "--edit-prompt", "b", "--edit-prompt", "c"],
+                              "got 2 edit prompts for 1 images"),
+        "unknown preset": ([*sd, "--image", ok, "--preset", "sdxl-hyper", *common], "unknown preset"),
+        "missing model": (["edit", "--model", tmp_path / "no" / "model", "--image", ok, *common], "not found"),
+        "bad plan field": ([*sd, "--image", ok, "--iters", "2", "--window", "5,3", *common], "window"),
+        "bad strength": ([*sd, "--image", ok, "--strength", "1.5", *common], "strength"),
+        "other step count": (["reconstruct", "--model", folders["sd"], "--inversion", "INV", "--steps", "7"],
+                             "invert again"),
+        "missing inversion": (["edit", "--model", folders["sd"], "--inversion", tmp_path / "none.safetensors",
+                               "--edit-prompt", "x"], "inversion file not found"),
+    }
+
+
+@pytest.fixture(scope="module")
+def saved_inversion(folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved") / "inv"
+    assert run("invert", "--model", folders["sd"], "--image", picture(out.parent / "x.png", SD_PX, SD_PX), *FAST_SD,
+               "--out", out) == 0
+    return out / "inversion.safetensors"
+
+
+@pytest.mark.parametrize("case", ["unreadable image", "missing image", "wrong size", "prompt count",
+                                  "edit prompt count", "unknown preset", "missing model", "bad plan field",
+                                  "bad strength", "other step count", "missing inversion"])
+def test_bad_input_clear_error_and_no_output(case, folders, saved_inversion, tmp_path, capsys):
+    argv, message = bad_cases(tmp_path, folders)[case]
+    argv = [saved_inversion if a == "INV" else a for a in argv]
+    parent = tmp_path / "results"
+    parent.mkdir()
+    before = set(os.listdir(tmp_path))
+    code = run(*argv, "--out", parent / "out")
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert message in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("renoise ")
+    assert os.listdir(parent) == []                         # no output folder, no staged leftovers
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_help_lists_commands_and_plan_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["edit", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--preset", "--steps", "--guidance", "--strength", "--edit-guidance", "--device",
+                 "--dtype", "--seed", "--inversion", "--noise-correction", "--lambda-kl", "--first-window"):
+        assert flag in text
+    assert main([]) != 0
+
+
+def test_python_m_renoise_subprocess(folders, tmp_path):
+    cat = picture(tmp_path / "cat.png", SD_PX, SD_PX)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "renoise", "reconstruct", "--model", str(folders["sd"]),
+                           "--image", cat, "--prompt", "a cat", *FAST_SD, "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "denoise" in done.stderr and "wrote cat_reconstruction.png" in done.stderr   # progress, summary
+    assert files(tmp_path / "out") == ["cat_reconstruction.png", "inversion.safetensors",
+                                       "inversion.safetensors.json", "report.json"]
