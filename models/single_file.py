@@ -75,9 +75,9 @@ def sniff(keys) -> str:
     if has(UNET_PREFIX):
         if has(UNET_PREFIX + "label_emb."):
             return "sdxl"
-        k = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-        raise UnknownCheckpointError("a UNet-only LDM checkpoint without text encoders: pass `kind=` "
-                                     f"('sd1', 'sd2', 'sdxl') and `config=` (e.g. {k} tells the context width)")
+        raise UnknownCheckpointError("an LDM UNet without text encoders: load_single_file needs a whole "
+                                     "SD/SDXL checkpoint (UNet, VAE, text encoders); for the UNet alone use "
+                                     "convert_unet(split_checkpoint(ckpt, kind)['unet'], config)")
     sample = ", ".join(sorted(keys)[:6])
     raise UnknownCheckpointError("unknown checkpoint layout: no LDM/SGM prefixes (model.diffusion_model., "
                                  f"first_stage_model., cond_stage_model., conditioner.embedders.); first keys: "
@@ -310,12 +310,15 @@ def infer_clip_config(state_dict: dict, *, hidden_act: str, with_projection: boo
     """A CLIPTextConfig read from the shapes of converted (transformers-named) weights; the head
     count assumes CLIP's head size of 64 (true for ViT-L, ViT-H and bigG)."""
     tok = state_dict["text_model.embeddings.token_embedding.weight"]
+    if tok.shape[1] % head_dim:
+        raise ValueError(f"cannot infer the head count of a {tok.shape[1]}-wide text encoder (not a multiple of "
+                         f"{head_dim}); pass its config (config={{'text_encoder': ...}} or a diffusers folder)")
     layers = {int(k.split(".")[3]) for k in state_dict if k.startswith("text_model.encoder.layers.")}
     hidden = tok.shape[1]
     return CLIPTextConfig(
         vocab_size=tok.shape[0], hidden_size=hidden,
         intermediate_size=state_dict["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=len(layers), num_attention_heads=max(1, hidden // head_dim),
+        num_hidden_layers=len(layers), num_attention_heads=hidden // head_dim,
         max_position_embeddings=state_dict["text_model.embeddings.position_embedding.weight"].shape[0],
         hidden_act=hidden_act, with_projection=with_projection,
         projection_dim=state_dict["text_projection.weight"].shape[0] if with_projection else hidden)

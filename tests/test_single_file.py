@@ -226,7 +226,7 @@ def test_sniff_and_errors(tmp_path):
         sf.sniff(["unet.conv_in.weight", "vae.encoder.conv_in.weight"])
     with pytest.raises(sf.UnknownCheckpointError, match="refiner"):
         sf.sniff([unet, "conditioner.embedders.0.model.ln_final.weight"])
-    with pytest.raises(sf.UnknownCheckpointError, match="kind="):
+    with pytest.raises(sf.UnknownCheckpointError, match="without text encoders"):
         sf.sniff([unet])
     cfg = configs.unet_config("sd15")
     with pytest.raises(ValueError, match="fit no module.*output_blocks.12.0"):
@@ -247,10 +247,12 @@ def test_wrong_config_is_named(tmp_path, checkpoint):
     (other / "vae" / "config.json").write_bytes((folder / "vae" / "config.json").read_bytes())
     with pytest.raises(ValueError, match="shape mismatches.*attn2.to_k.weight"):
         load_single_file(path, config=other)
-    with pytest.raises(FileNotFoundError, match="tokenizer"):
-        load_single_file(path, config={"unet": json.loads((folder / "unet" / "config.json").read_text()),
-                                       "vae": json.loads((folder / "vae" / "config.json").read_text())},
-                         tokenizer=tmp_path / "nowhere")
+    configs_ = {name: json.loads((folder / name / "config.json").read_text()) for name in ("unet", "vae")}
+    with pytest.raises(ValueError, match="head count"):   # 32 wide: not CLIP's 64-wide heads, cannot infer
+        load_single_file(path, config=configs_)
+    configs_["text_encoder"] = json.loads((folder / "text_encoder" / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        load_single_file(path, config=configs_, tokenizer=tmp_path / "nowhere")
 
 
 def test_load_pipeline_dispatches_single_files(checkpoint):
