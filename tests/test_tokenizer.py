@@ -3,6 +3,7 @@ import json
 from collections import Counter
 
 import pytest
+from hypothesis import given, strategies as st
 import torch
 
 transformers = pytest.importorskip("transformers")
@@ -152,3 +153,24 @@ def test_missing_files_and_bad_tokens(files, tmp_path):
         ours.CLIPTokenizer(vocab, [], pad_token="<pad>")
     with pytest.raises(ValueError, match="not in the vocabulary"):
         ours.CLIPTokenizer(vocab, [("q", "zz")])
+
+
+_ALPHABET = st.sampled_from(list("aábcdeéz ABCÉ019٣½'’!?.,-_<|>()\t\n\u00a0\u3000\u200b\x1c") +
+                            ["東", "京", "猫", "🐱", "👩\u200d👩", "e\u0301", "ß", "İ", "ﬁ", "<|endoftext|>", "'s", "'LL"])
+
+
+@given(st.lists(_ALPHABET, max_size=40).map("".join))
+def test_random_strings_match_transformers(files, text):
+    folder, _ = files
+    ref = _oracle(folder)
+    tok = ours.load_tokenizer(folder, subfolder=None)
+    assert tok.encode(text) == ref(text, add_special_tokens=False)["input_ids"]
+
+
+_ORACLES = {}
+
+
+def _oracle(folder):
+    if folder not in _ORACLES:
+        _ORACLES[folder] = transformers.CLIPTokenizer.from_pretrained(folder)
+    return _ORACLES[folder]
