@@ -97,6 +97,10 @@ def _common(p, command):
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, or auto (default: cpu)")
     run.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights' dtype (default: float32)")
     run.add_argument("--variant", default=None, help="weight file variant, e.g. fp16")
+    run.add_argument("--lora", default=None, metavar="FILE",
+                     help="merge a LoRA into the model first (e.g. LCM-LoRA with --preset lcm-lora); "
+                          "with --inversion: the one it was made with, unless given")
+    run.add_argument("--lora-scale", type=float, default=1.0, metavar="S", help="LoRA strength (default: 1)")
     run.add_argument("--seed", type=int, default=0,
                      help="seed of the run's generator: VAE sample, noises, regularizer shifts (default: 0)")
 
@@ -332,6 +336,10 @@ def run(args) -> dict:
         if args.steps is not None and args.steps != loaded.num_steps:
             raise UsageError(f"--steps {args.steps}: the inversion was made with {loaded.num_steps} steps; its z_T "
                              f"and stored noises belong to that chain, so invert again with --steps {args.steps}")
+    lora = args.lora or (loaded.extra.get("lora") if loaded is not None else None)   # as when inverted
+    if lora and not Path(lora).exists():
+        raise FileNotFoundError(f"LoRA file not found: {lora}")
+    lora_scale = args.lora_scale if args.lora or loaded is None else loaded.extra.get("lora_scale", 1.0)
     batch = loaded.batch if loaded is not None else images.shape[0]
     prompts = as_prompts(args.prompt or [""], batch) if loaded is None else loaded.prompts
     negative = as_prompts(args.negative_prompt, batch, "negative prompt") if args.negative_prompt else None
@@ -343,11 +351,15 @@ def run(args) -> dict:
         from .models import load_pipeline
         t0 = time.perf_counter()
         pipe = load_pipeline(args.model, dtype=dtype, device=device, variant=args.variant)
+        if lora:
+            from .models import merge_lora
+            merge_lora(pipe, lora, lora_scale)
         _sync(device)
         timings["load"] = time.perf_counter() - t0
         generator = torch.Generator(device).manual_seed(args.seed)
-        report = {"command": command, "model": args.model, "kind": pipe.kind, "device": str(device),
-                  "dtype": args.dtype, "seed": args.seed, "images": image_paths, "outputs": []}
+        report = {"command": command, "model": args.model, "lora": lora, "lora_scale": lora_scale if lora else None,
+                  "kind": pipe.kind, "device": str(device), "dtype": args.dtype, "seed": args.seed,
+                  "images": image_paths, "outputs": []}
 
         # 1. invert, or take the saved inversion
         if loaded is None:
@@ -364,7 +376,8 @@ def run(args) -> dict:
             _sync(device)
             timings["invert"] = time.perf_counter() - t0
             bar.close()
-            inv.extra = {"images": image_paths, "model": args.model, "preset": str(preset)}
+            inv.extra = {"images": image_paths, "model": args.model, "preset": str(preset), "lora": lora,
+                         "lora_scale": lora_scale}
             inv.save(stage.path(INVERSION_FILE))
             stage.names.append(Inversion.files(INVERSION_FILE)[1].name)
             report["inversion"] = INVERSION_FILE
@@ -501,6 +514,10 @@ def _common(p, command):
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, or auto (default: cpu)")
     run.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights' dtype (default: float32)")
     run.add_argument("--variant", default=None, help="weight file variant, e.g. fp16")
+    run.add_argument("--lora", default=None, metavar="FILE",
+                     help="merge a LoRA into the model first (e.g. LCM-LoRA with --preset lcm-lora); "
+                          "with --inversion: the one it was made with, unless given")
+    run.add_argument("--lora-scale", type=float, default=1.0, metavar="S", help="LoRA strength (default: 1)")
     run.add_argument("--seed", type=int, default=0,
                      help="seed of the run's generator: VAE sample, noises, regularizer shifts (default: 0)")
 
@@ -749,6 +766,10 @@ def run(args) -> dict:
         if args.steps is not None and args.steps != loaded.num_steps:
             raise UsageError(f"--steps {args.steps}: the inversion was made with {loaded.num_steps} steps; its z_T "
                              f"and stored noises belong to that chain, so invert again with --steps {args.steps}")
+    lora = args.lora or (loaded.extra.get("lora") if loaded is not None else None)   # as when inverted
+    if lora and not Path(lora).exists():
+        raise FileNotFoundError(f"LoRA file not found: {lora}")
+    lora_scale = args.lora_scale if args.lora or loaded is None else loaded.extra.get("lora_scale", 1.0)
     batch = loaded.batch if loaded is not None else images.shape[0]
     prompts = as_prompts(args.prompt or [""], batch) if loaded is None else loaded.prompts
     negative = as_prompts(args.negative_prompt, batch, "negative prompt") if args.negative_prompt else None
@@ -760,11 +781,15 @@ def run(args) -> dict:
         from .models import load_pipeline
         t0 = time.perf_counter()
         pipe = load_pipeline(args.model, dtype=dtype, device=device, variant=args.variant)
+        if lora:
+            from .models import merge_lora
+            merge_lora(pipe, lora, lora_scale)
         _sync(device)
         timings["load"] = time.perf_counter() - t0
         generator = torch.Generator(device).manual_seed(args.seed)
-        report = {"command": command, "model": args.model, "kind": pipe.kind, "device": str(device),
-                  "dtype": args.dtype, "seed": args.seed, "images": image_paths, "outputs": []}
+        report = {"command": command, "model": args.model, "lora": lora, "lora_scale": lora_scale if lora else None,
+                  "kind": pipe.kind, "device": str(device), "dtype": args.dtype, "seed": args.seed,
+                  "images": image_paths, "outputs": []}
 
         # 1. invert, or take the saved inversion
         if loaded is None:
@@ -781,7 +806,8 @@ def run(args) -> dict:
             _sync(device)
             timings["invert"] = time.perf_counter() - t0
             bar.close()
-            inv.extra = {"images": image_paths, "model": args.model, "preset": str(preset)}
+            inv.extra = {"images": image_paths, "model": args.model, "preset": str(preset), "lora": lora,
+                         "lora_scale": lora_scale}
             inv.save(stage.path(INVERSION_FILE))
             stage.names.append(Inversion.files(INVERSION_FILE)[1].name)
             report["inversion"] = INVERSION_FILE

@@ -13,7 +13,9 @@ The flow: image --VAE--> z0 --renoise.invert(denoiser)--> z_T (+ noises) --renoi
     denoiser(x, t) = ε_u + g·(ε_c − ε_u)  with  ε = UNet(model_input(x, t), t, conditioning)
 
 one UNet call per denoiser call (the batch doubled, [uncond; cond], when g > 1, as diffusers
-does; g ≤ 1 is the conditional output alone). The inversion may stack extra batch elements
+does; g ≤ 1 is the conditional output alone). A UNet distilled with guidance built in (a full
+LCM checkpoint, `time_cond_proj_dim` set) gets g as an embedding instead, with no CFG batch, as
+diffusers' LCM pipeline does. The inversion may stack extra batch elements
 (the regularizer's reference noise) onto a call: the conditioning is tiled to any whole multiple
 of the image batch.
 
@@ -43,7 +45,7 @@ import torch
 from . import samplers as _samplers
 from .images import FACTOR
 
-__all__ = ["Conditioning", "GuidedDenoiser", "Editor", "Inversion", "encode_images", "decode_latents",
+__all__ = ["Conditioning", "GuidedDenoiser", "guidance_embedding", "Editor", "Inversion", "encode_images", "decode_latents",
            "encode_prompts", "negative_conditioning", "make_time_ids", "guided_denoiser", "as_prompts"]
 
 
@@ -152,6 +154,17 @@ def negative_conditioning(pipe, negative_prompts, like: Conditioning, **encode_k
 # ---------------------------------------------------------------------------------------------
 # the guided denoiser
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's guidance condition [B, dim]: the sinusoid [sin, cos] of 1000·w at frequencies
+    10000^(-k/(dim/2 - 1)), zero-padded to an odd dim (w = guidance scale - 1)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device)
+                      * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = (1000.0 * w.float())[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
 class GuidedDenoiser:
     """denoiser(x, t) for renoise.invert / renoise.sample: sampler input scaling, conditioning
     tiled to the batch, classifier-free guidance in one UNet call. Counts its calls."""
@@ -161,7 +174,12 @@ class GuidedDenoiser:
         self.unet, self.schedule = unet, schedule
         self.sampler = _samplers.get(sampler) if isinstance(sampler, str) else sampler
         self.cond, self.uncond, self.guidance_scale = cond, uncond, float(guidance_scale)
-        self.cfg = self.guidance_scale > 1.0
+        embed_dim = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
+        self.cfg = self.guidance_scale > 1.0 and embed_dim is None
+        self.w_embedding = None
+        if embed_dim is not None:
+            w = torch.full((cond.batch,), self.guidance_scale - 1.0, device=cond.context.device)
+            self.w_embedding = guidance_embedding(w, embed_dim)
         if self.cfg and uncond is None:
             raise ValueError(f"guidance scale {guidance_scale} > 1 needs an unconditional (negative) conditioning")
         if self.cfg and uncond.batch != cond.batch:
@@ -179,7 +197,9 @@ class GuidedDenoiser:
         if self.cfg:
             cond = Conditioning.cat([self.uncond.tile(k), cond])
             xin = torch.cat([xin, xin])
-        out = self.unet(xin, t, cond.context, text_embeds=cond.text_embeds, time_ids=cond.time_ids).to(x.dtype)
+        w_emb = None if self.w_embedding is None else self.w_embedding.repeat(k, 1).to(self.dtype)
+        out = self.unet(xin, t, cond.context, text_embeds=cond.text_embeds, time_ids=cond.time_ids,
+                        timestep_cond=w_emb).to(x.dtype)
         self.calls += 1
         if self.cfg:
             uncond_out, cond_out = out.chunk(2)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from renoise import images as imgs
@@ -122,6 +123,29 @@ def test_batch_of_images_and_prompts(folders, tmp_path):
     assert report["settings"]["prompts"] == ["a cat", "a dog"]
     assert report["settings"]["edit_prompts"] == ["a tiger", "a tiger"]
     assert len(report["metrics_vs_input"]["image"]["psnr"]) == 2
+
+
+def test_lora_merged_and_remembered_by_the_inversion(folders, tmp_path):
+    from safetensors.torch import save_file
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(0)
+    lora = tmp_path / "lora.safetensors"
+    save_file({f"{name}.lora_down.weight": torch.randn(4, 32, generator=g),
+               f"{name}.lora_up.weight": torch.randn(32, 4, generator=g)}, str(lora))
+    cat = picture(tmp_path / "cat.png", SD_PX, SD_PX)
+    common = ["--model", folders["sd"], "--image", cat, "--prompt", "a cat", *FAST_SD]
+    assert run("invert", *common, "--lora", lora, "--lora-scale", "0.5", "--out", tmp_path / "with") == 0
+    assert run("invert", *common, "--out", tmp_path / "without") == 0
+    reports = {k: json.loads((tmp_path / k / "report.json").read_text()) for k in ("with", "without")}
+    assert reports["with"]["lora"] == str(lora) and reports["with"]["lora_scale"] == 0.5
+    assert reports["without"]["lora"] is None
+    z = {k: Inversion.load(tmp_path / k / "inversion.safetensors").result.z_T for k in ("with", "without")}
+    assert not torch.allclose(z["with"], z["without"])
+    # an edit of the saved inversion merges the same LoRA again by itself
+    assert run("edit", "--model", folders["sd"], "--inversion", tmp_path / "with" / "inversion.safetensors",
+               "--edit-prompt", "a tiger", "--out", tmp_path / "edit") == 0
+    edit = json.loads((tmp_path / "edit" / "report.json").read_text())
+    assert edit["lora"] == str(lora) and edit["lora_scale"] == 0.5
 
 
 def bad_cases(tmp_path, folders):
