@@ -45,8 +45,8 @@ import torch
 from . import samplers as _samplers
 from .images import FACTOR
 
-__all__ = ["Conditioning", "GuidedDenoiser", "guidance_embedding", "Editor", "Inversion", "encode_images", "decode_latents",
-           "encode_prompts", "negative_conditioning", "make_time_ids", "guided_denoiser", "as_prompts"]
+__all__ = ["Editor", "Inversion", "Conditioning", "GuidedDenoiser", "guided_denoiser", "guidance_embedding",
+           "encode_images", "decode_latents", "encode_prompts", "negative_conditioning", "make_time_ids", "as_prompts"]
 
 
 # ---------------------------------------------------------------------------------------------
