@@ -52,6 +52,15 @@ def to_format(lora, fmt, config=None, prefix="lora_unet_"):
     return sd
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """peft's many tiny matmuls crawl when two intra-op threads fight for a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 _FOLDERS = {}
 
 
@@ -89,12 +98,12 @@ def _run(model, kind, ours):
 def test_unet_lora_matches_diffusers(tmp_path_factory, kind, fmt, scale):
     folder = _folder(kind, tmp_path_factory)
     unet = load_unet(folder)
-    before = _run(unet, kind, True)
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
     lora = random_lora(unet)
     assert len(lora) > 50
     sd = to_format(lora, fmt, unet.config)
     merged = merge_lora(unet, sd, scale=scale, inplace=False)
-    assert torch.equal(_run(unet, kind, True), before)          # inplace=False left the model alone
+    assert all(torch.equal(v, original[k]) for k, v in unet.state_dict().items())   # target left alone
     # diffusers' SGM-name mapper sends output_blocks.{i}.1.conv to an attention even in levels without
     # one (SD 1.x's first up level), so there the oracle applies the same LoRA in diffusers names
     oracle_sd = to_format(lora, "kohya") if (fmt, kind) == ("kohya-sgm", "sd1") else sd
@@ -102,11 +111,11 @@ def test_unet_lora_matches_diffusers(tmp_path_factory, kind, fmt, scale):
     out = _run(merged, kind, True)
     # merged (W + ΔW) x against peft's unfused W x + up(down x): fp32 rounding only
     assert _rel(out, expected) < 3e-5
-    assert _rel(out, before) > 1e-2                              # the LoRA changed something
-    merge_lora(unet, sd, scale=scale)                            # in place
-    assert torch.equal(_run(unet, kind, True), out)
+    assert _rel(out, _run(unet, kind, True)) > 1e-2                     # the LoRA changed something
+    merge_lora(unet, sd, scale=scale)                                   # in place: the same weights
+    assert all(torch.equal(v, merged.state_dict()[k]) for k, v in unet.state_dict().items())
     merge_lora(unet, sd, scale=scale, unmerge=True)
-    assert _rel(_run(unet, kind, True), before) < 1e-5
+    assert all(torch.allclose(v, original[k], atol=1e-5) for k, v in unet.state_dict().items())
 
 
 def test_half_precision_merge_is_done_in_fp32(sd1):
