@@ -306,6 +306,17 @@ def _jsonable(value):
     return str(value)
 
 
+def _lpips(x, y) -> dict:
+    """LPIPS when its weight files are on this machine (never downloaded), else why not."""
+    from . import metrics
+    if min(x.shape[-2:]) < 32:
+        return {"lpips": None, "lpips_note": "images smaller than 32 px: LPIPS (AlexNet) needs at least 32"}
+    try:
+        return {"lpips": metrics.lpips(x, y)}
+    except metrics.LPIPSWeightsMissing as e:
+        return {"lpips": None, "lpips_note": str(e)}
+
+
 def run(args) -> dict:
     """Run one command; returns the report (also written to --out/report.json)."""
     import torch
@@ -392,6 +403,9 @@ def run(args) -> dict:
         else:
             inv = loaded
             editor = Editor(pipe, inv.result.plan, clip_skip=inv.clip_skip)
+            made_with = inv.extra.get("model")
+            if made_with not in (None, args.model) and not args.quiet:
+                print(f"renoise {command}: note: the inversion was made with --model {made_with}", file=sys.stderr)
             report["inversion"] = str(inversion_file)
             report["model_calls"] = {}
         res = inv.result
@@ -433,7 +447,8 @@ def run(args) -> dict:
             report[key] = {"latent": metrics.latent_metrics(z, inv.z0.to(z.device))}
             if images is not None:
                 ref = images.to(out_images.device)
-                report[key]["image"] = {"psnr": metrics.psnr(out_images, ref), "ssim": metrics.ssim(out_images, ref)}
+                report[key]["image"] = {"psnr": metrics.psnr(out_images, ref), "ssim": metrics.ssim(out_images, ref),
+                                        **_lpips(out_images, ref)}
         timings["total"] = time.perf_counter() - t_start
         report["timings"] = timings
         report = _jsonable(report)

@@ -51,8 +51,10 @@ def files(folder):
     return sorted(p.name for p in Path(folder).iterdir())
 
 
-def test_edit_one_command(folders, tmp_path):
+def test_edit_one_command(folders, tmp_path, monkeypatch):
     """The README's main job: one command from an image file to an edited image."""
+    monkeypatch.setenv("RENOISE_LPIPS_DIR", str(tmp_path))          # no LPIPS weights anywhere
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     cat = picture(tmp_path / "cat.png", 40, 52)
     out = tmp_path / "out"
     assert run("edit", "--model", folders["sdxl"], "--image", cat, "--prompt", "a cat",
@@ -75,6 +77,7 @@ def test_edit_one_command(folders, tmp_path):
     assert set(report["timings"]) == {"load", "invert", "sample", "decode", "total"}
     m = report["metrics_vs_input"]
     assert len(m["image"]["psnr"]) == len(m["image"]["ssim"]) == 1 and set(m["latent"]) == {"rmse", "psnr", "ssim"}
+    assert m["image"]["lpips"] is None and "never downloads" in m["image"]["lpips_note"]
 
 
 def test_one_inversion_serves_many_edits(folders, tmp_path):
@@ -122,13 +125,19 @@ def test_reconstruction_exact_with_override(folders, tmp_path):
     assert report["metrics"]["image"]["ssim"][0] == pytest.approx(metrics.ssim(x[None], y[None]).item(), abs=0.01)
 
 
-def test_batch_of_images_and_prompts(folders, tmp_path):
+def test_batch_of_images_and_prompts(folders, tmp_path, monkeypatch):
+    from test_metrics import save_random_lpips
+    (tmp_path / "lpips").mkdir()
+    save_random_lpips(tmp_path / "lpips", torch.Generator().manual_seed(0))
+    monkeypatch.setenv("RENOISE_LPIPS_DIR", str(tmp_path / "lpips"))
     a, b = picture(tmp_path / "a.png", SD_PX, SD_PX, 1), picture(tmp_path / "b.png", SD_PX, SD_PX, 2)
     out = tmp_path / "out"
     assert run("edit", "--model", folders["sd"], "--image", a, "--image", b, "--prompt", "a cat",
                "--prompt", "a dog", "--edit-prompt", "a tiger", *FAST_SD, "--out", out) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["outputs"] == ["a_edit.png", "b_edit.png"]
+    lpips = report["metrics_vs_input"]["image"]["lpips"]                # from the local (random) weights
+    assert len(lpips) == 2 and all(v > 0 for v in lpips)
     assert report["settings"]["prompts"] == ["a cat", "a dog"]
     assert report["settings"]["edit_prompts"] == ["a tiger", "a tiger"]
     assert len(report["metrics_vs_input"]["image"]["psnr"]) == 2
