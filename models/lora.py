@@ -45,16 +45,30 @@ _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_"
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
 
-def load_lora(path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read a LoRA file (.safetensors; pickles only with allow_pickle) into a state dict."""
-    from .loading import load_state_dict
+def load_lora(source, *, weight_name: str | None = None, allow_pickle: bool = False, **hub) -> dict[str, torch.Tensor]:
+    """Read a LoRA: a file (.safetensors; pickles only with allow_pickle), a folder holding one
+    .safetensors file, or a hub id (`weight_name`, default diffusers' "pytorch_lora_weights.safetensors",
+    fetched or found in the local cache). `hub`: cache_dir, revision, local_files_only."""
+    from .loading import is_hub_id, load_state_dict
 
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"{path} holds {len(files)} .safetensors files; pass the LoRA file itself")
-        path = files[0]
+    if is_hub_id(source):
+        import huggingface_hub as hf
+        name = weight_name or "pytorch_lora_weights.safetensors"
+        try:
+            path = Path(hf.hf_hub_download(repo_id=source, filename=name, **hub))
+        except Exception as e:  # noqa: BLE001 -- offline, missing repo or file: all "not available"
+            raise FileNotFoundError(f"could not get LoRA {name!r} of {source!r} from the hub or its local cache: "
+                                    f"{e}") from None
+    else:
+        path = Path(source)
+        if path.is_dir():
+            files = [path / weight_name] if weight_name else sorted(path.glob("*.safetensors"))
+            if len(files) != 1 or not files[0].is_file():
+                raise FileNotFoundError(f"{path} holds {len(files)} .safetensors files; pass the LoRA file itself "
+                                        "or weight_name=")
+            path = files[0]
+        elif not path.exists():
+            raise FileNotFoundError(f"LoRA {source!r} is neither a file, a folder, nor a hub id 'org/name'")
     return load_state_dict(path, allow_pickle=allow_pickle)
 
 

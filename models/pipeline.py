@@ -89,6 +89,9 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
         from .single_file import load_single_file
         return load_single_file(source, config=config, tokenizer=tokenizer, dtype=dtype, device=device,
                                 allow_pickle=allow_pickle)
+    if config is not None or tokenizer is not None:
+        raise ValueError(f"config= and tokenizer= apply to single-file checkpoints; {source} is a diffusers "
+                         "folder or hub id, which carries its own configs and tokenizers")
     root = _pipeline_root(source, hub)
     if not (root / "model_index.json").is_file():
         raise FileNotFoundError(f"{source} has no model_index.json: not a diffusers pipeline folder. "

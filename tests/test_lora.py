@@ -201,3 +201,25 @@ def test_parse_legacy_processor_keys():
     groups = parse_lora({"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight": d,
                          "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight": u})
     assert list(groups) == [("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0")]
+
+
+def test_load_lora_from_file_folder_and_hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+    from renoise.models import load_lora
+    sd = {"lora_unet_conv_in.lora_down.weight": torch.randn(2, 4, 3, 3), "lora_unet_conv_in.lora_up.weight": torch.randn(8, 2, 1, 1)}
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = tmp_path / "cache" / "models--org--lcm" / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (tmp_path / "cache" / "models--org--lcm" / "refs").mkdir()
+    (tmp_path / "cache" / "models--org--lcm" / "refs" / "main").write_text(commit)
+    save_file(sd, snap / "pytorch_lora_weights.safetensors")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for source in (snap / "pytorch_lora_weights.safetensors", snap):
+        assert all(torch.equal(v, sd[k]) for k, v in load_lora(source).items())
+    got = load_lora("org/lcm", cache_dir=tmp_path / "cache")
+    assert set(got) == set(sd)
+    with pytest.raises(FileNotFoundError, match="org/other"):
+        load_lora("org/other", cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_lora(tmp_path / "missing.safetensors")

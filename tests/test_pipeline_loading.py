@@ -96,6 +96,8 @@ def test_errors(tmp_path):
         load_pipeline(tmp_path)
     with pytest.raises(FileNotFoundError, match="neither"):
         load_pipeline(tmp_path / "nothing" / "here")
+    with pytest.raises(ValueError, match="single-file"):
+        load_pipeline(tmp_path, config=tmp_path)
 
 
 def test_hub_id_from_offline_cache(tmp_path, monkeypatch, sdxl_folder):
