@@ -6,7 +6,8 @@ load hits both alike. Peak memory of a forward is the activation peak above the 
 allocator peak on GPU, the process high-water mark (/proc VmHWM, reset through clear_refs) on CPU,
 with glibc told to mmap every allocation >= 64 KiB during that measurement (so freed memory leaves
 RSS at once and the order of the two runs does not matter). On a shared machine compare the min
-times as well as the medians.
+times as well as the medians, and (with --threads 1) the median process CPU time per call, which
+other processes do not inflate.
 Load memory: a fresh subprocess loads a saved checkpoint; its peak RSS above the post-import
 baseline is reported against the weights' size (our loader, then diffusers' from_pretrained).
 
@@ -135,14 +136,15 @@ def time_pair(ref, ours, args, device, reps):
         outs = {k: f() for k, f in runs.items()}                     # warm-up (and the parity check)
         err = ((outs["renoise"].float() - outs["diffusers"].float()).norm() / outs["diffusers"].float().norm()).item()
         del outs
-        res = {k: {"times": []} for k in runs}
+        res = {k: {"times": [], "cpu_times": []} for k in runs}
         for _ in range(reps):
             for k, f in runs.items():
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 f()
                 sync()
                 res[k]["times"].append(time.perf_counter() - t0)
+                res[k]["cpu_times"].append(time.process_time() - c0)
         if device == "cpu":
             exact_rss(True)
         for _ in range(2):               # the min of two rounds drops one-time costs of the first call
@@ -189,9 +191,12 @@ def main():
     ap.add_argument("--cases", nargs="*", help=f"subset of {list(CASES)} (default: all that fit the device)")
     ap.add_argument("--reps", type=int, help="timed calls per model (default per case)")
     ap.add_argument("--no-load", action="store_true", help="skip the load-memory measurement")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "out" / "unet.json"))
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     names = a.cases or [n for n, c in CASES.items() if c[3] == "cpu" or cuda]
     if not names:
         raise SystemExit("no case selected")
@@ -232,9 +237,10 @@ def print_case(name, c):
     r, d = c["renoise"], c["diffusers"]
     print(f"\n{name}: {c['params'] / 1e6:.1f}M params, batch 2, {c['latent']}x{c['latent']} latents, "
           f"{c['dtype']} on {c['device']}, rel err vs diffusers {c['rel_err_vs_diffusers']:.1e}")
-    print(f"  {'':10} {'median ms':>10} {'min ms':>8} {'fwd peak MiB':>13}")
+    print(f"  {'':10} {'median ms':>10} {'min ms':>8} {'CPU-time ms':>12} {'fwd peak MiB':>13}")
     for k, v in (("renoise", r), ("diffusers", d)):
-        print(f"  {k:10} {1e3 * v['median_s']:10.1f} {1e3 * min(v['times']):8.1f} {v['peak_bytes'] / mib:13.1f}")
+        print(f"  {k:10} {1e3 * v['median_s']:10.1f} {1e3 * min(v['times']):8.1f} "
+              f"{1e3 * statistics.median(v['cpu_times']):12.1f} {v['peak_bytes'] / mib:13.1f}")
     print(f"  speed-up (diffusers / renoise): median {d['median_s'] / r['median_s']:.3f}x, "
           f"min {min(d['times']) / min(r['times']):.3f}x")
     if "load" in c:
