@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 FACTOR = 8
 MODES = ("crop", "resize", "none")
@@ -30,14 +30,15 @@ class ImageError(ValueError):
 
 
 def load_image(path, *, size=None, mode="crop", multiple=FACTOR) -> Image.Image:
-    """Read an image file as RGB and `fit` it. Raises FileNotFoundError or ImageError."""
+    """Read an image file as RGB (upright per its EXIF orientation) and `fit` it.
+    Raises FileNotFoundError or ImageError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()
-            image = _to_rgb(im)
+            image = _to_rgb(ImageOps.exif_transpose(im))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot read image {path}: not an image file PIL can decode ({e})") from None
     try:

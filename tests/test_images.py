@@ -115,3 +115,12 @@ def test_unreadable_and_missing_files(tmp_path):
         images.load_image(tmp_path / "missing.png")
     with pytest.raises(images.ImageError, match="unknown image file type"):
         images.save_image(random_pil(8, 8), tmp_path / "x.unknownext")
+
+
+def test_exif_orientation_applied(tmp_path):
+    im = random_pil(16, 24)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                  # "rotate 90° clockwise to display"
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    loaded = images.load_image(tmp_path / "phone.jpg", mode="none")
+    assert loaded.size == (16, 24)                    # displayed upright: 24 rows, 16 columns

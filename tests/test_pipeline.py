@@ -298,6 +298,23 @@ def test_sd_ddim_converged_inversion_reconstructs(ours):
     assert rec.shape == edit.shape == (2, 3, 32, 48)
 
 
+def test_edit_is_the_papers_protocol(ours):
+    """edit = denoise z_T with the stored noises, the edit prompt, the SOURCE prompt as negative,
+    the edit guidance scale."""
+    from renoise.inversion import sample
+    editor = rp.Editor(ours["sdxl"], "sdxl-turbo", plan_overrides={"lambda_ac": 0.0})
+    inv = editor.invert(images(2, 32, 32), PROMPTS, generator=torch.Generator().manual_seed(1))
+    size = (32, 32)
+    cond = rp.encode_prompts(ours["sdxl"], ["a dog", "a tiger"], size=size)
+    source = rp.encode_prompts(ours["sdxl"], PROMPTS, size=size)
+    den = rp.guided_denoiser(ours["sdxl"].unet, inv.result.schedule, "euler_ancestral", cond, source, 3.0)
+    expected = rp.decode_latents(ours["sdxl"], sample(den, inv.result))
+    assert torch.equal(editor.edit(inv, ["a dog", "a tiger"], edit_guidance_scale=3.0), expected)
+    # guidance 1 (the default): the edit prompt alone
+    den1 = rp.guided_denoiser(ours["sdxl"].unet, inv.result.schedule, "euler_ancestral", cond)
+    assert torch.equal(editor.edit(inv, ["a dog", "a tiger"]), rp.decode_latents(ours["sdxl"], sample(den1, inv.result)))
+
+
 def test_sd_preset_with_regularizer_runs(ours):
     editor = rp.Editor(ours["sd"], "sd15", num_steps=5)
     inv = editor.invert(images(1, 64, 48), "a cat photo", generator=torch.Generator().manual_seed(0))
