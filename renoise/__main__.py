@@ -338,6 +338,8 @@ def run(args) -> dict:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if args.preset is not None:
         presets.resolve(args.preset, **overrides)            # unknown preset or plan field
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a folder")
     if not args.image and not inversion_file:
         raise UsageError(f"{command} needs --image FILE" + ("" if command == "invert" else " or --inversion FILE"))
     image_paths = [str(p) for p in args.image]

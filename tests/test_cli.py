@@ -189,6 +189,8 @@ def bad_cases(tmp_path, folders):
                              "invert again"),
         "missing inversion": (["edit", "--model", folders["sd"], "--inversion", tmp_path / "none.safetensors",
                                "--edit-prompt", "x"], "inversion file not found"),
+        "not an inversion": (["edit", "--model", folders["sd"], "--inversion", broken, "--edit-prompt", "x"],
+                             "is missing"),
     }
 
 
@@ -202,7 +204,8 @@ def saved_inversion(folders, tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["unreadable image", "missing image", "wrong size", "prompt count",
                                   "edit prompt count", "unknown preset", "missing model", "bad plan field",
-                                  "bad strength", "other step count", "missing inversion"])
+                                  "bad strength", "other step count", "missing inversion",
+                                  "not an inversion"])
 def test_bad_input_clear_error_and_no_output(case, folders, saved_inversion, tmp_path, capsys):
     argv, message = bad_cases(tmp_path, folders)[case]
     argv = [saved_inversion if a == "INV" else a for a in argv]
@@ -216,6 +219,14 @@ def test_bad_input_clear_error_and_no_output(case, folders, saved_inversion, tmp
     assert len(err.splitlines()) == 1 and err.startswith("renoise ")
     assert os.listdir(parent) == []                         # no output folder, no staged leftovers
     assert set(os.listdir(tmp_path)) == before
+
+
+def test_out_must_be_a_folder(folders, tmp_path, capsys):
+    (tmp_path / "file").write_text("keep me")
+    code = run("invert", "--model", folders["sd"], "--image", picture(tmp_path / "x.png", 32, 32),
+               "--out", tmp_path / "file")
+    assert code == 2 and "not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "keep me"
 
 
 def test_help_lists_commands_and_plan_flags(capsys):
