@@ -7,17 +7,18 @@ Plain iteration calls g `iters` times: z_{k+1} = g(z_k), k = 0..iters-1, and ans
 sees the whole batch [B, ...]; samples are independent problems that share the calls.
 
 Anderson mixing (`anderson=m`) keeps, per sample, the last m accepted steps ΔX_i = x_{i+1} - x_i
-and residual changes ΔF_i = f_{i+1} - f_i (f(x) = g(x) - x) and proposes
+and residual changes ΔF_i = f_{i+1} - f_i (f(x) = g(x) - x) and proposes, from the current point a,
 
-    γ = argmin ‖f - ΔF·γ‖² + λ‖γ‖²,    x_next = g(x) - s·(ΔX + ΔF)·γ
+    γ = argmin ‖f(a) - ΔF·γ‖² + λ‖γ‖²,    x' = g(a) - s·(ΔX + ΔF)·γ,    λ = reg·tr(ΔFᵀΔF)/m,
 
-with λ = reg·tr(ΔFᵀΔF)/m and s ≤ 1 shrinking the correction to at most `trust`·‖f‖ (a trust region
-around the plain step g(x)). Safeguard, per sample, on the residual r' = ‖g(x') - x'‖ of a
-mixed proposal x' versus the residual r of the point x it came from:
-  - r' < ρ·r (ρ ≤ 1: the residual ratio of that sample's last plain step, i.e. x' beats the plain
-    step it replaced) and r' no worse than the linear model predicted: accept, keep the history;
-  - otherwise, if r' < r: move to x' but restart (drop the history; the next step is plain);
-  - otherwise: reject x', restart, and take the plain step g(x) next (this costs one call).
+a trust-region step around the plain step g(a): s ≤ 1 keeps ‖s·(ΔX + ΔF)·γ‖ ≤ Δ·‖f(a)‖ with
+Δ = ω·min(1/(1 - L̂), trust). L̂ ≤ 1 is the residual ratio of that sample's last plain step, so
+‖f(a)‖/(1 - L̂) is how far plain iteration would still travel at that rate: mixed points stay near
+the fixed point plain iteration is heading for instead of extrapolating into another basin. Acceptance
+is a ratio test, ρ = (‖f(a)‖ - ‖f(x')‖) / (‖f(a)‖ - ‖f(a) - s·ΔF·γ‖) (actual over predicted decrease):
+  - ρ > 1/4: move to x' and keep the history; ω doubles when ρ > 3/4;
+  - otherwise (also a non-finite g(x')): stay at a, divide ω by 4 (ω ∈ [1/16, 1], starting at 1/2),
+    drop the history, and take the plain step g(a) next (the rejected call is the price).
 Plain steps are always taken, as in plain iteration. Each sample answers g(x) at its last
 accepted x, so z_{k+1} below means that answer after the k-th call.
 
@@ -92,15 +93,18 @@ def _check_finite(r, k):
 
 
 def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=False, indexed=False,
-            readout=None, anderson_reg=1e-6, anderson_trust=10.0) -> FixedPointResult:
+            readout=None, anderson_reg=1e-6, anderson_trust=20.0) -> FixedPointResult:
     """Solve z = g(z) from z0 [B, ...] with `iters` calls of g (see the module docstring).
 
     g(z) -> z_next (g(z, k) with indexed=True). With `readout`, g returns (z_next, y) with y
     [B, ...]; `weights` then average the y's and the answer is readout(ȳ) (readout(y_last) without
     weights). anderson=m > 0: safeguarded Anderson mixing with memory m, regularisation
-    `anderson_reg` and trust radius `anderson_trust` (relative to the plain step's length).
+    `anderson_reg` and largest trust radius `anderson_trust` (in plain-step lengths).
     """
     weights = _validate(g, z0, iters, weights, anderson, tol, readout)
+    if not (anderson_reg >= 0 and anderson_trust > 0):
+        raise ValueError(f"anderson_reg must be >= 0 and anderson_trust > 0, "
+                         f"got {anderson_reg!r} and {anderson_trust!r}")
     if anderson:
         return _anderson(g, z0, iters, weights, anderson, tol, keep_iterates, indexed, anderson_reg, anderson_trust)
     return _plain(g, z0, iters, weights, tol, keep_iterates, indexed, readout)
@@ -164,6 +168,10 @@ def _plain(g, z0, iters, weights, tol, keep_iterates, indexed, readout):
     return FixedPointResult(answer, torch.stack(residuals), evals, iterates)
 
 
+_ETA = 0.25                        # accept a mixed step if it achieves this share of the predicted decrease
+_OMEGA = (1 / 16, 1 / 2, 1.0)      # trust scale ω: smallest, initial, largest
+
+
 def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust):
     shape, B = z0.shape, z0.shape[0]
     cd = torch.promote_types(z0.dtype, torch.float32)
@@ -174,6 +182,8 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
     dF = [torch.zeros_like(c) for _ in range(m)]
     valid = torch.zeros(m, B, dtype=torch.bool, device=c.device)
     done = torch.zeros(B, dtype=torch.bool, device=c.device)
+    omega = torch.full((B,), _OMEGA[1], dtype=cd, device=c.device)   # trust scale ω
+    rate = torch.ones(B, dtype=cd, device=c.device)                  # L̂: last plain step's ratio
     avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
     evals = 0
     for k in range(iters):
@@ -185,21 +195,19 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
         rc = rms(fc)
         if k == 0:
             a, ga, fa, ra = c, gc, fc, rc
-            rate = torch.ones_like(rc)
         else:
             plain = ~valid.any(0)                      # c was the plain step g(a)
-            # a mixed step is good if it beats the plain step it replaces (the residual ratio
-            # `rate` of this sample's last plain step) and the linear model that proposed it
-            good = (rc < ra * rate) & (rc <= predicted)
-            move = (plain | good | (rc < ra)) & ~done   # take c: a plain step, or better than a
-            keep = (plain | good) & ~done               # otherwise restart: drop the history
-            rate = torch.where(plain & move, (rc / ra.clamp_min(1e-30)).clamp(max=1.0), rate)
-            valid = torch.where(keep[None], valid, torch.zeros_like(valid))
-            s, col = (k - 1) % m, keep[:, None]
+            rho = (ra - rc) / (ra - predicted).clamp_min(torch.finfo(cd).tiny)
+            move = (plain | (rho > _ETA)) & ~done      # NaN residuals compare false: rejected
+            mixed = ~plain & ~done
+            grown = torch.where(rho > 0.75, omega * 2, torch.where(rho < 0.25, omega / 4, omega))
+            omega = torch.where(mixed, grown.clamp(*_OMEGA[::2]), omega)
+            rate = torch.where(plain & ~done, (rc / ra.clamp_min(torch.finfo(cd).tiny)).clamp(max=1.0), rate)
+            valid = valid & move[None]                 # a rejected proposal restarts the history
+            s, col = (k - 1) % m, move[:, None]
             dX[s] = torch.where(col, c - a, dX[s])
             dF[s] = torch.where(col, fc - fa, dF[s])
-            valid[s] = valid[s] | keep
-            col = move[:, None]
+            valid[s] = valid[s] | move
             a, ga, fa = torch.where(col, c, a), torch.where(col, gc, ga), torch.where(col, fc, fa)
             ra = torch.where(move, rc, ra)
         r = torch.where(done, torch.zeros_like(ra), ra)
@@ -214,14 +222,16 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
         if tol is not None and bool(done.all()):
             break
         if k < iters - 1:
-            c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, trust)
+            radius = omega * torch.minimum(1 / (1 - rate).clamp_min(1e-12), torch.full_like(rate, trust))
+            c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, radius)
             c = torch.where(done[:, None], a, c)
     z = ga.reshape(shape).to(z0.dtype)
     return FixedPointResult(avg.result(z, evals), torch.stack(residuals), evals, iterates)
 
 
-def _propose(a, ga, fa, dX, dF, valid, reg, trust):
-    """The Anderson point g(a) - s·(ΔX + ΔF)·γ for every sample ([B, N] tensors)."""
+def _propose(a, ga, fa, dX, dF, valid, reg, radius):
+    """The Anderson point g(a) - s·(ΔX + ΔF)·γ for every sample ([B, N] tensors), with s ≤ 1 keeping
+    the correction within radius·‖f(a)‖, and the linear model's residual there, ‖f(a) - s·ΔF·γ‖."""
     # the least squares is scaled by 1/rms(f) so that the Gram matrix stays O(1) (no denormals)
     unit = 1 / rms(fa).clamp_min(torch.finfo(fa.dtype).tiny ** 0.5)[:, None]
     mask = valid.to(fa.dtype)[..., None]                           # [m, B, 1]
@@ -236,6 +246,6 @@ def _propose(a, ga, fa, dX, dF, valid, reg, trust):
     system = gram + (lam[:, None] + unused)[..., None] * eye
     gamma = torch.linalg.solve(system, rhs).to(fa.dtype)           # [B, m]
     corr = torch.einsum("ibn,bi->bn", G, gamma) / unit             # (ΔX + ΔF)·γ
-    scale = (trust * rms(fa) / rms(corr).clamp_min(torch.finfo(fa.dtype).tiny)).clamp(max=1.0)
+    scale = (radius * rms(fa) / rms(corr).clamp_min(torch.finfo(fa.dtype).tiny)).clamp(max=1.0)
     predicted = rms(fa - scale[:, None] * torch.einsum("ibn,bi->bn", F, gamma) / unit)
     return ga - scale[:, None] * corr, predicted

@@ -170,6 +170,31 @@ def test_rejected_mixed_steps_restart_from_the_plain_step():
     torch.testing.assert_close(res.z, torch.full_like(z0, 0.7), rtol=0, atol=1e-9)
 
 
+def test_anderson_stays_with_the_fixed_point_plain_iteration_approaches():
+    """g(x) = x + A·cos(πx/2) has fixed points at every odd x: 1, 5, 9 attract plain iteration
+    (g' = 1 - A·π/2), 3, 7 repel it. From 0 plain iteration creeps towards 1, but the first two
+    plain steps lie on the flat top of the cosine, and their secant (what unguarded Anderson
+    does) extrapolates past 3 into another basin. The safeguarded steps must stay below 3 and reach
+    1, from 6 calls on at least as close to it as plain iteration at equal calls (before that a
+    rejected mixed step can leave them one call behind plain)."""
+    A = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.3, 0.5], dtype=torch.float64)[:, None]
+    g = lambda x: x + A * torch.cos(torch.pi * x / 2)  # noqa: E731
+    z0 = torch.zeros(6, 1, dtype=torch.float64)
+    x1 = g(z0)
+    f0, f1 = x1 - z0, g(x1) - x1
+    secant = x1 - f1 * (x1 - z0) / (f1 - f0)
+    assert bool((secant[:4] > 3).all())                                  # unguarded: the wrong basin
+    torch.testing.assert_close(iterate(g, z0, 400).z, torch.ones_like(z0), rtol=0, atol=1e-9)
+    for m in (1, 2, 3):
+        for iters in (4, 6, 10, 40):
+            res = iterate(g, z0, iters, anderson=m, keep_iterates=True)
+            assert all(bool((z < 2).all()) for z in res.iterates), (m, iters)
+            plain = iterate(g, z0, iters).z
+            if iters >= 6:
+                assert bool(((res.z - 1).abs() <= (plain - 1).abs()).all()), (m, iters)
+        torch.testing.assert_close(res.z, torch.ones_like(z0), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("m", [0, 3])
 def test_compiles_without_graph_breaks(m):
     g, exact = contraction(4, B=2, n=5, rho=0.5)
@@ -196,6 +221,8 @@ def test_bad_input_raises():
         iterate(lambda z: (g(z), z), z0, 2, anderson=2, readout=lambda y: y)
     with pytest.raises(ValueError, match="anderson"):
         iterate(g, z0, 2, anderson=-1)
+    with pytest.raises(ValueError, match="anderson_trust"):
+        iterate(g, z0, 2, anderson=2, anderson_trust=0.0)
     with pytest.raises(ValueError, match="shape"):
         iterate(lambda z: z[:1], z0, 2)
     with pytest.raises(ValueError, match="pair"):
