@@ -3,7 +3,7 @@
     python -m renoise edit --model stabilityai/sdxl-turbo --image cat.png --prompt "a cat" \\
         --edit-prompt "a tiger" --out out/
 
-writes out/cat_edit.png, out/inversion.safetensors (+ its .json settings) and
+writes out/cat_edit.png, out/inversion.safetensors (settings in its metadata) and
 out/report.json (metrics, timings, model calls, residuals). `reconstruct` and `edit` also take
 `--inversion out/inversion.safetensors` instead of inverting again, so one inversion serves
 many edits. Outputs are staged in a temporary folder and moved into --out only when the whole
@@ -399,7 +399,6 @@ def run(args) -> dict:
             inv.extra = {"images": image_paths, "model": args.model, "preset": str(preset), "lora": lora,
                          "lora_scale": lora_scale}
             inv.save(stage.path(INVERSION_FILE))
-            stage.names.append(Inversion.files(INVERSION_FILE)[1].name)
             report["inversion"] = INVERSION_FILE
             report["model_calls"] = {"invert": inv.result.model_calls}
         else:

@@ -26,7 +26,7 @@ trajectory[-1] = z_T.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -57,6 +57,7 @@ class InversionResult:
     schedule: Schedule
     num_steps: int
     start: int = 0                         # index of the first chain step run (strength < 1: > 0)
+    extra: dict = field(default_factory=dict)   # caller's JSON-able settings, saved in the file's metadata
 
     @property
     def chain(self) -> list:
@@ -69,10 +70,10 @@ class InversionResult:
         return InversionResult(mv(self.z_T), [mv(n) for n in self.noises], mv(self.trajectory),
                                [r.to(device) for r in self.residuals], self.model_calls, self.timesteps,
                                self.plan, self.sampler, dict(self.sampler_opts), self.schedule, self.num_steps,
-                               self.start)
+                               self.start, dict(self.extra))
 
     def save(self, path) -> None:
-        """One safetensors file: the tensors, and the plan, sampler and schedule as metadata."""
+        """One safetensors file: the tensors, and the plan, sampler, schedule and `extra` as metadata."""
         from safetensors.torch import save_file
         t = {"z_T": self.z_T, "trajectory": self.trajectory, "timesteps": self.timesteps,
              "schedule.alphas_cumprod": self.schedule.alphas_cumprod}
@@ -84,7 +85,8 @@ class InversionResult:
         meta = {"format": FORMAT, "plan": json.dumps(self.plan.to_dict()), "sampler": self.sampler,
                 "sampler_opts": json.dumps(self.sampler_opts), "schedule": json.dumps(sched),
                 "model_calls": str(self.model_calls), "num_steps": str(self.num_steps), "start": str(self.start),
-                "num_noises": str(len(self.noises)), "num_residuals": str(len(self.residuals))}
+                "num_noises": str(len(self.noises)), "num_residuals": str(len(self.residuals)),
+                "extra": json.dumps(self.extra)}
         save_file(t, str(path), metadata=meta)
 
     @classmethod
@@ -104,7 +106,7 @@ class InversionResult:
             plan = presets.Plan.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in plan.items()})
             return cls(get("z_T"), noises, get("trajectory"), residuals, int(meta["model_calls"]), get("timesteps"),
                        plan, meta["sampler"], json.loads(meta["sampler_opts"]), schedule,
-                       int(meta["num_steps"]), int(meta["start"]))
+                       int(meta["num_steps"]), int(meta["start"]), json.loads(meta.get("extra", "{}")))
 
 
 # ---------------------------------------------------------------------------------------------- helpers

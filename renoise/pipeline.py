@@ -36,7 +36,7 @@ belong to the steps of that chain; invert again with the other count).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,42 +266,29 @@ class Inversion:
     def batch(self) -> int:
         return self.result.z_T.shape[0]
 
-    @staticmethod
-    def files(path) -> list[Path]:
-        """What `save(path)` writes: the InversionResult file and the settings beside it."""
-        return [Path(path), Path(str(path) + ".json")]
-
     def save(self, path) -> None:
-        """`path`: InversionResult.save (one safetensors file); `path`.json: prompts, size, guidance."""
-        path, meta_path = self.files(path)
-        self.result.save(path)
+        """One safetensors file (InversionResult.save) with prompts, size and guidance in its metadata."""
         meta = {k: getattr(self, k) for k in self.META}
         meta["size"] = list(self.size)
-        meta_path.write_text(json.dumps(meta, indent=1))
+        dataclasses.replace(self.result, extra={"pipeline": meta}).save(path)
 
     @classmethod
     def load(cls, path, device="cpu") -> "Inversion":
         from .inversion import InversionResult
-        path, meta_path = cls.files(path)
+        path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"inversion file not found: {path}")
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} is missing: an inversion saved by renoise keeps its settings "
-                                    f"(prompts, image size, guidance) in that file next to it")
-        try:
-            meta = json.loads(meta_path.read_text())
-            meta["size"] = tuple(meta["size"])
-            unknown = set(meta) - set(cls.META)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{meta_path} is not a renoise inversion settings file: {e}") from None
-        if unknown:
-            raise ValueError(f"{meta_path}: unknown settings {sorted(unknown)}")
         try:
             result = InversionResult.load(path, device=device)
         except ValueError:
             raise
         except Exception as e:  # noqa: BLE001 -- safetensors' own errors for a damaged file
             raise ValueError(f"cannot read inversion file {path}: {e}") from None
+        meta = result.extra.get("pipeline")
+        if not isinstance(meta, dict) or set(meta) != set(cls.META):
+            raise ValueError(f"{path} holds an inversion but not the pipeline settings (prompts, image size, "
+                             "guidance) that renoise.pipeline saves with it; invert the images again")
+        meta["size"] = tuple(meta["size"])
         return cls(result=result, **meta)
 
 

@@ -180,9 +180,11 @@ def test_save_load_roundtrip(mixture, tmp_path):
     res = renoise.invert(den, x0, sch, "euler_ancestral", 4, p, generator=torch.Generator().manual_seed(5),
                          strength=0.75)
     assert len(res.chain) == 3 and res.start == 1
+    res.extra = {"prompt": "a cat", "size": [32, 48]}
     path = tmp_path / "inv.safetensors"
     res.save(path)
     back = InversionResult.load(path)
+    assert back.extra == res.extra
     for f in ("z_T", "trajectory", "timesteps"):
         assert torch.equal(getattr(back, f), getattr(res, f))
     assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(back.noises, res.noises))

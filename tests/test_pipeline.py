@@ -362,7 +362,7 @@ def test_saved_inversion_serves_edits(ours, tmp_path):
     editor = rp.Editor(ours["sdxl"], "sdxl-turbo", plan_overrides={"lambda_ac": 0.0})
     inv = editor.invert(images(1, 32, 48), "a cat", generator=torch.Generator().manual_seed(3))
     inv.save(tmp_path / "inv.safetensors")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["inv.safetensors", "inv.safetensors.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inv.safetensors"]      # one file
     loaded = rp.Inversion.load(tmp_path / "inv.safetensors")
     assert loaded.prompts == ["a cat"] and loaded.size == (32, 48) and loaded.num_steps == 4
     assert torch.equal(loaded.z0, inv.z0)
@@ -371,3 +371,6 @@ def test_saved_inversion_serves_edits(ours, tmp_path):
     assert torch.equal(other.edit(loaded, "a tiger"), editor.edit(inv, "a tiger"))
     with pytest.raises(FileNotFoundError, match="inversion file not found"):
         rp.Inversion.load(tmp_path / "missing.safetensors")
+    inv.result.save(tmp_path / "bare.safetensors")       # the solver's file, without the pipeline settings
+    with pytest.raises(ValueError, match="not the pipeline settings"):
+        rp.Inversion.load(tmp_path / "bare.safetensors")
