@@ -17,11 +17,14 @@ more than 3 dB below plain fixed-point iteration (renoise-K) at the same number 
 is none). Stochastic samplers use override noise correction for every method (one more call per
 stochastic step). Writes a table to stdout, JSON and a PNG plot into benchmarks/out/.
 
-Part two (`--part speed`, to be written with issue 6): seconds per image of renoise against the
-official ReNoise loop on diffusers, same weights and inputs. `speed()` below is the place for it.
+Part two (`--part speed`): seconds per image of renoise.invert against the official ReNoise loop
+written against diffusers (benchmarks/official_renoise.py), on one set of random UNet weights loaded
+into both, same conditioning, latent and seeds; with the results' agreement (see `speed`).
 
     python benchmarks/inversion.py                       # DDIM, 64 samples
     python benchmarks/inversion.py --sampler euler_ancestral --std 0.1
+    python benchmarks/inversion.py --part speed          # tiny UNet on CPU (under a minute)
+    python benchmarks/inversion.py --part speed --size sdxl-turbo [--compile]   # on a GPU, fp16
 """
 from __future__ import annotations
 
@@ -129,10 +132,184 @@ def plot(result, path):
     plt.close(fig)
 
 
+# the real SDXL-Turbo UNet (FACTS.md 1a: SDXL base with sample_size 64), for random weights
+SDXL_TURBO_UNET = dict(block_out_channels=(320, 640, 1280), layers_per_block=2,
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                       cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                       addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, sample_size=64)
+GEN_SEED = 7865                     # the reference code's seed
+
+
+def _rel(a, b):
+    """max |a - b| / max |b| (float64)."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _speed_models(args, device, dtype, folder):
+    """Random weights saved with save_pretrained, loaded into diffusers' UNet and into ours."""
+    from diffusers import UNet2DConditionModel
+
+    from renoise.models import load_unet
+    if args.size == "tiny":
+        from tiny_models import make_tiny_unet
+        built = make_tiny_unet("sdxl", seed=args.seed)
+    else:
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(args.seed)
+            built = UNet2DConditionModel(**SDXL_TURBO_UNET)
+    built.to(dtype).save_pretrained(folder / "unet")
+    del built
+    theirs = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(device).eval()
+    theirs.requires_grad_(False)
+    ours = load_unet(folder, dtype=dtype, device=device)
+    return theirs, ours
+
+
+def _speed_inputs(cfg, side, device, dtype, seed):
+    """Random text conditioning (context, pooled text_embeds, time_ids) and an image latent z0."""
+    g = torch.Generator().manual_seed(seed)
+    px = 8 * side
+    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    cond = dict(context=torch.randn(1, 77, cfg["cross_attention_dim"], generator=g),
+                text_embeds=torch.randn(1, pooled, generator=g),
+                time_ids=torch.tensor([[px, px, 0.0, 0.0, px, px]]))
+    z0 = torch.randn(1, 4, side, side, generator=g)
+    return {k: v.to(device, dtype) for k, v in cond.items()}, z0.to(device, dtype)
+
+
 def speed(args):
-    """Part two (issue 6): seconds per image, renoise vs the official ReNoise loop on diffusers."""
-    raise SystemExit("--part speed is not written yet (issue 6): it will time renoise.invert against the "
-                     "official ReNoise loop on diffusers with the same weights and inputs")
+    """Part two (issue 6): seconds per image, renoise vs the official ReNoise loop on diffusers.
+
+    One set of random UNet weights (tiny SDXL-like, or the SDXL-Turbo config) is saved with
+    save_pretrained and loaded into diffusers' UNet2DConditionModel and into renoise's UNet. The same
+    conditioning, latent and generator seed go to (a) the official loop on diffusers
+    (benchmarks/official_renoise.py, the reference's SDXL-Turbo defaults), (b) renoise.invert with the
+    sdxl-turbo-reference preset on our UNet, (c) the same on diffusers' UNet (solver speed alone) and
+    (d) with --compile, on our UNet under torch.compile. Timed: the inversion (4 Euler-ancestral steps)
+    per image; the reconstruction (4 more calls) is only checked against (a).
+    """
+    import statistics
+    import sys
+    import tempfile
+
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root), str(root / "tests")]
+    from benchmarks import official_renoise as official
+    from benchmarks.unet import exact_rss, peak_since, reset_peak
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.float16 if device == "cuda" else torch.float32, "float32": torch.float32,
+             "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    side = args.latent or (32 if args.size == "tiny" else 64)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs, ours = _speed_models(args, device, dtype, Path(tmp))
+    cfg = dict(theirs.config)
+    cond, z0 = _speed_inputs(cfg, side, device, dtype, args.seed)
+    sched = official.Scheduler("euler_ancestral", 4, official.SDXL_TURBO_SCHEDULER)
+    schedule = Schedule.from_config(sched.config)
+    plan = Plan.preset("sdxl-turbo-reference")
+    smod = renoise.samplers.get(plan.sampler)
+    gen = lambda: torch.Generator().manual_seed(GEN_SEED)  # noqa: E731
+
+    official_net = official.diffusers_net(theirs, cond["context"], cond["text_embeds"], cond["time_ids"])
+
+    def renoise_den(unet, diffusers_api=False, tensor_t=False):
+        def den(x, t):
+            b = x.shape[0]
+            c = {k: v.expand(b, *v.shape[1:]) for k, v in cond.items()}
+            xin = smod.model_input(x, t, schedule)
+            if tensor_t:
+                t = torch.as_tensor(float(t), device=x.device)
+            if diffusers_api:
+                added = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
+                return unet(xin, t, encoder_hidden_states=c["context"], added_cond_kwargs=added).sample
+            return unet(xin, t, c["context"], text_embeds=c["text_embeds"], time_ids=c["time_ids"])
+        return den
+
+    def run_official():
+        traj, noises, calls = official.invert(official_net, sched, z0, gen(), **official.SDXL_TURBO)
+        return traj[-1], noises, calls
+
+    def run_renoise(den):
+        return lambda: renoise.invert(den, z0, schedule, plan.sampler, plan.num_steps, plan, generator=gen())
+
+    dens = {"renoise, our UNet": renoise_den(ours), "renoise, diffusers UNet": renoise_den(theirs, True)}
+    if args.compile:
+        dens["renoise, our UNet compiled"] = renoise_den(torch.compile(ours), tensor_t=True)
+    methods = {"official loop, diffusers UNet": run_official} | {k: run_renoise(d) for k, d in dens.items()}
+
+    # warm-up, the parity check and the reconstructions (not timed)
+    rows = {}
+    z_ref, noises_ref, calls_ref = run_official()
+    recon_ref = official.denoise(official_net, sched, z_ref, noises_ref)
+    rows["official loop, diffusers UNet"] = dict(calls=calls_ref, z_T_rel=0.0, recon_rel=0.0,
+                                                 recon_vs_z0=_rel(recon_ref, z0))
+    for name, den in dens.items():
+        res = methods[name]()
+        recon = renoise.sample(den, res)
+        rows[name] = dict(calls=res.model_calls, z_T_rel=_rel(res.z_T, z_ref), recon_rel=_rel(recon, recon_ref),
+                          recon_vs_z0=_rel(recon, z0))
+
+    times = {k: [] for k in methods}
+    cpu = {k: [] for k in methods}
+    for _ in range(args.repeats):          # interleaved, so that background load hits every method alike
+        for name, f in methods.items():
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    if device == "cpu":
+        exact_rss(True)
+    for name, f in methods.items():        # one more run each for the activation peak above the weights
+        base = reset_peak(device)
+        f()
+        rows[name]["peak_mib"] = peak_since(device, base) / 2**20
+    if device == "cpu":
+        exact_rss(False)
+
+    for name in methods:
+        rows[name].update(seconds=statistics.median(times[name]), seconds_min=min(times[name]),
+                          cpu_seconds=statistics.median(cpu[name]), times=times[name])
+    base = rows["official loop, diffusers UNet"]["seconds"]
+    for r in rows.values():
+        r["speedup"] = base / r["seconds"]
+    config = dict(size=args.size, latent=side, device=device, dtype=str(dtype).replace("torch.", ""),
+                  repeats=args.repeats, threads=torch.get_num_threads(), seed=args.seed, generator_seed=GEN_SEED,
+                  plan=plan.name, sampler=plan.sampler, num_steps=plan.num_steps, torch=torch.__version__,
+                  gpu=torch.cuda.get_device_name() if device == "cuda" else None)
+    result = dict(config=config, rows=[dict(method=k) | v for k, v in rows.items()])
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"inversion_speed_{args.size}_{device}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(speed_table(result))
+    print(f"\nwrote {path}")
+    return result
+
+
+def speed_table(result):
+    c = result["config"]
+    lines = [f"ReNoise inversion, {c['plan']} ({c['sampler']}, {c['num_steps']} steps), {c['size']} UNet with random "
+             f"weights, latent {c['latent']}x{c['latent']}, {c['device']} {c['dtype']}, {c['threads']} threads, "
+             f"median of {c['repeats']}",
+             f"{'method':<31}{'s/image':>9}{'min':>8}{'cpu s':>8}{'speedup':>9}{'calls':>7}{'peak MiB':>10}"
+             f"{'z_T rel':>10}{'recon rel':>11}"]
+    for r in result["rows"]:
+        lines.append(f"{r['method']:<31}{r['seconds']:>9.3f}{r['seconds_min']:>8.3f}{r['cpu_seconds']:>8.2f}"
+                     f"{r['speedup']:>8.2f}x{r['calls']:>7}{r['peak_mib']:>10.1f}{r['z_T_rel']:>10.1e}"
+                     f"{r['recon_rel']:>11.1e}")
+    lines.append("z_T rel / recon rel: max |x - official| / max |official| for z_T and for the reconstruction")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -149,6 +326,16 @@ def main(argv=None):
     ap.add_argument("--scale", type=float, default=0.5, help="std of the component means")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
+    sp = ap.add_argument_group("--part speed")
+    sp.add_argument("--size", choices=("tiny", "sdxl-turbo"), default="tiny",
+                    help="UNet config with random weights: tiny SDXL-like, or the real SDXL-Turbo one")
+    sp.add_argument("--latent", type=int, default=0, help="latent side (default: 32 tiny, 64 sdxl-turbo)")
+    sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    sp.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                    help="auto: float16 on CUDA, float32 on CPU")
+    sp.add_argument("--repeats", type=int, default=3, help="timed runs per method after one warm-up")
+    sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    sp.add_argument("--compile", action="store_true", help="also time our UNet under torch.compile")
     args = ap.parse_args(argv)
     if args.part == "speed":
         return speed(args)
