@@ -12,9 +12,10 @@ and residual changes ΔF_i = f_{i+1} - f_i (f(x) = g(x) - x) and proposes, from 
     γ = argmin ‖f(a) - ΔF·γ‖² + λ‖γ‖²,    x' = g(a) - s·(ΔX + ΔF)·γ,    λ = reg·tr(ΔFᵀΔF)/m,
 
 a trust-region step around the plain step g(a): s ≤ 1 keeps ‖s·(ΔX + ΔF)·γ‖ ≤ Δ·‖f(a)‖ with
-Δ = ω·min(1/(1 - L̂), trust). L̂ ≤ 1 is the residual ratio of that sample's last plain step, so
-‖f(a)‖/(1 - L̂) is how far plain iteration would still travel at that rate: mixed points stay near
-the fixed point plain iteration is heading for instead of extrapolating into another basin. Acceptance
+Δ = ω·min(1/(1 - L̂), trust), or Δ = ω where plain steps do not contract. L̂ ≤ 1 is the residual
+ratio of that sample's last plain step, so ‖f(a)‖/(1 - L̂) is how far plain iteration would still
+travel at that rate: mixed points stay near the fixed point plain iteration is heading for instead
+of extrapolating into another basin. Acceptance
 is a ratio test, ρ = (‖f(a)‖ - ‖f(x')‖) / (‖f(a)‖ - ‖f(a) - s·ΔF·γ‖) (actual over predicted decrease):
   - ρ > 1/4: move to x' and keep the history; ω doubles when ρ > 3/4;
   - otherwise (also a non-finite g(x')): stay at a, divide ω by 4 (ω ∈ [1/16, 1], starting at 1/2),
@@ -183,7 +184,7 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
     valid = torch.zeros(m, B, dtype=torch.bool, device=c.device)
     done = torch.zeros(B, dtype=torch.bool, device=c.device)
     omega = torch.full((B,), _OMEGA[1], dtype=cd, device=c.device)   # trust scale ω
-    rate = torch.ones(B, dtype=cd, device=c.device)                  # L̂: last plain step's ratio
+    rate = torch.ones(B, dtype=cd, device=c.device)                  # L̂: last plain step's ratio ≤ 1
     avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
     evals = 0
     for k in range(iters):
@@ -222,7 +223,8 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
         if tol is not None and bool(done.all()):
             break
         if k < iters - 1:
-            radius = omega * torch.minimum(1 / (1 - rate).clamp_min(1e-12), torch.full_like(rate, trust))
+            reach = torch.where(rate < 1, (1 / (1 - rate).clamp_min(1e-12)).clamp(max=trust), 1.0)
+            radius = omega * reach
             c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, radius)
             c = torch.where(done[:, None], a, c)
     z = ga.reshape(shape).to(z0.dtype)
@@ -234,9 +236,9 @@ def _propose(a, ga, fa, dX, dF, valid, reg, radius):
     the correction within radius·‖f(a)‖, and the linear model's residual there, ‖f(a) - s·ΔF·γ‖."""
     # the least squares is scaled by 1/rms(f) so that the Gram matrix stays O(1) (no denormals)
     unit = 1 / rms(fa).clamp_min(torch.finfo(fa.dtype).tiny ** 0.5)[:, None]
-    mask = valid.to(fa.dtype)[..., None]                           # [m, B, 1]
-    F = torch.stack(dF) * mask * unit                              # [m, B, N]
-    G = (torch.stack(dF) + torch.stack(dX)) * mask * unit          # ΔG = ΔX + ΔF
+    mask = valid[..., None]                                        # [m, B, 1]
+    F = torch.where(mask, torch.stack(dF), 0) * unit               # [m, B, N]
+    G = torch.where(mask, torch.stack(dF) + torch.stack(dX), 0) * unit   # ΔG = ΔX + ΔF
     gram = torch.einsum("ibn,jbn->bij", F, F).double()             # [B, m, m]
     rhs = torch.einsum("ibn,bn->bi", F, fa * unit).double()        # [B, m]
     m = gram.shape[-1]
