@@ -66,8 +66,8 @@ CASES = {
                                                             lambda_ac=20.0, reg_rounds=2, reg_rolls=2,
                                                             noise_correction="override"),
                                  dict(K=3, K_first_max=3, avg_first=(2, 4), avg_main=(2, 4), average=False)),
-    "euler-turbo-reference": ("euler_ancestral", 4, "sdxl-turbo-reference",
-                              dict(K=9, K_first_max=5, avg_first=(0, 5), avg_main=(8, 10), average=True)),
+    # the preset against the benchmark's official defaults (reg and nc included)
+    "euler-turbo-reference": ("euler_ancestral", 4, "sdxl-turbo-reference", official.SDXL_TURBO),
     "lcm-avg-optimize": ("lcm", 4, dict(iters=4, window=(2, 5), first_iters=2, first_window=(0, 3),
                                         noise_correction="optimize"),
                          dict(K=4, K_first_max=2, avg_first=(0, 3), avg_main=(2, 5), average=True)),
@@ -79,8 +79,10 @@ def test_invert_equals_reference_loop(case, net):
     sampler, steps, plan_kw, ref_kw = CASES[case]
     if isinstance(plan_kw, str):
         plan = Plan.preset(plan_kw)
-        reg = (plan.lambda_kl, plan.lambda_ac, plan.reg_rounds, plan.reg_rolls)
-        nc = plan.noise_correction
+        ref_kw = dict(ref_kw)
+        reg, nc = ref_kw.pop("reg"), ref_kw.pop("nc")
+        assert reg == (plan.lambda_kl, plan.lambda_ac, plan.reg_rounds, plan.reg_rolls)
+        assert nc == plan.noise_correction and (plan.nc_steps, plan.nc_lr) == (10, 1.8)
     else:
         plan = Plan(sampler=sampler, num_steps=steps, **plan_kw)
         reg = (plan.lambda_kl, plan.lambda_ac, plan.reg_rounds, plan.reg_rolls) if plan.regularize else None
