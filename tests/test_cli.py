@@ -24,15 +24,6 @@ FAST_SD = ["--steps", "4"]           # the sd15 preset's 50 steps are not needed
 SD_PX = 64                           # 8x8 latents: the auto-correlation regularizer is unstable on 4x4 ones
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread (no OpenMP hand-offs per small op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     return tiny_pipeline.shared(tmp_path_factory)

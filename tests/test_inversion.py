@@ -15,15 +15,6 @@ SPACING = {"ddim": "leading", "euler_ancestral": "trailing", "lcm": None}
 STEPS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is fastest (and does not thrash on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mixture():
     g = torch.Generator().manual_seed(0)

@@ -16,14 +16,6 @@ from renoise.models.loading import CheckpointError, find_weights, read_safetenso
 from tiny_models import save_tiny_unet, save_tiny_vae, unet_inputs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread (no OpenMP hand-offs per small op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 

@@ -52,15 +52,6 @@ def to_format(lora, fmt, config=None, prefix="lora_unet_"):
     return sd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """peft's many tiny matmuls crawl when two intra-op threads fight for a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 _FOLDERS = {}
 
 

@@ -16,15 +16,6 @@ import tiny_pipeline
 PROMPTS = ["a cat photo", "a tiger, photo!"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread (no OpenMP hand-offs per small op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     return tiny_pipeline.shared(tmp_path_factory)

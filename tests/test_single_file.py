@@ -16,15 +16,6 @@ from renoise.models import configs, load_pipeline, single_file as sf  # noqa: E4
 from renoise.models.single_file import load_single_file  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: two intra-op threads only fight each other on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 

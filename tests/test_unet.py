@@ -13,14 +13,6 @@ from renoise.models.configs import UnsupportedConfigError
 from tiny_models import save_tiny_unet, tiny_unet_config, unet_inputs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread (no OpenMP hand-offs per small op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 KINDS = ["sd1", "sd2", "sdxl", "lcm"]
 
 

@@ -7,15 +7,6 @@ from renoise.models import AutoencoderKL, VAEConfig, load_vae, vae_config
 from tiny_models import save_tiny_vae, tiny_vae_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread (no OpenMP hand-offs per small op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
