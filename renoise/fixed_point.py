@@ -18,7 +18,7 @@ travel at that rate: mixed points stay near the fixed point plain iteration is h
 of extrapolating into another basin. Acceptance
 is a ratio test, ρ = (‖f(a)‖ - ‖f(x')‖) / (‖f(a)‖ - ‖f(a) - s·ΔF·γ‖) (actual over predicted decrease):
   - ρ > 1/4: move to x' and keep the history; ω doubles when ρ > 3/4;
-  - otherwise (also a non-finite g(x')): stay at a, divide ω by 4 (ω ∈ [1/16, 1], starting at 1/2),
+  - otherwise (also a non-finite g(x')): stay at a, divide ω by 4 (ω ∈ [1/16, 2], starting at 1/2),
     drop the history, and take the plain step g(a) next (the rejected call is the price).
 Plain steps are always taken, as in plain iteration. Each sample answers g(x) at its last
 accepted x, so z_{k+1} below means that answer after the k-th call.
@@ -48,9 +48,11 @@ class FixedPointResult:
 
 
 def rms(d: torch.Tensor) -> torch.Tensor:
-    """Per-sample root mean square of d [B, ...] -> [B] (float32 or float64)."""
-    d = d.to(torch.promote_types(d.dtype, torch.float32))
-    return d.reshape(d.shape[0], -1).pow(2).mean(1).sqrt()
+    """Per-sample root mean square of d [B, ...] -> [B] (float32 or float64), scaled by max |d| so
+    that large finite values (|d| > 1e19 in float32) do not overflow in the squares."""
+    d = d.to(torch.promote_types(d.dtype, torch.float32)).reshape(d.shape[0], -1)
+    scale = d.abs().amax(1, keepdim=True).clamp_min(torch.finfo(d.dtype).tiny)
+    return (d / scale).pow(2).mean(1).sqrt() * scale[:, 0]
 
 
 def _bmask(mask, like):
@@ -170,7 +172,7 @@ def _plain(g, z0, iters, weights, tol, keep_iterates, indexed, readout):
 
 
 _ETA = 0.25                        # accept a mixed step if it achieves this share of the predicted decrease
-_OMEGA = (1 / 16, 1 / 2, 1.0)      # trust scale ω: smallest, initial, largest
+_OMEGA = (1 / 16, 1 / 2, 2.0)      # trust scale ω: smallest, initial, largest
 
 
 def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust):
@@ -203,7 +205,7 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
             mixed = ~plain & ~done
             grown = torch.where(rho > 0.75, omega * 2, torch.where(rho < 0.25, omega / 4, omega))
             omega = torch.where(mixed, grown.clamp(*_OMEGA[::2]), omega)
-            rate = torch.where(plain & ~done, (rc / ra.clamp_min(torch.finfo(cd).tiny)).clamp(max=1.0), rate)
+            rate = torch.where(plain & move, (rc / ra.clamp_min(torch.finfo(cd).tiny)).clamp(max=1.0), rate)
             valid = valid & move[None]                 # a rejected proposal restarts the history
             s, col = (k - 1) % m, move[:, None]
             dX[s] = torch.where(col, c - a, dX[s])
