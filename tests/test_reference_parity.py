@@ -23,15 +23,6 @@ from renoise.schedules import Schedule  # noqa: E402
 SIZE = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread (and do not thrash on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def net():
     unet = make_tiny_unet("sd1")
