@@ -193,6 +193,11 @@ def test_anderson_stays_with_the_fixed_point_plain_iteration_approaches():
             if iters >= 6:
                 assert bool(((res.z - 1).abs() <= (plain - 1).abs()).all()), (m, iters)
         torch.testing.assert_close(res.z, torch.ones_like(z0), rtol=0, atol=1e-12)
+    # per sample: each sample alone takes the same steps as in the batch
+    batched = iterate(g, z0, 8, anderson=3).z
+    for b in range(6):
+        alone = iterate(lambda x: x + A[b] * torch.cos(torch.pi * x / 2), z0[b:b + 1], 8, anderson=3).z
+        torch.testing.assert_close(alone, batched[b:b + 1], rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("m", [0, 3])
