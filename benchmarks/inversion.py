@@ -12,10 +12,16 @@ inversion's. Methods, all at the same number of denoising steps (default 4, trai
                  model outputs (as the paper's w8..w10 for K = 9)
     anderson-K   K+1 calls of safeguarded Anderson mixing (memory 3) per step
 
-For each method and budget: median / 10th-percentile PSNR over the samples and how many samples end
+For each method and budget: median / 10th-percentile PSNR over the samples, how many samples end
 more than 3 dB below plain fixed-point iteration (renoise-K) at the same number of calls (the target
-is none). Stochastic samplers use override noise correction for every method (one more call per
-stochastic step). Writes a table to stdout, JSON and a PNG plot into benchmarks/out/.
+is none; a run that stops on a non-finite latent counts every sample as worse), the median std of
+z_T relative to the prior's (1 in VP space, σ_max in Euler's; far from 1 means an implausible
+fixed point), and, as a noise floor for that count, how many samples plain iteration itself loses
+more than 3 dB by one more call (renoise-K against renoise-(K-1)). Stochastic samplers run without
+noise correction by default: override correction makes every stochastic step land exactly whatever
+z_t is, so reconstruction PSNR would no longer measure the fixed-point solve
+(`--noise-correction override` to see it anyway). Writes a table to stdout, JSON and a PNG plot
+into benchmarks/out/.
 
 Part two (`--part speed`): seconds per image of renoise.invert against the official ReNoise loop
 written against diffusers (benchmarks/official_renoise.py), on one set of random UNet weights loaded
@@ -37,6 +43,7 @@ from pathlib import Path
 import torch
 
 import renoise
+from renoise.inversion import NonFiniteLatentError
 from renoise.presets import Plan
 from renoise.schedules import Schedule
 from renoise.toy import GaussianMixture, psnr
@@ -70,12 +77,24 @@ def accuracy(args):
     smod = renoise.samplers.get(args.sampler)
     opts = {"eta": args.eta} if args.sampler == "ddim" and args.eta else {}
     stochastic = any(smod.is_stochastic(tn, **opts) for _, tn in schedule.chain(args.steps, args.sampler))
-    nc = "override" if stochastic else "none"
+    nc = args.noise_correction if stochastic else "none"
     den = gm.denoiser(schedule, args.sampler)
+    prior_std = float(schedule.sigma(schedule.chain(args.steps, args.sampler)[0][0])) \
+        if args.sampler == "euler_ancestral" else 1.0
 
-    def run(name, k, z0hat, model_calls):
-        score = psnr(z0hat.flatten(1), x0.flatten(1)).float()
-        return dict(method=name.rsplit("-", 1)[0], name=name, K=k, calls=model_calls, psnr=score.tolist())
+    def run(name, k, plan, n, calls_of):
+        """Invert with `plan` over n steps, denoise over args.steps, score against x0."""
+        try:
+            res = renoise.invert(den, x0, schedule, args.sampler, n, plan, generator=torch.Generator().manual_seed(1),
+                                 sampler_opts=opts)
+        except NonFiniteLatentError as e:
+            print(f"{name}: {e}")
+            score, zstd, calls = torch.full((args.samples,), -math.inf), math.inf, calls_of(None)
+        else:
+            z = renoise.sample(den, res) if n == args.steps else denoise(den, smod, schedule, res.z_T, args.steps, opts)
+            score = psnr(z.flatten(1), x0.flatten(1)).float()
+            zstd, calls = res.z_T.flatten(1).std(1).median().item() / prior_std, calls_of(res)
+        return dict(method=name.rsplit("-", 1)[0], name=name, K=k, calls=calls, psnr=score.tolist(), z_T_std=zstd)
 
     rows = []
     t0 = time.perf_counter()
@@ -83,15 +102,12 @@ def accuracy(args):
         if stochastic and k > 0:
             break
         n = args.steps * (k + 1)
-        res = renoise.invert(den, x0, schedule, args.sampler, n, Plan(sampler=args.sampler, num_steps=n,
-                             noise_correction=nc), generator=torch.Generator().manual_seed(1), sampler_opts=opts)
-        z = renoise.sample(den, res) if n == args.steps else denoise(den, smod, schedule, res.z_T, args.steps, opts)
-        rows.append(run(f"plain-{n}", k, z, res.model_calls + args.steps))
+        plan = Plan(sampler=args.sampler, num_steps=n, noise_correction=nc)
+        rows.append(run(f"plain-{n}", k, plan, n, lambda res, n=n: n + args.steps))
+    nc_calls = args.steps if nc != "none" else 0      # one more call per (stochastic) step when correcting
     for name, k, kw in methods(args.max_k):
         plan = Plan(sampler=args.sampler, num_steps=args.steps, noise_correction=nc, **kw)
-        res = renoise.invert(den, x0, schedule, args.sampler, args.steps, plan,
-                             generator=torch.Generator().manual_seed(1), sampler_opts=opts)
-        rows.append(run(name, k, renoise.sample(den, res), res.model_calls + args.steps))
+        rows.append(run(name, k, plan, args.steps, lambda res, k=k: args.steps * (k + 2) + nc_calls))
     seconds = time.perf_counter() - t0
 
     plain_iter = {r["calls"]: torch.tensor(r["psnr"]) for r in rows if r["method"] == "renoise"}
@@ -101,14 +117,19 @@ def accuracy(args):
         r["median"], r["p10"] = p.median().item(), p.quantile(0.1).item()
         ref = plain_iter.get(r["calls"])
         r["worse_3db"] = None if ref is None else int((p < ref - 3).sum())
+        prev = plain_iter.get(r["calls"] - args.steps) if r["method"] == "renoise" else None
+        r["floor_3db"] = None if prev is None else int((p < prev - 3).sum())
     return dict(config=vars(args) | {"seconds": seconds, "noise_correction": nc}, rows=rows)
 
 
 def table(result):
-    lines = [f"{'method':<14}{'K':>3}{'calls':>7}{'median dB':>11}{'p10 dB':>9}{'>3dB below plain iter':>23}"]
+    lines = [f"{'method':<14}{'K':>3}{'calls':>7}{'median dB':>11}{'p10 dB':>9}{'>3dB below plain':>18}"
+             f"{'z_T std':>9}{'plain K vs K-1':>16}"]
+    n = lambda v, total: "-" if v is None else f"{v}/{total}"  # noqa: E731
     for r in result["rows"]:
-        worse = "-" if r["worse_3db"] is None else f"{r['worse_3db']}/{len(r['psnr'])}"
-        lines.append(f"{r['name']:<14}{r['K']:>3}{r['calls']:>7}{r['median']:>11.2f}{r['p10']:>9.2f}{worse:>23}")
+        total = len(r["psnr"])
+        lines.append(f"{r['name']:<14}{r['K']:>3}{r['calls']:>7}{r['median']:>11.2f}{r['p10']:>9.2f}"
+                     f"{n(r['worse_3db'], total):>18}{r['z_T_std']:>9.3g}{n(r['floor_3db'], total):>16}")
     return "\n".join(lines)
 
 
@@ -329,6 +350,8 @@ def main(argv=None):
     ap.add_argument("--std", type=float, default=0.3, help="component std of the mixture")
     ap.add_argument("--scale", type=float, default=0.5, help="std of the component means")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--noise-correction", choices=("none", "override", "optimize"), default="none",
+                    help="for stochastic samplers (default none: PSNR then measures the fixed-point solve)")
     ap.add_argument("--out", type=Path, default=OUT)
     sp = ap.add_argument_group("--part speed")
     sp.add_argument("--size", choices=("tiny", "sdxl-turbo"), default="tiny",
