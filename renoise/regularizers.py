@@ -99,15 +99,20 @@ def _roll(x, shift, dim):
     return torch.gather(x, dim, idx.expand_as(x))
 
 
-def autocorr_loss(e, shifts):
-    """Pairwise auto-correlation loss per image: [B]. `shifts`: int64 [B, C, scales]."""
+def _check_shifts(e, shifts):
+    """(number of pyramid scales, shifts on e's device); shifts must be int64 [B, C, scales]."""
     _check(e)
     b, c, h, w = e.shape
     scales = len(pyramid_heights(h, w))
     if tuple(shifts.shape) != (b, c, scales):
         raise ValueError(f"shifts must have shape {(b, c, scales)} for a {h}x{w} map, got {tuple(shifts.shape)}")
-    shifts = shifts.to(e.device)
-    loss = e.new_zeros(b)
+    return scales, shifts.to(e.device)
+
+
+def autocorr_loss(e, shifts):
+    """Pairwise auto-correlation loss per image: [B]. `shifts`: int64 [B, C, scales]."""
+    scales, shifts = _check_shifts(e, shifts)
+    loss = e.new_zeros(e.shape[0])
     x = e
     for k in range(scales):
         if k > 0:
@@ -152,12 +157,7 @@ def autocorr_grad(e, shifts):
     At each scale, d mean(x·roll(x, s))²/dx = 2m·(roll(x, s) + roll(x, -s))/N; coarser levels flow
     back through the 2×2 average pooling (each value spread as 1/4 over its block).
     """
-    _check(e)
-    b, c, h, w = e.shape
-    scales = len(pyramid_heights(h, w))
-    if tuple(shifts.shape) != (b, c, scales):
-        raise ValueError(f"shifts must have shape {(b, c, scales)} for a {h}x{w} map, got {tuple(shifts.shape)}")
-    shifts = shifts.to(e.device)
+    scales, shifts = _check_shifts(e, shifts)
     levels = [e]
     for _ in range(1, scales):
         levels.append(F.avg_pool2d(levels[-1], kernel_size=2))
