@@ -23,6 +23,14 @@ class UnsupportedConfigError(ValueError):
     """A config names an architecture or option that renoise does not implement."""
 
 
+def _present(d: dict, names) -> dict:
+    """The fields of a diffusers config dict that are set (not None); a [h, w] sample_size keeps h."""
+    kw = {f: d[f] for f in names if d.get(f) is not None}
+    if isinstance(kw.get("sample_size"), (list, tuple)):
+        kw["sample_size"] = kw["sample_size"][0]
+    return kw
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """UNet2DConditionModel-compatible architecture (SD 1.x, 2.x, SDXL, LCM)."""
@@ -125,14 +133,10 @@ class UNetConfig:
         )
         for f in ("use_linear_projection", "upcast_attention"):
             kw[f] = bool(d.get(f) or False)
-        for f in ("in_channels", "out_channels", "norm_num_groups", "norm_eps", "flip_sin_to_cos",
-                  "freq_shift", "downsample_padding", "mid_block_scale_factor", "time_embedding_dim",
-                  "time_cond_proj_dim", "addition_embed_type", "addition_time_embed_dim",
-                  "projection_class_embeddings_input_dim", "sample_size"):
-            if d.get(f) is not None:
-                kw[f] = d[f]
-        if isinstance(kw.get("sample_size"), (list, tuple)):
-            kw["sample_size"] = kw["sample_size"][0]
+        kw.update(_present(d, ("in_channels", "out_channels", "norm_num_groups", "norm_eps", "flip_sin_to_cos",
+                               "freq_shift", "downsample_padding", "mid_block_scale_factor", "time_embedding_dim",
+                               "time_cond_proj_dim", "addition_embed_type", "addition_time_embed_dim",
+                               "projection_class_embeddings_input_dim", "sample_size")))
         return cls(**kw)
 
     def to_dict(self) -> dict:
@@ -173,13 +177,9 @@ class VAEConfig:
             if any(t != block for t in types) or len(types) != n:
                 raise UnsupportedConfigError(f"VAE config: {key}={types} unsupported; expected {n} x {block!r}")
         kw = {"block_out_channels": tuple(d.get("block_out_channels", cls.block_out_channels))}
-        for f in ("layers_per_block", "in_channels", "out_channels", "latent_channels", "norm_num_groups",
-                  "scaling_factor", "shift_factor", "force_upcast", "use_quant_conv", "use_post_quant_conv",
-                  "mid_block_add_attention", "sample_size"):
-            if d.get(f) is not None:
-                kw[f] = d[f]
-        if isinstance(kw.get("sample_size"), (list, tuple)):
-            kw["sample_size"] = kw["sample_size"][0]
+        kw.update(_present(d, ("layers_per_block", "in_channels", "out_channels", "latent_channels",
+                               "norm_num_groups", "scaling_factor", "shift_factor", "force_upcast", "use_quant_conv",
+                               "use_post_quant_conv", "mid_block_add_attention", "sample_size")))
         return cls(**kw)
 
     def to_dict(self) -> dict:
