@@ -1,6 +1,6 @@
 """The official ReNoise algorithm written against diffusers: the baseline renoise is measured against.
 
-A plain, loop-by-loop implementation of /work/shared/REFERENCE-BEHAVIOUR.md (what the authors'
+A plain, loop-by-loop implementation of the project's REFERENCE-BEHAVIOUR.md (shared/) (what the authors'
 code computes), the way a diffusers user would write it: a diffusers UNet2DConditionModel called
 once per renoising iteration, diffusers' scheduler objects for the noise tables (alphas_cumprod,
 final_alpha_cumprod, sigmas, LCM boundary scalings) with hand-written inverse steps, the reference's
