@@ -240,3 +240,25 @@ def test_python_m_renoise_subprocess(folders, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "denoise" in done.stderr and "wrote cat_reconstruction.png" in done.stderr   # progress, summary
     assert files(tmp_path / "out") == ["cat_reconstruction.png", "inversion.safetensors", "report.json"]
+
+
+def test_single_file_checkpoint_model(folders, tmp_path):
+    """--model takes an original-layout (LDM) .safetensors file; with --config for the tiny
+    architecture it gives the same reconstruction as the diffusers folder it was written from."""
+    from safetensors.torch import save_file
+
+    from renoise.models import single_file as sf
+    pipe = load_pipeline(folders["sd"])
+    ckpt = {"model.diffusion_model." + k: v for k, v in sf.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items()}
+    ckpt.update({"first_stage_model." + k: v for k, v in sf.vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config).items()})
+    ckpt.update({"cond_stage_model.transformer." + k: v for k, v in pipe.text_encoder.state_dict().items()})
+    path = tmp_path / "tiny-sd1.safetensors"
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, path)
+    cat = picture(tmp_path / "cat.png", SD_PX, SD_PX)
+    common = ["--image", cat, "--prompt", "a cat", *FAST_SD, "--seed", "3"]
+    assert run("reconstruct", "--model", folders["sd"], *common, "--out", tmp_path / "folder") == 0
+    assert run("reconstruct", "--model", path, "--config", folders["sd"], *common, "--out", tmp_path / "file") == 0
+    a, b = (np.asarray(Image.open(tmp_path / d / "cat_reconstruction.png")) for d in ("folder", "file"))
+    assert np.array_equal(a, b)
+    za, zb = (Inversion.load(tmp_path / d / "inversion.safetensors").result.z_T for d in ("folder", "file"))
+    assert torch.allclose(za, zb, rtol=0, atol=1e-6 * za.abs().max().item())
