@@ -1,9 +1,16 @@
-"""Edit-enhancement regularizers against plain per-channel loop references (REFERENCE-BEHAVIOUR.md)."""
+"""Edit-enhancement regularizers against plain per-channel loop references (REFERENCE-BEHAVIOUR.md);
+the whole regularizer against the official algorithm's (benchmarks/official_renoise.py)."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from renoise import regularizers as R
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root: `benchmarks` is a package there
+from benchmarks import official_renoise as official  # noqa: E402
 
 
 # ---------------------------------------------------------------- loop references (batch 1, [C, H, W])
@@ -42,22 +49,6 @@ def ac_loop(e, generator=None, shifts=None):
             x = F.avg_pool2d(x, 2)
             k += 1
     return total, used
-
-
-def regularize_loop(e, e_ref, generator, lambda_kl, lambda_ac, rounds, rolls):
-    """The reference's regularizer on one image [C, H, W]: draw order round, roll, channel, scale."""
-    for _ in range(rounds):
-        if lambda_kl > 0:
-            v = e.detach().clone().requires_grad_(True)
-            kl_loop(v, e_ref).backward()
-            e = e - lambda_kl * torch.clip(v.grad, -100, 100)
-        if lambda_ac > 0:
-            for _ in range(rolls):
-                v = e.detach().clone().requires_grad_(True)
-                ac_loop(v, generator)[0].backward()
-                e = e - lambda_ac * (v.grad / rolls)
-        e = e.detach()
-    return e
 
 
 # ---------------------------------------------------------------- tests
@@ -116,7 +107,7 @@ def test_regularize_equals_reference_loop(lams, rng):
     e = torch.randn(1, 4, 16, 16, generator=rng) * 1.3
     ref = torch.randn(1, 4, 16, 16, generator=rng)
     out = R.regularize(e, ref, torch.Generator().manual_seed(5), lambda_kl=lam_kl, lambda_ac=lam_ac, rounds=3, rolls=4)
-    want = regularize_loop(e[0], ref[0], torch.Generator().manual_seed(5), lam_kl, lam_ac, 3, 4)
+    want = official.regularize(e[0], ref[0], torch.Generator().manual_seed(5), lam_kl, lam_ac, 3, 4)
     assert not torch.equal(out[0], e[0])
     torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-6)
 
