@@ -46,7 +46,8 @@ import renoise
 from renoise.inversion import NonFiniteLatentError
 from renoise.presets import Plan
 from renoise.schedules import Schedule
-from renoise.toy import GaussianMixture, psnr
+from renoise.metrics import psnr
+from renoise.toy import GaussianMixture
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -92,7 +93,7 @@ def accuracy(args):
             score, zstd, calls = torch.full((args.samples,), -math.inf), math.inf, calls_of(None)
         else:
             z = renoise.sample(den, res) if n == args.steps else denoise(den, smod, schedule, res.z_T, args.steps, opts)
-            score = psnr(z.flatten(1), x0.flatten(1)).float()
+            score = psnr(z.flatten(1), x0.flatten(1), data_range=1.0).float()
             zstd, calls = res.z_T.flatten(1).std(1).median().item() / prior_std, calls_of(res)
         return dict(method=name.rsplit("-", 1)[0], name=name, K=k, calls=calls, psnr=score.tolist(), z_T_std=zstd)
 

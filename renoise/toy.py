@@ -25,12 +25,6 @@ import torch
 from . import samplers as _samplers
 
 
-def psnr(x, ref, peak=1.0):
-    """Per-sample PSNR in dB, 10·log10(peak² / mean((x - ref)²)) over all but the batch dim -> [B]."""
-    mse = (x - ref).double().reshape(x.shape[0], -1).pow(2).mean(1)
-    return 10 * torch.log10(peak**2 / mse)
-
-
 @dataclass(frozen=True, eq=False)
 class GaussianMixture:
     """Isotropic Gaussian mixture: means [K, d], component std s, log-weights [K]."""

@@ -7,9 +7,10 @@ import torch
 import renoise
 from renoise import noise_correction, presets
 from renoise.inversion import InversionResult, NonFiniteLatentError
+from renoise.metrics import psnr
 from renoise.presets import Plan
 from renoise.schedules import Schedule
-from renoise.toy import GaussianMixture, psnr
+from renoise.toy import GaussianMixture
 
 SPACING = {"ddim": "leading", "euler_ancestral": "trailing", "lcm": None}
 STEPS = 4
@@ -29,7 +30,7 @@ def setup(gm, sampler, prediction_type="epsilon"):
 
 
 def recon_psnr(den, res, x0):
-    return psnr(renoise.sample(den, res).flatten(1), x0.flatten(1)).median().item()
+    return psnr(renoise.sample(den, res).flatten(1), x0.flatten(1), data_range=1.0).median().item()
 
 
 def plan(sampler, **kw):

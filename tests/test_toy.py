@@ -8,9 +8,10 @@ from hypothesis import strategies as st
 
 from renoise import samplers
 from renoise.fixed_point import iterate
+from renoise.metrics import psnr
 from renoise.samplers import _common
 from renoise.schedules import Schedule
-from renoise.toy import GaussianMixture, ShiftedGaussian, psnr
+from renoise.toy import GaussianMixture, ShiftedGaussian
 
 SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
             prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
@@ -90,7 +91,7 @@ def invert_and_reconstruct(mix, x0, schedule, num_steps, calls, anderson=0):
         z, total = res.z, total + res.evals
     for t, t_next in chain:
         z = ddim.step(z, den(z, t), t, t_next, schedule)
-    return psnr(z, x0), total
+    return psnr(z, x0, data_range=1.0), total
 
 
 @pytest.fixture(scope="module")
