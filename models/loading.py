@@ -232,7 +232,9 @@ def find_weights(folder, *, variant: str | None = None, allow_pickle: bool = Fal
 
 
 def is_hub_id(source) -> bool:
-    return isinstance(source, str) and not Path(source).exists() and bool(_HUB_ID.match(source))
+    """'org/name' that is not a local path; a weights file name ('x/y.safetensors') never is one."""
+    return (isinstance(source, str) and not Path(source).exists() and bool(_HUB_ID.match(source))
+            and not source.endswith((".safetensors", *PICKLE_SUFFIXES)))
 
 
 def resolve_folder(source, subfolder: str | None, *, class_name: str, what: str, variant: str | None = None,

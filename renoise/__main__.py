@@ -271,10 +271,9 @@ def _sync(device):
 
 
 def _check_model_path(model):
-    """A --model that can only be a local path (hub ids are exactly 'owner/name') must exist."""
-    local = (os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") != 1
-             or model.endswith((".safetensors", ".ckpt", ".pt", ".bin")))
-    if local and not Path(model).expanduser().exists():
+    """--model must be an existing folder or file, or a hub id ('owner/name')."""
+    from .models.loading import is_hub_id
+    if not is_hub_id(model) and not Path(model).expanduser().exists():
         raise FileNotFoundError(f"model folder or file not found: {model}")
 
 
