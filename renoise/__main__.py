@@ -351,9 +351,7 @@ def run(args) -> dict:
         if images is not None and (images.shape[0] != loaded.batch or tuple(images.shape[-2:]) != loaded.size):
             raise UsageError(f"--image gives {images.shape[0]} image(s) of {images.shape[2]}x{images.shape[3]} but "
                              f"the inversion holds {loaded.batch} of {loaded.size[0]}x{loaded.size[1]}")
-        if args.steps is not None and args.steps != loaded.num_steps:
-            raise UsageError(f"--steps {args.steps}: the inversion was made with {loaded.num_steps} steps; its z_T "
-                             f"and stored noises belong to that chain, so invert again with --steps {args.steps}")
+        loaded.check_num_steps(args.steps)
     lora = args.lora or (loaded.extra.get("lora") if loaded is not None else None)   # as when inverted
     if lora and not Path(lora).exists():
         raise FileNotFoundError(f"LoRA file not found: {lora}")
@@ -424,10 +422,10 @@ def run(args) -> dict:
             bar = Progress("denoise", total=len(res.timesteps), enabled=not args.quiet)
             t0 = time.perf_counter()
             if command == "reconstruct":
-                z, den = editor.sample(inv, negative_prompts=inv.negative_prompts, callback=lambda *_: bar.update())
+                z, den = editor.reconstruct_latents(inv, callback=lambda *_: bar.update())
             else:
-                z, den = editor.sample(inv, edit_prompts, negative_prompts=inv.prompts,
-                                       guidance_scale=args.edit_guidance, callback=lambda *_: bar.update())
+                z, den = editor.edit_latents(inv, edit_prompts, edit_guidance_scale=args.edit_guidance,
+                                             callback=lambda *_: bar.update())
                 report["settings"].update(edit_prompts=edit_prompts, edit_guidance_scale=args.edit_guidance)
             _sync(device)
             timings["sample"] = time.perf_counter() - t0

@@ -266,6 +266,14 @@ class Inversion:
     def batch(self) -> int:
         return self.result.z_T.shape[0]
 
+    def check_num_steps(self, num_steps) -> None:
+        """Denoising must run the inverted chain: refuse another step count with the fix."""
+        if num_steps is not None and int(num_steps) != self.num_steps:
+            raise ValueError(
+                f"cannot denoise with {num_steps} steps an inversion made with {self.num_steps}: its z_T sits at "
+                f"the top timestep of the {self.num_steps}-step chain and its stored noises belong to those steps; "
+                f"invert again with {num_steps} steps")
+
     def save(self, path) -> None:
         """One safetensors file (InversionResult.save) with prompts, size and guidance in its metadata."""
         meta = {k: getattr(self, k) for k in self.META}
@@ -355,11 +363,7 @@ class Editor:
         """Denoise inv's z_T along its own chain with its stored noises; the prompts default to
         the source prompts and the guidance to the inversion's. Returns z0' and the denoiser."""
         from .inversion import sample
-        if num_steps is not None and int(num_steps) != inv.num_steps:
-            raise ValueError(
-                f"cannot denoise with {num_steps} steps an inversion made with {inv.num_steps}: its z_T sits at "
-                f"the top timestep of the {inv.num_steps}-step chain and its stored noises belong to those steps; "
-                f"invert again with {num_steps} steps")
+        inv.check_num_steps(num_steps)
         prompts = inv.prompts if prompts is None else as_prompts(prompts, inv.batch)
         if negative_prompts is not None:
             negative_prompts = as_prompts(negative_prompts, inv.batch, "negative prompt")
@@ -370,13 +374,23 @@ class Editor:
 
     def reconstruct(self, inv: Inversion, *, num_steps=None, callback=None) -> torch.Tensor:
         """Denoise with the source prompts and the inversion's own guidance: images [B, 3, H, W]."""
-        z, _ = self.sample(inv, negative_prompts=inv.negative_prompts, num_steps=num_steps, callback=callback)
+        z, _ = self.reconstruct_latents(inv, num_steps=num_steps, callback=callback)
         return decode_latents(self.pipe, z)
+
+    def reconstruct_latents(self, inv: Inversion, *, num_steps=None, callback=None):
+        """`reconstruct` before decoding: (z0', the denoiser used)."""
+        return self.sample(inv, negative_prompts=inv.negative_prompts, num_steps=num_steps, callback=callback)
 
     def edit(self, inv: Inversion, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None,
              callback=None) -> torch.Tensor:
         """The paper's edit: edit prompt as condition, source prompt as negative, guidance
         `edit_guidance_scale` (1.0: the edit prompt alone)."""
-        z, _ = self.sample(inv, edit_prompts, negative_prompts=inv.prompts, guidance_scale=edit_guidance_scale,
-                           num_steps=num_steps, callback=callback)
+        z, _ = self.edit_latents(inv, edit_prompts, edit_guidance_scale=edit_guidance_scale, num_steps=num_steps,
+                                 callback=callback)
         return decode_latents(self.pipe, z)
+
+    def edit_latents(self, inv: Inversion, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None,
+                     callback=None):
+        """`edit` before decoding: (z0', the denoiser used)."""
+        return self.sample(inv, edit_prompts, negative_prompts=inv.prompts, guidance_scale=edit_guidance_scale,
+                           num_steps=num_steps, callback=callback)
