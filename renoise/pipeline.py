@@ -157,6 +157,8 @@ def negative_conditioning(pipe, negative_prompts, like: Conditioning, **encode_k
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """LCM's guidance condition [B, dim]: the sinusoid [sin, cos] of 1000·w at frequencies
     10000^(-k/(dim/2 - 1)), zero-padded to an odd dim (w = guidance scale - 1)."""
+    # Same sinusoid as models.blocks.timestep_embedding(1000·w, freq_shift=1), but in diffusers' own
+    # float32 operation order: angles reach ~1e4, where a different rounding of freqs shows at 1e-5.
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device)
                       * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
