@@ -228,13 +228,10 @@ def check_text_encoder_keys(config: CLIPTextConfig, shapes: dict, where="the tex
 def text_encoder_from_state_dict(config: CLIPTextConfig, state_dict: dict, *, dtype=torch.float32,
                                  device="cpu") -> CLIPTextModel:
     """Build on the meta device and load `state_dict` (our/transformers names) with strict checks."""
-    state_dict = normalize_text_encoder_keys(state_dict)
-    check_text_encoder_keys(config, {k: tuple(v.shape) for k, v in state_dict.items()})
-    with torch.device("meta"):
-        model = CLIPTextModel(config)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()},
-                          strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    from .loading import model_from_state_dict
+
+    return model_from_state_dict(CLIPTextModel, config, normalize_text_encoder_keys(state_dict), dtype=dtype,
+                                 device=device, where="the text encoder weights", what="text encoder")
 
 
 def load_text_encoder(source, *, subfolder: str | None = "text_encoder", dtype=torch.float32, device="cpu",

@@ -335,6 +335,18 @@ def load_model(model, weights: Path, *, dtype, device, allow_pickle=False, renam
     return model.eval().requires_grad_(False)
 
 
+def model_from_state_dict(cls, config, state_dict: dict, *, dtype, device, where, what: str):
+    """Build `cls(config)` on the meta device and assign `state_dict` (our names) strictly, in
+    `dtype` on `device`: a key or shape that does not fit is a CheckpointError naming it."""
+    with torch.device("meta"):
+        model = cls(config)
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()},
+               {k: tuple(v.shape) for k, v in state_dict.items()}, where, what)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, strict=True,
+                          assign=True)
+    return model.eval().requires_grad_(False)
+
+
 def _squeeze_1x1(expected):
     def f(name, shape):
         want = expected.get(name)

@@ -368,19 +368,6 @@ TOKENIZER_REPOS = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd2": 
                    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
-def _model_from_state_dict(cls, config, state_dict: dict, *, dtype, device, where: str, what: str):
-    """Build `cls(config)` on the meta device and assign `state_dict` strictly (names and shapes)."""
-    from .loading import check_keys
-
-    with torch.device("meta"):
-        model = cls(config)
-    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()},
-               {k: tuple(v.shape) for k, v in state_dict.items()}, where, what)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, strict=True,
-                          assign=True)
-    return model.eval().requires_grad_(False)
-
-
 def _tokenizers(source, kind: str):
     from .tokenizer import load_tokenizer
 
@@ -408,7 +395,7 @@ def load_single_file(path, *, config=None, kind: str | None = None, tokenizer=No
     model's hub repo (cache or network). `prediction_type` overrides the scheduler config's (SD 2.x
     512-base checkpoints are epsilon models; the file does not say).
     """
-    from .loading import load_state_dict
+    from .loading import load_state_dict, model_from_state_dict
     from .pipeline import Pipeline
     from .unet import UNet
     from .vae import AutoencoderKL
@@ -426,9 +413,9 @@ def load_single_file(path, *, config=None, kind: str | None = None, tokenizer=No
         if not sub:
             raise UnknownCheckpointError(f"the {kind} checkpoint {path.name} has no {name} weights")
 
-    unet = _model_from_state_dict(UNet, configs["unet"], convert_unet(parts.pop("unet"), configs["unet"]),
+    unet = model_from_state_dict(UNet, configs["unet"], convert_unet(parts.pop("unet"), configs["unet"]),
                                   dtype=dtype, device=device, where=path, what="UNet")
-    vae = _model_from_state_dict(AutoencoderKL, configs["vae"], convert_vae(parts.pop("vae"), configs["vae"]),
+    vae = model_from_state_dict(AutoencoderKL, configs["vae"], convert_vae(parts.pop("vae"), configs["vae"]),
                                  dtype=dtype, device=device, where=path, what="VAE")
     te_cfg, te2_cfg = configs.get("text_encoder"), configs.get("text_encoder_2")
     if kind == "sd2":   # OpenCLIP-H: the released encoder drops the last of its 24 layers
