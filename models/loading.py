@@ -269,25 +269,33 @@ def _download(repo_id, subfolder, *, variant, allow_pickle, base, cache_dir, rev
     First the config (in `subfolder`, else at the repo root: a single-model repo such as a VAE),
     then that folder's weights of the chosen variant, then the shards its index lists.
     """
-    import huggingface_hub as hf
-    from huggingface_hub import errors
-
     v = f".{variant}" if variant else ""
     names = [f"{base}{v}.safetensors", f"{base}.safetensors.index{v}.json"]
     if allow_pickle:
         names += [f"{base}{v}.bin", f"{base}.bin.index{v}.json"]
-    kw = dict(repo_id=repo_id, cache_dir=cache_dir, revision=revision)
+    kw = dict(cache_dir=cache_dir, revision=revision)
     if local_files_only is not None:
         kw["local_files_only"] = local_files_only
+    sub = f"{subfolder}/" if subfolder else ""
+    root = hub_snapshot(repo_id, dict.fromkeys([sub + "config.json", "config.json"]), **kw)
+    pre = sub if (root / sub / "config.json").is_file() else ""
+    root = hub_snapshot(repo_id, [pre + n for n in names], **kw)
+    index = next((root / pre / n for n in names if n.endswith(".json") and (root / pre / n).is_file()), None)
+    if index is not None and not (root / pre / f"{base}{v}.safetensors").is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        root = hub_snapshot(repo_id, [pre + s for s in shards], **kw)
+    return root
+
+
+def hub_snapshot(repo_id: str, patterns, **hub) -> Path:
+    """The local snapshot folder of hub repo `repo_id` holding the files that match `patterns`:
+    downloaded, or found in the Hugging Face cache when offline. `hub`: cache_dir, revision,
+    local_files_only. Unavailable for any reason: FileNotFoundError saying which and what to do."""
+    import huggingface_hub as hf
+    from huggingface_hub import errors
+
     try:
-        sub = f"{subfolder}/" if subfolder else ""
-        root = Path(hf.snapshot_download(allow_patterns=list(dict.fromkeys([sub + "config.json", "config.json"])), **kw))
-        pre = sub if (root / sub / "config.json").is_file() else ""
-        root = Path(hf.snapshot_download(allow_patterns=[pre + n for n in names], **kw))
-        index = next((root / pre / n for n in names if n.endswith(".json") and (root / pre / n).is_file()), None)
-        if index is not None and not (root / pre / f"{base}{v}.safetensors").is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            root = Path(hf.snapshot_download(allow_patterns=[pre + s for s in shards], **kw))
+        return Path(hf.snapshot_download(repo_id=repo_id, allow_patterns=list(patterns), **hub))
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:
         raise FileNotFoundError(
             f"{repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached "
@@ -295,9 +303,8 @@ def _download(repo_id, subfolder, *, variant, allow_pickle, base, cache_dir, rev
         ) from None
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.GatedRepoError) as e:
         raise FileNotFoundError(f"could not access hub repo {repo_id!r}: {e}") from None
-    except errors.HfHubHTTPError as e:
+    except Exception as e:  # noqa: BLE001 -- HTTP and connection failures: the files are not available
         raise FileNotFoundError(f"downloading {repo_id!r} from the hub failed: {e}") from None
-    return root
 
 
 # ---------------------------------------------------------------- building models

@@ -49,16 +49,13 @@ def load_lora(source, *, weight_name: str | None = None, allow_pickle: bool = Fa
     """Read a LoRA: a file (.safetensors; pickles only with allow_pickle), a folder holding one
     .safetensors file, or a hub id (`weight_name`, default diffusers' "pytorch_lora_weights.safetensors",
     fetched or found in the local cache). `hub`: cache_dir, revision, local_files_only."""
-    from .loading import is_hub_id, load_state_dict
+    from .loading import hub_snapshot, is_hub_id, load_state_dict
 
     if is_hub_id(source):
-        import huggingface_hub as hf
         name = weight_name or "pytorch_lora_weights.safetensors"
-        try:
-            path = Path(hf.hf_hub_download(repo_id=source, filename=name, **hub))
-        except Exception as e:  # noqa: BLE001 -- offline, missing repo or file: all "not available"
-            raise FileNotFoundError(f"could not get LoRA {name!r} of {source!r} from the hub or its local cache: "
-                                    f"{e}") from None
+        path = hub_snapshot(source, [name], **hub) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"hub repo {source!r} has no LoRA file {name!r}; pass weight_name=")
     else:
         path = Path(source)
         if path.is_dir():

@@ -54,14 +54,10 @@ def _read_json(path: Path, what: str) -> dict:
 
 def _pipeline_root(source, hub: dict) -> Path:
     """The local folder with model_index.json and the scheduler config (hub ids: fetch just those)."""
-    from .loading import is_hub_id
+    from .loading import hub_snapshot, is_hub_id
 
     if is_hub_id(source):
-        import huggingface_hub as hf
-        try:
-            return Path(hf.snapshot_download(repo_id=source, allow_patterns=list(_SMALL_FILES), **hub))
-        except Exception as e:  # noqa: BLE001 -- offline, missing repo, HTTP errors: all "not available"
-            raise FileNotFoundError(f"could not get {source!r} from the hub or its local cache: {e}") from None
+        return hub_snapshot(source, _SMALL_FILES, **hub)
     root = Path(source)
     if not root.exists():
         raise FileNotFoundError(f"{source!r} is neither an existing path nor a hub id of the form 'org/name'")

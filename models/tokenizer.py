@@ -238,16 +238,11 @@ _FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_m
 def _resolve_folder(source, subfolder, **hub) -> Path:
     """The local tokenizer folder: `source/subfolder`, `source` itself, or the files of a hub id
     (only the four small tokenizer files are fetched, or found in the cache when offline)."""
-    from .loading import is_hub_id
+    from .loading import hub_snapshot, is_hub_id
 
     if is_hub_id(source):
-        import huggingface_hub as hf
         pre = f"{subfolder}/" if subfolder else ""
-        try:
-            root = Path(hf.snapshot_download(repo_id=source, allow_patterns=[pre + f for f in _FILES], **hub))
-        except Exception as e:  # noqa: BLE001 -- offline, missing repo, HTTP: all mean "not available"
-            raise FileNotFoundError(f"could not get the tokenizer of {source!r} from the hub or its local "
-                                    f"cache: {e}") from None
+        root = hub_snapshot(source, [pre + f for f in _FILES], **hub)
         return root / subfolder if subfolder else root
     root = Path(source)
     if not root.is_dir():
