@@ -13,7 +13,7 @@ from torch import nn
 from renoise.models import load_state_dict, load_unet, load_vae
 from renoise.models.configs import UnsupportedConfigError
 from renoise.models.loading import CheckpointError, find_weights, read_safetensors, safetensors_header
-from tiny_models import save_tiny_unet, save_tiny_vae, unet_inputs
+from tiny_models import make_cache, save_tiny_unet, save_tiny_vae, unet_inputs
 
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -65,14 +65,6 @@ def test_bare_file_with_config(sd1):
 
 
 # ---------------------------------------------------------------- hub ids, no network
-
-def make_cache(cache, repo_id, pipeline_folder, commit="0123456789abcdef0123456789abcdef01234567"):
-    """Lay out a Hugging Face cache entry for `repo_id` whose snapshot is `pipeline_folder`."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(pipeline_folder, repo / "snapshots" / commit)
-
 
 def test_hub_id_from_offline_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -199,12 +199,9 @@ def test_load_lora_from_file_folder_and_hub_cache(tmp_path, monkeypatch):
     from safetensors.torch import save_file
     from renoise.models import load_lora
     sd = {"lora_unet_conv_in.lora_down.weight": torch.randn(2, 4, 3, 3), "lora_unet_conv_in.lora_up.weight": torch.randn(8, 2, 1, 1)}
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snap = tmp_path / "cache" / "models--org--lcm" / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (tmp_path / "cache" / "models--org--lcm" / "refs").mkdir()
-    (tmp_path / "cache" / "models--org--lcm" / "refs" / "main").write_text(commit)
-    save_file(sd, snap / "pytorch_lora_weights.safetensors")
+    (tmp_path / "repo").mkdir()
+    save_file(sd, tmp_path / "repo" / "pytorch_lora_weights.safetensors")
+    snap = tiny_models.make_cache(tmp_path / "cache", "org/lcm", tmp_path / "repo")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     for source in (snap / "pytorch_lora_weights.safetensors", snap):
         assert all(torch.equal(v, sd[k]) for k, v in load_lora(source).items())

@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+import tiny_models  # noqa: E402
 import tiny_pipeline  # noqa: E402
 from renoise.models import load_pipeline  # noqa: E402
 
@@ -96,14 +97,9 @@ def test_hub_id_from_offline_cache(tmp_path, monkeypatch, sdxl_folder):
     import huggingface_hub
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    import shutil
     folder = sdxl_folder
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "cache" / "models--tiny--sdxl"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "snapshots" / commit / "unet" / "unused.bin").write_bytes(b"not needed")
+    snap = tiny_models.make_cache(tmp_path / "cache", "tiny/sdxl", folder)
+    (snap / "unet" / "unused.bin").write_bytes(b"not needed")
     calls = []
     real = huggingface_hub.snapshot_download
     monkeypatch.setattr(huggingface_hub, "snapshot_download",

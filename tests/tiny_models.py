@@ -136,3 +136,15 @@ def unet_inputs(kind: str, batch: int = 2, size: int = 8, tokens: int = 7, seed:
     if kind == "lcm":
         extra["timestep_cond"] = torch.randn(batch, cfg["time_cond_proj_dim"], generator=g, dtype=dtype)
     return x, t, context, extra
+
+
+def make_cache(cache, repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
+    """Lay out a Hugging Face cache entry for `repo_id` whose snapshot is a copy of `folder`;
+    returns the snapshot folder."""
+    import shutil
+    from pathlib import Path
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
