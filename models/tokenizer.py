@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer, reading a model's `vocab.json` and `merges.txt`.
+"""CLIP's byte-level BPE tokenizer, reading a model's `vocab.json` + `merges.txt` or `tokenizer.json`.
 
 Gives the same ids as transformers' `CLIPTokenizer` on the same files (without ftfy):
 
@@ -122,15 +122,7 @@ class CLIPTokenizer:
     @classmethod
     def from_files(cls, vocab_file, merges_file, **kwargs) -> "CLIPTokenizer":
         vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
-        merges = []
-        for line in Path(merges_file).read_text(encoding="utf-8").split("\n"):
-            if line.startswith("#version") or not line.strip():
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise ValueError(f"malformed line in {merges_file}: {line!r}")
-            merges.append((parts[0], parts[1]))
-        return cls(vocab, merges, **kwargs)
+        return cls(vocab, _read_merges(Path(merges_file)), **kwargs)
 
     def _bpe(self, piece: str) -> list[int]:
         if piece in self._cache:
@@ -203,53 +195,105 @@ def _token_content(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    """merges.txt: one "a b" pair a line, after an optional "#version" line."""
+    merges = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if line.startswith("#version") or not line.strip():
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"malformed line in {path}: {line!r}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _read_tokenizer_json(path: Path):
+    """(vocab, merges, added tokens, normalized tokens) from a `tokenizers` file (tokenizer.json),
+    as transformers 5 saves a CLIP tokenizer. Merges may be "a b" strings or [a, b] pairs."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+        raise ValueError(f"{path} is not a CLIP byte-level BPE tokenizer (model type {model.get('type')!r}, "
+                         f"end_of_word_suffix {model.get('end_of_word_suffix')!r}; expected BPE with '</w>')")
+    merges = []
+    for m in model.get("merges", []):
+        pair = m.split(" ") if isinstance(m, str) else list(m)
+        if len(pair) != 2:
+            raise ValueError(f"malformed merge in {path}: {m!r}")
+        merges.append((pair[0], pair[1]))
+    vocab, added, normalized = dict(model["vocab"]), {}, set()
+    for entry in data.get("added_tokens") or []:
+        added[entry["content"]] = int(entry["id"])
+        vocab.setdefault(entry["content"], int(entry["id"]))   # added tokens are part of the vocabulary
+        if entry.get("normalized"):
+            normalized.add(entry["content"])
+    return vocab, merges, added, normalized
+
+
 def load_tokenizer(source, subfolder: str | None = "tokenizer", **hub) -> CLIPTokenizer:
-    """From a diffusers folder / hub id (`subfolder`) or a tokenizer folder (`subfolder=None`):
-    `vocab.json`, `merges.txt`, and the special tokens and `model_max_length` from
-    `tokenizer_config.json` / `special_tokens_map.json` when present."""
+    """From a diffusers folder / hub id (`subfolder`) or a tokenizer folder (`subfolder=None`).
+
+    Reads `vocab.json` + `merges.txt`, or else `tokenizer.json` (what transformers 5 saves), and
+    the special tokens and `model_max_length` from `tokenizer_config.json` /
+    `special_tokens_map.json` when present.
+    """
     folder = _resolve_folder(source, subfolder, **hub)
-    for name in ("vocab.json", "merges.txt"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"tokenizer file {name} not found in {folder}; a CLIP tokenizer needs "
-                                    "vocab.json and merges.txt")
     settings = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
         if (folder / name).is_file():
             settings.update(json.loads((folder / name).read_text(encoding="utf-8")))
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        merges, added, normalized = _read_merges(folder / "merges.txt"), {}, set()
+    elif (folder / "tokenizer.json").is_file():
+        vocab, merges, added, normalized = _read_tokenizer_json(folder / "tokenizer.json")
+    else:
+        raise FileNotFoundError(_missing_message(folder))
     kwargs = {}
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+    specials = ("bos_token", "eos_token", "pad_token", "unk_token")
+    for key in specials:
         if settings.get(key) is not None:
             kwargs[key] = _token_content(settings[key])
     max_length = settings.get("model_max_length")
     if isinstance(max_length, int) and max_length <= 4096:  # transformers writes 1e30 for "unlimited"
         kwargs["max_length"] = max_length
-    entries = [v for v in (settings.get("added_tokens_decoder") or {}).values()]
-    entries += [settings[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if settings.get(k) is not None]
-    added = {_token_content(v): int(k) for k, v in (settings.get("added_tokens_decoder") or {}).items()}
-    normalized = frozenset(e["content"] for e in entries if isinstance(e, dict) and e.get("normalized"))
-    return CLIPTokenizer.from_files(folder / "vocab.json", folder / "merges.txt", added_tokens=added or None,
-                                    normalized_tokens=normalized,
-                                    **kwargs)
+    decoder = settings.get("added_tokens_decoder") or {}
+    added.update({_token_content(v): int(k) for k, v in decoder.items()})
+    entries = [*decoder.values(), *(settings[k] for k in specials if settings.get(k) is not None)]
+    normalized |= {e["content"] for e in entries if isinstance(e, dict) and e.get("normalized")}
+    return CLIPTokenizer(vocab, merges, added_tokens=added or None, normalized_tokens=frozenset(normalized),
+                         **kwargs)
 
 
-_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+def _missing_message(folder: Path) -> str:
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return (f"no CLIP tokenizer files in {folder} (it has {present}): expected vocab.json and merges.txt "
+            "(the original CLIP format), or tokenizer.json (what transformers 5 saves)")
+
+
+_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+_BPE_FILES = ("vocab.json", "merges.txt")
 
 
 def _resolve_folder(source, subfolder, **hub) -> Path:
     """The local tokenizer folder: `source/subfolder`, `source` itself, or the files of a hub id
-    (only the four small tokenizer files are fetched, or found in the cache when offline)."""
+    (only the small tokenizer files are fetched: vocab.json and merges.txt, or else tokenizer.json;
+    or they are found in the cache when offline)."""
     from .loading import hub_snapshot, is_hub_id
 
     if is_hub_id(source):
         pre = f"{subfolder}/" if subfolder else ""
-        root = hub_snapshot(source, [pre + f for f in _FILES], **hub)
+        root = hub_snapshot(source, [pre + f for f in _CONFIG_FILES + _BPE_FILES], **hub)
+        if not all((root / pre / f).is_file() for f in _BPE_FILES):
+            root = hub_snapshot(source, [pre + "tokenizer.json"], **hub)
         return root / subfolder if subfolder else root
     root = Path(source)
     if not root.is_dir():
         raise FileNotFoundError(f"{source!r} is neither a folder nor a hub id of the form 'org/name'")
     if subfolder and (root / subfolder).is_dir():
         return root / subfolder
-    if (root / "vocab.json").is_file():
+    if (root / "vocab.json").is_file() or (root / "tokenizer.json").is_file():
         return root
     raise FileNotFoundError(f"no tokenizer in {root}: expected {root / (subfolder or '')} with vocab.json and "
-                            "merges.txt")
+                            "merges.txt, or tokenizer.json")

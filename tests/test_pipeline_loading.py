@@ -74,7 +74,10 @@ def sdxl_folder(tmp_path_factory):
 
 
 def test_sdxl_folder(sdxl_folder):
+    """As StableDiffusionXLPipeline.save_pretrained writes it (transformers 5: no vocab.json/merges.txt)."""
     folder = sdxl_folder
+    for sub in ("tokenizer", "tokenizer_2"):
+        assert sorted(p.name for p in (folder / sub).iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     pipe = load_pipeline(folder, dtype=torch.float32)
     assert pipe.kind == "sdxl" and pipe.force_zeros_for_empty_prompt is True
     assert pipe.scheduler_config["_class_name"] == "EulerAncestralDiscreteScheduler"
@@ -112,7 +115,7 @@ def test_hub_id_from_offline_cache(tmp_path, monkeypatch, sdxl_folder):
         assert all(torch.equal(v, theirs[k]) for k, v in module.state_dict().items()), name
     assert torch.equal(pipe.tokenizer_2(["a cat"]), local.tokenizer_2(["a cat"]))
     patterns = [p for c in calls for p in c]
-    assert "tokenizer_2/merges.txt" in patterns and not any(p.endswith(".bin") for p in patterns)
+    assert "tokenizer_2/tokenizer.json" in patterns and not any(p.endswith(".bin") for p in patterns)
     with pytest.raises(FileNotFoundError, match="not-cached"):
         load_pipeline("nobody/not-cached", cache_dir=tmp_path / "cache")
 

@@ -147,7 +147,7 @@ def test_missing_files_and_bad_tokens(files, tmp_path):
     folder, vocab = files
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "vocab.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="merges.txt"):
+    with pytest.raises(FileNotFoundError, match="vocab.json and merges.txt .*or tokenizer.json"):
         ours.load_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="pad token"):
         ours.CLIPTokenizer(vocab, [], pad_token="<pad>")
@@ -165,6 +165,83 @@ def test_random_strings_match_transformers(files, text):
     ref = _oracle(folder)
     tok = ours.load_tokenizer(folder, subfolder=None)
     assert tok.encode(text) == ref(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- tokenizer.json (transformers 5's format)
+
+@pytest.fixture(scope="module")
+def json_files(files, tmp_path_factory):
+    """The same tokenizer as `files`, saved by transformers' save_pretrained (pad "!", as SDXL's
+    tokenizer_2): tokenizer.json + tokenizer_config.json, no vocab.json or merges.txt."""
+    folder, _ = files
+    out = tmp_path_factory.mktemp("tok_json")
+    transformers.CLIPTokenizer.from_pretrained(folder, pad_token="!").save_pretrained(out)
+    assert (out / "tokenizer.json").is_file() and not (out / "vocab.json").exists()
+    return out
+
+
+@pytest.fixture(scope="module")
+def vocab_files_pad(files, tmp_path_factory):
+    """`files` with the same tokenizer_config.json settings (pad "!") as `json_files`."""
+    folder, _ = files
+    return _with_config(folder, tmp_path_factory.mktemp("tok_pad"), model_max_length=77, pad_token="!")
+
+
+@given(st.lists(_ALPHABET, max_size=40).map("".join))
+def test_tokenizer_json_matches_transformers_and_vocab_json(json_files, vocab_files_pad, text):
+    from_json = ours.load_tokenizer(json_files, subfolder=None)
+    expected = _oracle(json_files)(text, add_special_tokens=False)["input_ids"]
+    assert from_json.encode(text) == expected
+    assert from_json.encode(text) == ours.load_tokenizer(vocab_files_pad, subfolder=None).encode(text)
+    assert torch.equal(from_json([text]), ours.load_tokenizer(vocab_files_pad, subfolder=None)([text]))
+
+
+def test_tokenizer_json_batches_special_tokens_and_string_merges(files, json_files, tmp_path):
+    """Padding with "!" and the max length come from tokenizer_config.json; merges written as
+    "a b" strings (older tokenizers files) read as the [a, b] pairs do."""
+    import shutil
+    _, vocab = files
+    ref = _oracle(json_files)
+    expected = ref(TRICKY, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    tok = ours.load_tokenizer(json_files, subfolder=None)
+    assert tok.pad_token_id == vocab["!"] and tok.max_length == 77
+    assert torch.equal(tok(TRICKY), expected)
+    data = json.loads((json_files / "tokenizer.json").read_text(encoding="utf-8"))
+    assert isinstance(data["model"]["merges"][0], list)
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(json_files, folder)
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    assert torch.equal(ours.load_tokenizer(tmp_path)(TRICKY), expected)       # a diffusers folder layout
+
+
+def test_tokenizer_json_that_is_not_clip_bpe(json_files, tmp_path):
+    data = json.loads((json_files / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["type"] = "WordPiece"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="not a CLIP byte-level BPE tokenizer"):
+        ours.load_tokenizer(tmp_path, subfolder=None)
+
+
+def test_tokenizer_json_only_hub_repo(json_files, tmp_path, monkeypatch):
+    """A hub repo with only tokenizer.json: the tokenizer files (and nothing else) are fetched."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from tiny_models import make_cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "repo").mkdir()
+    import shutil
+    shutil.copytree(json_files, tmp_path / "repo" / "tokenizer")
+    make_cache(tmp_path / "cache", "tiny/tok", tmp_path / "repo")
+    calls = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda **kw: calls.append(kw["allow_patterns"]) or real(**kw))
+    tok = ours.load_tokenizer("tiny/tok", cache_dir=tmp_path / "cache")
+    assert torch.equal(tok(TRICKY), ours.load_tokenizer(json_files, subfolder=None)(TRICKY))
+    assert calls[-1] == ["tokenizer/tokenizer.json"]
+    assert all(p.startswith("tokenizer/") for c in calls for p in c)
 
 
 _ORACLES = {}

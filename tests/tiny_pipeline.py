@@ -3,11 +3,13 @@
     model_index.json, unet/, vae/, text_encoder/, tokenizer/, [text_encoder_2/, tokenizer_2/],
     scheduler/scheduler_config.json
 
-written with diffusers/transformers `save_pretrained` (safetensors), so that the very same folder
-loads both through renoise.models and through diffusers (the oracle). The tokenizers use a tiny
-CLIP-style byte-level BPE vocabulary built here (vocab.json + merges.txt): the 256 byte symbols,
-their end-of-word forms, a few merges for the words the tests use, then the two special tokens
-(so that <|endoftext|> has the largest id, as in CLIP, and pooling at argmax(ids) finds it).
+written by the pipeline's own diffusers `save_pretrained` (safetensors), unmodified, so that the
+tests see what users have, and the very same folder loads both through renoise.models and through
+diffusers (the oracle). The tokenizers are transformers' CLIPTokenizer over a tiny CLIP-style
+byte-level BPE vocabulary built here (written as vocab.json + merges.txt by `save_tokenizer`, read
+by transformers, then saved by the pipeline as transformers saves it: tokenizer.json): the 256 byte
+symbols, their end-of-word forms, a few merges for the words the tests use, then the two special
+tokens (so that <|endoftext|> has the largest id, as in CLIP, and pooling at argmax(ids) finds it).
 The VAE downsamples by 8, as the real ones do; images of 32×32 px give 4×4 latents.
 """
 import json
@@ -57,9 +59,13 @@ def save_tokenizer(folder, pad_token="<|endoftext|>"):
     return folder
 
 
-def _tokenizer(folder):
+def _tokenizer(pad_token="<|endoftext|>"):
+    """transformers' CLIPTokenizer read from the hand-written files (in a temporary folder)."""
+    import tempfile
+
     from transformers import CLIPTokenizer
-    return CLIPTokenizer.from_pretrained(str(folder))
+    with tempfile.TemporaryDirectory() as tmp:
+        return CLIPTokenizer.from_pretrained(str(save_tokenizer(tmp, pad_token=pad_token)))
 
 
 def _text_encoder(hidden, projection=None, seed=0):
@@ -100,14 +106,13 @@ def save_sd(folder, seed=0, scheduler="ddim"):
     """An SD 1.x-like pipeline (one CLIP encoder, DDIM scheduler as in SD 2.1) at `folder`."""
     from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
     folder = Path(folder)
-    tok = _tokenizer(save_tokenizer(folder / "_tok"))
+    tok = _tokenizer()
     sched = (DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **SCALED_LINEAR) if scheduler == "ddim"
              else EulerAncestralDiscreteScheduler(timestep_spacing="trailing", **SCALED_LINEAR))
     pipe = StableDiffusionPipeline(vae=_vae("sd", seed + 1), text_encoder=_text_encoder(TEXT_HIDDEN, seed=seed + 2),
                                    tokenizer=tok, unet=_unet("sd1", seed + 3), scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    _replace_tokenizer(folder / "tokenizer", folder / "_tok")
     return folder
 
 
@@ -115,8 +120,7 @@ def save_sdxl(folder, seed=0):
     """An SDXL-Turbo-like pipeline (two encoders, pooled embeds, time ids, Euler-ancestral trailing)."""
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
     folder = Path(folder)
-    tok = _tokenizer(save_tokenizer(folder / "_tok"))
-    tok2 = _tokenizer(save_tokenizer(folder / "_tok2", pad_token="!"))
+    tok, tok2 = _tokenizer(), _tokenizer(pad_token="!")
     pipe = StableDiffusionXLPipeline(
         vae=_vae("sdxl", seed + 1), text_encoder=_text_encoder(TEXT_HIDDEN, seed=seed + 2),
         text_encoder_2=_text_encoder(TEXT_HIDDEN_2, PROJECTION_2, seed=seed + 3), tokenizer=tok, tokenizer_2=tok2,
@@ -124,16 +128,7 @@ def save_sdxl(folder, seed=0):
         scheduler=EulerAncestralDiscreteScheduler(timestep_spacing="trailing", **SCALED_LINEAR),
         force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    _replace_tokenizer(folder / "tokenizer", folder / "_tok")
-    _replace_tokenizer(folder / "tokenizer_2", folder / "_tok2")
     return folder
-
-
-def _replace_tokenizer(target, source):
-    """Keep the hand-written vocab.json/merges.txt layout of real SD repositories."""
-    import shutil
-    shutil.rmtree(target)
-    source.rename(target)
 
 
 def shared(tmp_path_factory):
