@@ -27,32 +27,71 @@ accepted x, so z_{k+1} below means that answer after the k-th call.
 their residual reads 0), the others go on, and the loop ends when all have converged. Checking it
 synchronises with the device once per call; with tol=None the loop has no data-dependent Python
 control flow, so it can be compiled (torch.compile(fullgraph=True)) or captured in a CUDA graph.
+
+Gradients (`grad=`); the answer's value is the same in every mode, only its gradient differs:
+  - "unrolled" (default): autograd records every call and the mixing math, as for any torch code.
+    Memory grows with the calls; the gradient is that of the truncated iteration.
+  - "none": the whole solve runs under torch.no_grad.
+  - "phantom" (`phantom_steps=k`): the first iters - k calls run under no_grad, the last k are
+    recorded: backpropagation through the last k calls only (truncated backprop).
+  - "implicit": the solve runs under no_grad and keeps no graph. Then g is called once more at the
+    solver's z* (the last iterate, or Anderson's answer) with a graph, and the backward solves the
+    adjoint fixed point
+
+        u = J_g(z*)ᵀ u + v,        v = ∂L/∂z*,        then ∂L/∂θ = uᵀ ∂g/∂θ (z*),
+
+    with vector-Jacobian products through that one call, by `iterate` itself (plain or Anderson,
+    `backward_iters` calls, `backward_tol`). θ is anything g's output depends on: its parameters,
+    the tensors it closes over (z0 itself drops out: the fixed point does not depend on the start).
+    This is the gradient of the exact fixed point z*(θ) = g(z*(θ); θ); memory does not grow with
+    the forward calls. Averages are differentiated at the fixed point, where all iterates agree:
+    with `weights`, z̄ gets z*'s gradient; with a `readout`, ȳ gets the gradient of y(z*) (the y
+    that g returns at z*, its dependence on z* included) and readout(ȳ) is recorded as usual.
+    With indexed=True the map differentiated is g(·, evals - 1), the last one called. Not twice
+    differentiable (no create_graph through the adjoint).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+GRAD_MODES = ("unrolled", "implicit", "phantom", "none")
 
 
 @dataclass
 class FixedPointResult:
     """z: the answer (readout(ȳ) with a readout); residuals: [evals, B] per-sample RMS of
-    z_{k+1} - z_k (= [iters, B] unless tol stopped early); evals: calls to g; iterates: the
-    z_{k+1} (k = 0..evals-1) when keep_iterates, else None."""
+    z_{k+1} - z_k (= [iters, B] unless tol stopped early, never part of a graph); evals: calls
+    to g by the solve; iterates: the z_{k+1} (k = 0..evals-1) when keep_iterates, else None.
+    graph_evals: the extra call of g that grad="implicit" records at z* (0 or 1); backward: one
+    FixedPointResult (z=None) per adjoint solve run by a backward pass (implicit mode)."""
 
     z: object
     residuals: torch.Tensor
     evals: int
     iterates: list | None = None
+    graph_evals: int = 0
+    backward: list = field(default_factory=list)
+
+    def contraction(self) -> torch.Tensor:
+        """Per-sample contraction estimate [B]: the ratio of the last two residuals (NaN with one
+        call; 0/0 = NaN for samples frozen by tol)."""
+        r = self.residuals
+        if r.shape[0] < 2:
+            return torch.full_like(r[0], float("nan"))
+        return r[-1] / r[-2]
 
 
 def rms(d: torch.Tensor) -> torch.Tensor:
     """Per-sample root mean square of d [B, ...] -> [B] (float32 or float64), scaled by max |d| so
-    that large finite values (|d| > 1e19 in float32) do not overflow in the squares."""
+    that large finite values (|d| > 1e19 in float32) do not overflow in the squares. The clamp
+    before the root only acts at d = 0 (the mean is >= 1/N otherwise): its gradient there is 0,
+    not NaN, so backpropagating through Anderson's empty history is finite."""
     d = d.to(torch.promote_types(d.dtype, torch.float32)).reshape(d.shape[0], -1)
-    scale = d.abs().amax(1, keepdim=True).clamp_min(torch.finfo(d.dtype).tiny)
-    return (d / scale).pow(2).mean(1).sqrt() * scale[:, 0]
+    tiny = torch.finfo(d.dtype).tiny
+    scale = d.abs().amax(1, keepdim=True).clamp_min(tiny)
+    return (d / scale).pow(2).mean(1).clamp_min(tiny).sqrt() * scale[:, 0]
 
 
 def _bmask(mask, like):
@@ -96,21 +135,76 @@ def _check_finite(r, k):
 
 
 def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=False, indexed=False,
-            readout=None, anderson_reg=1e-6, anderson_trust=20.0) -> FixedPointResult:
+            readout=None, anderson_reg=1e-6, anderson_trust=20.0, grad="unrolled", phantom_steps=None,
+            backward_iters=None, backward_tol=None, backward_anderson=None) -> FixedPointResult:
     """Solve z = g(z) from z0 [B, ...] with `iters` calls of g (see the module docstring).
 
     g(z) -> z_next (g(z, k) with indexed=True). With `readout`, g returns (z_next, y) with y
     [B, ...]; `weights` then average the y's and the answer is readout(ȳ) (readout(y_last) without
     weights). anderson=m > 0: safeguarded Anderson mixing with memory m, regularisation
     `anderson_reg` and largest trust radius `anderson_trust` (in plain-step lengths).
+    grad: "unrolled" | "implicit" | "phantom" | "none" (module docstring). phantom_steps=k: the
+    calls recorded by "phantom" (k >= iters: all of them). backward_iters / backward_tol /
+    backward_anderson: the implicit backward's adjoint solve (default: iters, None, anderson).
     """
     weights = _validate(g, z0, iters, weights, anderson, tol, readout)
     if not (anderson_reg >= 0 and anderson_trust > 0):
         raise ValueError(f"anderson_reg must be >= 0 and anderson_trust > 0, "
                          f"got {anderson_reg!r} and {anderson_trust!r}")
+    adjoint = _validate_grad(grad, phantom_steps, tol, iters, anderson, backward_iters, backward_tol,
+                             backward_anderson)
+    record = torch.is_grad_enabled() and grad != "none"
+    first = {"unrolled": 0, "phantom": iters - min(phantom_steps or 0, iters)}.get(grad, iters)
+
+    def call(z, k):                    # calls k < first run without a graph
+        with torch.set_grad_enabled(record and k >= first):
+            return g(z, k) if indexed else g(z)
+
     if anderson:
-        return _anderson(g, z0, iters, weights, anderson, tol, keep_iterates, indexed, anderson_reg, anderson_trust)
-    return _plain(g, z0, iters, weights, tol, keep_iterates, indexed, readout)
+        value, z_last, residuals, evals, iterates = _anderson(call, z0, iters, weights, anderson, tol, keep_iterates,
+                                                              anderson_reg, anderson_trust)
+    else:
+        value, z_last, residuals, evals, iterates = _plain(call, z0, iters, weights, tol, keep_iterates,
+                                                           readout is not None)
+    result = FixedPointResult(value, residuals, evals, iterates)
+    with torch.set_grad_enabled(record):
+        if grad == "implicit" and record:
+            result.z, result.graph_evals = _implicit(g, z_last, evals - 1 if indexed else None, readout is not None,
+                                                     value, adjoint, result.backward), 1
+        if readout is not None:
+            result.z = readout(result.z)
+    return result
+
+
+def _validate_grad(grad, phantom_steps, tol, iters, anderson, backward_iters, backward_tol, backward_anderson):
+    """Checks the gradient options; returns the adjoint solve's iterate() keywords."""
+    if grad not in GRAD_MODES:
+        raise ValueError(f"unknown grad mode {grad!r}; expected one of {', '.join(map(repr, GRAD_MODES))}")
+    if grad == "phantom":
+        if isinstance(phantom_steps, bool) or not isinstance(phantom_steps, int) or phantom_steps < 1:
+            raise ValueError(f"grad='phantom' needs phantom_steps, the number of last calls to backpropagate "
+                             f"through, as an int >= 1; got {phantom_steps!r}")
+        if tol is not None:
+            raise ValueError("grad='phantom' cannot be combined with tol: the last calls must be known before they "
+                             "run; use tol=None, or grad='implicit'")
+    elif phantom_steps is not None:
+        raise ValueError(f"phantom_steps is for grad='phantom', not grad={grad!r}")
+    given = {k: v for k, v in [("backward_iters", backward_iters), ("backward_tol", backward_tol),
+                               ("backward_anderson", backward_anderson)] if v is not None}
+    if grad != "implicit":
+        if given:
+            raise ValueError(f"{', '.join(given)} configure the adjoint solve of grad='implicit', not grad={grad!r}")
+        return None
+    opts = dict(iters=iters if backward_iters is None else backward_iters, tol=backward_tol,
+                anderson=anderson if backward_anderson is None else backward_anderson)
+    if isinstance(opts["iters"], bool) or not isinstance(opts["iters"], int) or opts["iters"] < 1:
+        raise ValueError(f"backward_iters (calls of the adjoint map) must be an int >= 1, got {backward_iters!r}")
+    if isinstance(opts["anderson"], bool) or not isinstance(opts["anderson"], int) or opts["anderson"] < 0:
+        raise ValueError(f"backward_anderson (the adjoint's Anderson memory) must be an int >= 0, "
+                         f"got {backward_anderson!r}")
+    if backward_tol is not None and not backward_tol >= 0:
+        raise ValueError(f"backward_tol must be >= 0 or None, got {backward_tol!r}")
+    return opts
 
 
 class _Average:
@@ -133,21 +227,22 @@ class _Average:
         return (self.acc / sum(self.weights)).to(last.dtype)
 
 
-def _plain(g, z0, iters, weights, tol, keep_iterates, indexed, readout):
+def _plain(call, z0, iters, weights, tol, keep_iterates, paired):
+    """-> (z̄ or ȳ, last z, residuals [evals, B], evals, iterates)."""
     z, y, done = z0, None, None
     avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
     evals = 0
     for k in range(iters):
-        out = g(z, k) if indexed else g(z)
+        out = call(z, k)
         evals += 1
-        if readout is not None:
+        if paired:
             if not isinstance(out, tuple) or len(out) != 2:
                 raise ValueError("with a readout, g must return a pair (z_next, y)")
             z_next, y_next = out
         else:
             z_next, y_next = out, None
         _check_output(z_next, z0, k)
-        r = rms(z_next - z)
+        r = rms(z_next.detach() - z.detach())
         if tol is not None:
             _check_finite(r, k)
             if done is not None:
@@ -160,22 +255,60 @@ def _plain(g, z0, iters, weights, tol, keep_iterates, indexed, readout):
                 done = r <= tol
         residuals.append(r)
         z, y = z_next, y_next
-        avg.add(k, y if readout is not None else z)
+        avg.add(k, y if paired else z)
         if keep_iterates:
             iterates.append(z)
         if tol is not None and bool(done.all()):
             break
-    answer = avg.result(y if readout is not None else z, evals)
-    if readout is not None:
-        answer = readout(answer)
-    return FixedPointResult(answer, torch.stack(residuals), evals, iterates)
+    return avg.result(y if paired else z, evals), z, torch.stack(residuals), evals, iterates
+
+
+class _Adjoint(torch.autograd.Function):
+    """value -> value; the backward hands the value's gradient to solve(), which returns the
+    gradients of g's outputs at z* (`outputs`), through which autograd then reaches θ."""
+
+    @staticmethod
+    def forward(ctx, solve, value, *outputs):
+        ctx.solve = solve
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None, *ctx.solve(grad))
+
+
+def _implicit(g, z_star, index, paired, value, opts, log):
+    """Attach the implicit gradient to `value` (z̄, z* or ȳ): one call of g at z* with a graph."""
+    z_in = z_star.detach().requires_grad_()
+    with torch.enable_grad():
+        out = g(z_in) if index is None else g(z_in, index)
+    z_next, y = out if paired else (out, None)
+    outputs = (z_next,) if y is None else (z_next, y)
+    if not any(o.requires_grad for o in outputs):
+        return value
+
+    def vjp(of, u):
+        (d,) = torch.autograd.grad(of, z_in, u, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(z_in) if d is None else d
+
+    def solve(v):
+        """u = J_gᵀ u + rhs with rhs = v (z̄, z*) or v·∂y/∂z (ȳ); returns the grads of (z_next[, y])."""
+        v = v.to(z_in.dtype) if y is None else v.to(y.dtype)
+        rhs = v if y is None else vjp(y, v)
+        with torch.no_grad():
+            res = iterate(lambda u: vjp(z_next, u) + rhs, rhs, **opts)
+        log.append(FixedPointResult(None, res.residuals, res.evals))
+        return (res.z,) if y is None else (res.z, v)
+
+    return _Adjoint.apply(solve, value.detach(), *outputs)
 
 
 _ETA = 0.25                        # accept a mixed step if it achieves this share of the predicted decrease
 _OMEGA = (1 / 16, 1 / 2, 2.0)      # trust scale ω: smallest, initial, largest
 
 
-def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust):
+def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust):
+    """-> (z̄, answer g(a), residuals [evals, B], evals, iterates)."""
     shape, B = z0.shape, z0.shape[0]
     cd = torch.promote_types(z0.dtype, torch.float32)
     flat = lambda v: v.reshape(B, -1).to(cd)  # noqa: E731
@@ -190,7 +323,7 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
     avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
     evals = 0
     for k in range(iters):
-        gc = g(c.reshape(shape).to(z0.dtype), k) if indexed else g(c.reshape(shape).to(z0.dtype))
+        gc = call(c.reshape(shape).to(z0.dtype), k)
         evals += 1
         _check_output(gc, z0, k)
         gc = flat(gc)
@@ -217,7 +350,7 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
         if tol is not None:
             _check_finite(r, k)
             done = done | (r <= tol)
-        residuals.append(r)
+        residuals.append(r.detach())
         z = ga.reshape(shape).to(z0.dtype)
         avg.add(k, z)
         if keep_iterates:
@@ -230,7 +363,7 @@ def _anderson(g, z0, iters, weights, m, tol, keep_iterates, indexed, reg, trust)
             c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, radius)
             c = torch.where(done[:, None], a, c)
     z = ga.reshape(shape).to(z0.dtype)
-    return FixedPointResult(avg.result(z, evals), torch.stack(residuals), evals, iterates)
+    return avg.result(z, evals), z, torch.stack(residuals), evals, iterates
 
 
 def _propose(a, ga, fa, dX, dF, valid, reg, radius):
@@ -253,3 +386,42 @@ def _propose(a, ga, fa, dX, dF, valid, reg, radius):
     scale = (radius * rms(fa) / rms(corr).clamp_min(torch.finfo(fa.dtype).tiny)).clamp(max=1.0)
     predicted = rms(fa - scale[:, None] * torch.einsum("ibn,bi->bn", F, gamma) / unit)
     return ga - scale[:, None] * corr, predicted
+
+
+def spectral_norm(g, z, iters=20, *, seed=0) -> torch.Tensor:
+    """Per-sample spectral norm ‖J_g(z)‖₂ [B] of the Jacobian of g at z [B, ...], by power iteration
+    on JᵀJ (g must treat samples independently, so J is block-diagonal over the batch).
+
+    Cost: one call of g recording a graph, its backward with create_graph, then `iters`
+    Jacobian-vector products (backwards through that double-backward graph, J·v = ∂⟨Jᵀu, v⟩/∂u)
+    and iters - 1 vector-Jacobian products (backwards of the call): about two backward passes of
+    g (≈ 4 calls' worth of compute) per iteration, no further calls of g. The start
+    vector is drawn from a local generator seeded with `seed` (never the global RNG). The estimate
+    approaches ‖J‖₂ from below, at the rate (σ₂/σ₁)^(2·iters).
+    """
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters (power iterations) must be an int >= 1, got {iters!r}")
+    if torch.is_inference_mode_enabled():
+        raise ValueError("spectral_norm needs autograd, which torch.inference_mode turns off; call it outside "
+                         "inference_mode (torch.no_grad is fine)")
+    z = z.detach().requires_grad_()
+    with torch.enable_grad():
+        out = g(z)
+        _check_output(out, z, 0)
+        jtu = None
+        if out.requires_grad:
+            u = torch.zeros_like(out, requires_grad=True)
+            (jtu,) = torch.autograd.grad(out, z, u, create_graph=True, allow_unused=True)
+    if jtu is None or not jtu.requires_grad:          # g does not depend on z
+        return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+
+    def unit(x):
+        return x / x.flatten(1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny).reshape(-1, *[1] * (x.ndim - 1))
+
+    gen = torch.Generator().manual_seed(seed)
+    v = unit(torch.randn(z.shape, generator=gen, dtype=torch.float64).to(z.device, z.dtype))
+    for i in range(iters):
+        (jv,) = torch.autograd.grad(jtu, u, v, retain_graph=True)                 # J v
+        if i == iters - 1:
+            return jv.flatten(1).norm(dim=1).detach()
+        v = unit(torch.autograd.grad(out, z, jv, retain_graph=True)[0])           # Jᵀ J v, normalised
