@@ -248,9 +248,10 @@ def load_text_encoder(source, *, subfolder: str | None = "text_encoder", dtype=t
         folder = root
     else:
         folder = loading.resolve_folder(source, subfolder, class_name="CLIPTextModel", what="text encoder",
-                                        variant=variant, allow_pickle=allow_pickle, base="model", **hub)
+                                        variant=variant, allow_pickle=allow_pickle, base="model", dtype=dtype,
+                                        **hub)
     config = CLIPTextConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    weights = loading.find_weights(folder, variant=variant, allow_pickle=allow_pickle, base="model")
+    weights = loading.find_weights(folder, variant=variant, allow_pickle=allow_pickle, base="model", dtype=dtype)
     shapes = loading.checkpoint_shapes(weights)
     if shapes is not None:  # names and shapes from the header, before reading any data
         check_text_encoder_keys(config, normalize_text_encoder_keys(shapes), weights)

@@ -203,25 +203,43 @@ def check_keys(expected: dict[str, tuple], got: dict[str, tuple], where: str, wh
 
 # ---------------------------------------------------------------- finding the files
 
-def find_weights(folder, *, variant: str | None = None, allow_pickle: bool = False,
-                 base: str = "diffusion_pytorch_model") -> Path:
-    """The weights file (or shard index) of a diffusers model folder.
+HALF = (torch.float16, torch.bfloat16)
 
-    Looks for `{base}[.variant].safetensors`, then a sharded safetensors index, then (only with
-    allow_pickle) the `.bin` equivalents. diffusers names a variant index
-    `{base}.safetensors.index.{variant}.json`.
-    """
+
+def weight_variants(variant: str | None, dtype=None) -> tuple:
+    """The variants to look for, in order: the one asked for; with none asked and a half-precision
+    dtype, "fp16" first and then the default files (what diffusers' variant="fp16" reads)."""
+    if variant:
+        return (variant,)
+    return ("fp16", None) if dtype in HALF else (None,)
+
+
+def weight_candidates(base: str, variants, allow_pickle: bool) -> list[str]:
+    """Weights file names in order of preference: safetensors (single file, then a shard index)
+    for each variant, then, only with allow_pickle, the `.bin` equivalents. diffusers names a variant
+    index `{base}.safetensors.index.{variant}.json`."""
+    out = []
+    for ext in (".safetensors", ".bin") if allow_pickle else (".safetensors",):
+        for variant in variants:
+            v = f".{variant}" if variant else ""
+            out += [f"{base}{v}{ext}", f"{base}{ext}.index{v}.json", f"{base}{v}{ext}.index.json"]
+    return list(dict.fromkeys(out))
+
+
+def find_weights(folder, *, variant: str | None = None, allow_pickle: bool = False,
+                 base: str = "diffusion_pytorch_model", dtype=None) -> Path:
+    """The weights file (or shard index) of a diffusers model folder: the first present of
+    `weight_candidates` (variant=None with a half dtype: the fp16 files when present)."""
     folder = Path(folder)
-    v = f".{variant}" if variant else ""
-    safe = [f"{base}{v}.safetensors", f"{base}.safetensors.index{v}.json", f"{base}{v}.safetensors.index.json"]
-    pick = [f"{base}{v}.bin", f"{base}.bin.index{v}.json", f"{base}{v}.bin.index.json"]
-    for name in safe + (pick if allow_pickle else []):
-        if (folder / name).is_file():
-            return folder / name
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    if not allow_pickle and any((folder / n).is_file() for n in pick):
+    variants = weight_variants(variant, dtype)
+    name = next((n for n in weight_candidates(base, variants, allow_pickle) if n in present), None)
+    if name is not None:
+        return folder / name
+    pickles = [n for n in weight_candidates(base, variants, True) if ".bin" in n]
+    if not allow_pickle and any(n in present for n in pickles):
         raise CheckpointError(
-            f"{folder} has only a pickle checkpoint ({[n for n in pick if (folder / n).is_file()][0]}); pickles can "
+            f"{folder} has only a pickle checkpoint ({next(n for n in pickles if n in present)}); pickles can "
             "execute code when loaded. Pass allow_pickle=True if you trust it (read with weights_only=True)")
     hint = ""
     if variant is None and any(re.match(rf"{re.escape(base)}\.\w+\.safetensors$", n) for n in present):
@@ -239,16 +257,16 @@ def is_hub_id(source) -> bool:
 
 def resolve_folder(source, subfolder: str | None, *, class_name: str, what: str, variant: str | None = None,
                    allow_pickle: bool = False, base: str = "diffusion_pytorch_model", cache_dir=None,
-                   revision: str | None = None, local_files_only: bool | None = None) -> Path:
+                   revision: str | None = None, local_files_only: bool | None = None, dtype=None) -> Path:
     """The local folder holding a model's config.json and weights.
 
     `source` is a diffusers pipeline folder (the model in `subfolder`), a model folder, or a hub id;
-    for a hub id only the config, the weights of the chosen variant and their shards are fetched
-    (or found in the local cache when offline).
+    for a hub id only the config and the one weights file `find_weights` will read (and its shards)
+    are fetched, or found in the local cache when offline.
     """
     if is_hub_id(source):
-        source = _download(source, subfolder, variant=variant, allow_pickle=allow_pickle, base=base,
-                           cache_dir=cache_dir, revision=revision, local_files_only=local_files_only)
+        source = _download(source, subfolder, variants=weight_variants(variant, dtype), allow_pickle=allow_pickle,
+                           base=base, cache_dir=cache_dir, revision=revision, local_files_only=local_files_only)
     root = Path(source)
     if not root.exists():
         raise FileNotFoundError(f"{source!r} is neither an existing path nor a hub id of the form 'org/name'")
@@ -263,28 +281,43 @@ def resolve_folder(source, subfolder: str | None, *, class_name: str, what: str,
         f"(_class_name {class_name!r}), as in a diffusers pipeline folder")
 
 
-def _download(repo_id, subfolder, *, variant, allow_pickle, base, cache_dir, revision, local_files_only) -> Path:
+def _download(repo_id, subfolder, *, variants, allow_pickle, base, cache_dir, revision, local_files_only) -> Path:
     """Fetch just the needed files of a hub repo (or find them in the cache); returns the snapshot folder.
 
-    First the config (in `subfolder`, else at the repo root: a single-model repo such as a VAE),
-    then that folder's weights of the chosen variant, then the shards its index lists.
+    From the repo's file listing: the config (in `subfolder`, else at the repo root: a single-model
+    repo such as a VAE) and the first present of `weight_candidates`, never a second format or
+    variant; then the shards a shard index lists.
     """
-    v = f".{variant}" if variant else ""
-    names = [f"{base}{v}.safetensors", f"{base}.safetensors.index{v}.json"]
-    if allow_pickle:
-        names += [f"{base}{v}.bin", f"{base}.bin.index{v}.json"]
     kw = dict(cache_dir=cache_dir, revision=revision)
     if local_files_only is not None:
         kw["local_files_only"] = local_files_only
+    files = hub_files(repo_id, **kw)
     sub = f"{subfolder}/" if subfolder else ""
-    root = hub_snapshot(repo_id, dict.fromkeys([sub + "config.json", "config.json"]), **kw)
-    pre = sub if (root / sub / "config.json").is_file() else ""
-    root = hub_snapshot(repo_id, [pre + n for n in names], **kw)
-    index = next((root / pre / n for n in names if n.endswith(".json") and (root / pre / n).is_file()), None)
-    if index is not None and not (root / pre / f"{base}{v}.safetensors").is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    pre = sub if sub + "config.json" in files else ""
+    name = next((n for n in weight_candidates(base, variants, allow_pickle) if pre + n in files), None)
+    root = hub_snapshot(repo_id, [pre + "config.json"] + ([pre + name] if name else []), **kw)
+    if name and name.endswith(".json"):
+        shards = sorted(set(json.loads((root / pre / name).read_text())["weight_map"].values()))
         root = hub_snapshot(repo_id, [pre + s for s in shards], **kw)
     return root
+
+
+def hub_files(repo_id: str, **hub) -> set[str]:
+    """The paths of the files in hub repo `repo_id`: listed by the hub, or, offline (or when the hub
+    cannot be reached), those of the locally cached snapshot. `hub`: cache_dir, revision,
+    local_files_only. Not available: FileNotFoundError saying why."""
+    import huggingface_hub as hf
+    from huggingface_hub import constants, errors
+
+    if not (hub.get("local_files_only") or constants.HF_HUB_OFFLINE):
+        try:
+            return set(hf.list_repo_files(repo_id, revision=hub.get("revision")))
+        except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.GatedRepoError) as e:
+            raise FileNotFoundError(f"could not access hub repo {repo_id!r}: {e}") from None
+        except Exception:  # noqa: BLE001 -- no network or the hub is down: use what the cache holds
+            pass
+    root = hub_snapshot(repo_id, [], **{**hub, "local_files_only": True})
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
 def hub_snapshot(repo_id: str, patterns, **hub) -> Path:
@@ -385,9 +418,9 @@ def _load(source, *, model_cls, cfg_cls, by_name, class_name, what, dtype, devic
         weights, cfg = Path(source), _config(config, None, cfg_cls, by_name)
     else:
         folder = resolve_folder(source, subfolder, class_name=class_name, what=what, variant=variant,
-                                allow_pickle=allow_pickle, **hub)
+                                allow_pickle=allow_pickle, dtype=dtype, **hub)
         cfg = _config(config, folder, cfg_cls, by_name)
-        weights = find_weights(folder, variant=variant, allow_pickle=allow_pickle)
+        weights = find_weights(folder, variant=variant, allow_pickle=allow_pickle, dtype=dtype)
     with torch.device("meta"):
         model = model_cls(cfg)
     return load_model(model, weights, dtype=dtype, device=device, allow_pickle=allow_pickle, rename=rename,

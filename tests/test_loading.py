@@ -13,7 +13,7 @@ from torch import nn
 from renoise.models import load_state_dict, load_unet, load_vae
 from renoise.models.configs import UnsupportedConfigError
 from renoise.models.loading import CheckpointError, find_weights, read_safetensors, safetensors_header
-from tiny_models import make_cache, save_tiny_unet, save_tiny_vae, unet_inputs
+from tiny_models import FakeHub, make_cache, save_tiny_unet, save_tiny_vae, unet_inputs
 
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -79,16 +79,32 @@ def test_hub_id_from_offline_cache(tmp_path, monkeypatch):
                         lambda **kw: calls.append(kw["allow_patterns"]) or real(**kw))
     ours = load_unet("tiny/sdxl", cache_dir=tmp_path / "cache")
     assert_same_weights(ours, ref)
-    assert calls[0] == ["unet/config.json", "config.json"]
-    assert f"unet/{WEIGHTS}" in calls[1]
-    assert all(p.startswith("unet/") and "fp16" not in p for p in calls[1])     # only what is needed
-    calls.clear()
-    load_unet("tiny/sdxl", cache_dir=tmp_path / "cache", variant="fp16", dtype=torch.float16)
-    assert "unet/diffusion_pytorch_model.fp16.safetensors" in calls[1] and f"unet/{WEIGHTS}" not in calls[1]
+    assert calls == [[], ["unet/config.json", f"unet/{WEIGHTS}"]]         # the cache's listing, then only what is needed
+    for kw in ({"variant": "fp16"}, {}):                                   # half precision: fp16 files by default
+        calls.clear()
+        load_unet("tiny/sdxl", cache_dir=tmp_path / "cache", dtype=torch.float16, **kw)
+        assert calls[1] == ["unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"]
     assert_same_weights(load_vae("tiny/sdxl", cache_dir=tmp_path / "cache"), vref)
     x, t, c, extra = unet_inputs("sdxl")
     with torch.no_grad():
         assert torch.isfinite(ours(x, t, c, **extra)).all()
+
+
+def test_half_precision_reads_the_fp16_variant(tmp_path, monkeypatch):
+    """variant=None: fp16/bf16 read the fp16 files (here other weights, to tell them apart), float32
+    the default ones; online, only the file read is fetched, whatever else the repo holds."""
+    ref = save_tiny_unet(tmp_path / "repo" / "unet", "sd1", seed=0)
+    half = save_tiny_unet(tmp_path / "repo" / "unet", "sd1", seed=1, variant="fp16", dtype=torch.float16).half()
+    ref.save_pretrained(tmp_path / "repo" / "unet", safe_serialization=False)         # a .bin copy too
+    for dtype in (torch.float16, torch.bfloat16):
+        assert_same_weights(load_unet(tmp_path / "repo", dtype=dtype), half, dtype)
+    assert_same_weights(load_unet(tmp_path / "repo"), ref)
+    assert_same_weights(load_unet(tmp_path / "repo", dtype=torch.float16, variant="fp16"), half, torch.float16)
+    hub = FakeHub({"org/tiny": tmp_path / "repo"}, tmp_path / "cache").install(monkeypatch)
+    load_unet("org/tiny", dtype=torch.float16, allow_pickle=True)
+    assert hub.fetched == ["unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"]
+    with pytest.raises(FileNotFoundError, match="could not access hub repo 'org/missing'"):
+        load_unet("org/missing")
 
 
 def test_hub_id_sharded_fetches_the_listed_shards(tmp_path, monkeypatch):

@@ -120,6 +120,42 @@ def test_hub_id_from_offline_cache(tmp_path, monkeypatch, sdxl_folder):
         load_pipeline("nobody/not-cached", cache_dir=tmp_path / "cache")
 
 
+def test_hub_fetches_only_what_runs(tmp_path, monkeypatch, sdxl_folder):
+    """An online repo with fp16 and fp32 safetensors, .bin copies, an unused component and a
+    single-file checkpoint: a half-precision load fetches the fp16 files (default ones where a
+    component has none), a float32 load the default ones; never a .bin, never anything unused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    remote = tmp_path / "remote"
+    shutil.copytree(sdxl_folder, remote)
+    components = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                  "text_encoder_2": "model"}
+    for sub, base in components.items():
+        sd = load_file(remote / sub / f"{base}.safetensors")
+        torch.save(sd, remote / sub / f"{base}.bin")
+        if sub != "text_encoder":                     # this one has no fp16 variant: its default files are read
+            save_file({k: v.half() for k, v in sd.items()}, remote / sub / f"{base}.fp16.safetensors")
+    (remote / "safety_checker").mkdir()
+    (remote / "safety_checker" / "config.json").write_text("{}")
+    (remote / "safety_checker" / "model.fp16.safetensors").write_bytes(b"unused")
+    (remote / "tiny_sdxl_fp16.safetensors").write_bytes(b"unused")
+    small = {"model_index.json", "scheduler/scheduler_config.json", *(f"{s}/config.json" for s in components),
+             *(f"{t}/{f}" for t in ("tokenizer", "tokenizer_2") for f in ("tokenizer.json", "tokenizer_config.json"))}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        hub = tiny_models.FakeHub({"org/tiny-sdxl": remote}, tmp_path / f"cache-{dtype}").install(monkeypatch)
+        pipe = load_pipeline("org/tiny-sdxl", dtype=dtype, allow_pickle=True)
+        v = ".fp16" if dtype != torch.float32 else ""
+        weights = {f"{s}/{b}{'' if s == 'text_encoder' else v}.safetensors" for s, b in components.items()}
+        assert sorted(hub.fetched) == sorted(small | weights), dtype
+        local = load_pipeline(remote, dtype=dtype)    # a local folder follows the same rule
+        for name, module in local.modules().items():
+            theirs = pipe.modules()[name].state_dict()
+            assert all(torch.equal(t, theirs[k]) for k, t in module.state_dict().items()), (dtype, name)
+    with pytest.raises(FileNotFoundError, match="could not access hub repo"):
+        load_pipeline("org/missing", dtype=torch.float16)
+
+
 def test_merge_lora_into_a_pipeline(sd_folder):
     """One kohya file with UNet and text-encoder keys; inplace=False gives a new Pipeline."""
     from renoise.models import merge_lora

@@ -8,6 +8,8 @@ Stable helpers (other test files import them):
     save_tiny_unet(path, kind, ...)   make + save_pretrained(path) → the fp32 diffusers model
     save_tiny_vae(path, kind, ...)    the same for the VAE
     unet_inputs(kind, batch=2, ...)   random (x, t, context, extra kwargs) for a tiny UNet
+    make_cache(cache, repo_id, folder) a Hugging Face cache entry (offline hub) holding `folder`
+    FakeHub(repos, cache)             an online hub served from local folders that records what is fetched
 
 diffusers is imported lazily: it is a test-only oracle.
 """
@@ -148,3 +150,54 @@ def make_cache(cache, repo_id, folder, commit="0123456789abcdef0123456789abcdef0
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(folder, repo / "snapshots" / commit)
     return repo / "snapshots" / commit
+
+
+class FakeHub:
+    """An online hub without network, for tests: repo ids served from local folders.
+
+    `list_repo_files` lists a repo's folder; `snapshot_download` "downloads" the files matching
+    `allow_patterns` into a fresh cache (copies them) and records each in `fetched`, so that a
+    test sees exactly what a loader fetched: nothing else is on disk for the loader to read.
+    `install(monkeypatch)` switches huggingface_hub online and patches both functions.
+    """
+
+    def __init__(self, repos: dict, cache):
+        from pathlib import Path
+        self.repos = {k: Path(v) for k, v in repos.items()}
+        self.cache = Path(cache)
+        self.fetched: list[str] = []
+
+    def install(self, monkeypatch):
+        import huggingface_hub
+        from huggingface_hub import constants
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub, "list_repo_files", self.list_repo_files)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", self.snapshot_download)
+        return self
+
+    def _repo(self, repo_id):
+        from types import SimpleNamespace
+
+        from huggingface_hub import errors
+        if repo_id not in self.repos:
+            response = SimpleNamespace(headers={}, request=None, status_code=404)
+            raise errors.RepositoryNotFoundError(f"404: {repo_id} not found", response=response)
+        return self.repos[repo_id]
+
+    def list_repo_files(self, repo_id, revision=None, **kw):
+        root = self._repo(repo_id)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    def snapshot_download(self, repo_id, allow_patterns=None, local_files_only=False, **kw):
+        import fnmatch
+        import shutil
+        root, snap = self._repo(repo_id), self.cache / repo_id.replace("/", "--")
+        snap.mkdir(parents=True, exist_ok=True)
+        if not local_files_only:
+            for name in self.list_repo_files(repo_id):
+                if allow_patterns is None or any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                    (snap / name).parent.mkdir(parents=True, exist_ok=True)
+                    if not (snap / name).exists():
+                        shutil.copyfile(root / name, snap / name)
+                        self.fetched.append(name)
+        return str(snap)
