@@ -29,8 +29,12 @@ synchronises with the device once per call; with tol=None the loop has no data-d
 control flow, so it can be compiled (torch.compile(fullgraph=True)) or captured in a CUDA graph.
 
 Gradients (`grad=`); the answer's value is the same in every mode, only its gradient differs:
-  - "unrolled" (default): autograd records every call and the mixing math, as for any torch code.
-    Memory grows with the calls; the gradient is that of the truncated iteration.
+  - "unrolled" (default): autograd records every call and the averaging, as for any torch code.
+    Memory grows with the calls; the gradient is that of the truncated iteration. Through
+    Anderson, the mixing coefficients γ and the trust scale s are constants to autograd: the
+    gradient is Anderson's own combination applied to the iterates' derivatives, which converges
+    to the fixed point's gradient. (Differentiating γ too, a least squares over residual
+    differences that vanish near convergence, gives derivatives that need not converge.)
   - "none": the whole solve runs under torch.no_grad.
   - "phantom" (`phantom_steps=k`): the first iters - k calls run under no_grad, the last k are
     recorded: backpropagation through the last k calls only (truncated backprop).
@@ -381,9 +385,9 @@ def _propose(a, ga, fa, dX, dF, valid, reg, radius):
     lam = reg * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / m + 1e-12
     unused = (~valid).T.double()                                   # keeps empty slots' γ at 0
     system = gram + (lam[:, None] + unused)[..., None] * eye
-    gamma = torch.linalg.solve(system, rhs).to(fa.dtype)           # [B, m]
+    gamma = torch.linalg.solve(system, rhs).to(fa.dtype).detach()  # [B, m], a constant to autograd
     corr = torch.einsum("ibn,bi->bn", G, gamma) / unit             # (ΔX + ΔF)·γ
-    scale = (radius * rms(fa) / rms(corr).clamp_min(torch.finfo(fa.dtype).tiny)).clamp(max=1.0)
+    scale = (radius * rms(fa) / rms(corr).clamp_min(torch.finfo(fa.dtype).tiny)).clamp(max=1.0).detach()
     predicted = rms(fa - scale[:, None] * torch.einsum("ibn,bi->bn", F, gamma) / unit)
     return ga - scale[:, None] * corr, predicted
 
