@@ -6,6 +6,7 @@ Submodules load on first use, so `import renoise` stays cheap:
     renoise.samplers       pure step / inverse_step functions (ddim, euler_ancestral, lcm)
     renoise.fixed_point    generic fixed-point iteration (averaging, Anderson, tolerances)
     renoise.inversion      the ReNoise inversion loop; `renoise.invert` is its entry point
+    renoise.diagnostics    convergence plots (residual curves, contraction estimates)
     renoise.models         pure-PyTorch UNet, VAE, CLIP text encoders and loaders
 """
 import importlib
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "schedules", "samplers", "fixed_point", "toy", "inversion", "presets", "regularizers",
-    "noise_correction", "pipeline", "images", "metrics", "models", "kernels",
+    "noise_correction", "pipeline", "images", "metrics", "models", "kernels", "diagnostics",
 }
 _ATTRIBUTES = {"invert": "inversion", "sample": "inversion", "Schedule": "schedules"}
 

@@ -18,10 +18,27 @@ Randomness, all from `generator` and only when needed, in this order: the noises
 steps not given in `noises` (denoising order), then n_ref (when regularizing with
 reference_noise="noised"), then the regularizer's shifts as the loop runs.
 
+Gradients (`grad=`, see renoise.fixed_point): "none" (the default) runs under torch.no_grad;
+"unrolled" records every model call; "phantom" only each step's last `phantom_steps` calls;
+"implicit" differentiates each step's exact fixed point z_t = G_t(z_t) (one more model call per
+step, at z_t, with a graph; the backward solves the adjoint fixed point). An averaging step's
+answer, inverse_step(z_prev, ē), is then differentiated as inverse_step(z_prev, e(z_t)) — at the
+fixed point all iterates agree. "implicit" refuses the edit-enhancement regularizer: it draws new
+random shifts at every call, so G_t is not one fixed map. z_T is then differentiable with respect
+to z0, the conditioning and the model's parameters (whatever the denoiser closes over); the
+values are the same in every mode.
+
+Diagnostics, per inversion step and sample: `contraction`, the ratio of the last two residuals
+(how much one more iteration shrinks the step; NaN with a single call), and with
+`jacobian_iters=n` the spectral norm ‖∂G_t/∂z‖₂ at the step's answer z_t by n power iterations
+(fixed_point.spectral_norm: one more model call with a graph, then about two backward passes
+of the denoiser per iteration). G_t there is inverse_step(z_prev, denoiser(z, t)) without the
+regularizer (random). Below 1 the map contracts, which the paper's convergence argument assumes.
+
 Orders: `timesteps`, `noises` and `chain` follow the denoising order (index 0 is the noisiest
 step; noises[i] is the noise step i adds, None where the step adds none). `trajectory` [n+1, B, ...]
-and `residuals` (one [calls, B] tensor per step) follow the inversion order: trajectory[0] = z0,
-trajectory[-1] = z_T.
+and `residuals` (one [calls, B] tensor per step), `contraction` and `jacobian_norm` (one [B] tensor
+per step) follow the inversion order: trajectory[0] = z0, trajectory[-1] = z_T.
 """
 from __future__ import annotations
 
@@ -58,6 +75,8 @@ class InversionResult:
     num_steps: int
     start: int = 0                         # index of the first chain step run (strength < 1: > 0)
     extra: dict = field(default_factory=dict)   # caller's JSON-able settings, saved in the file's metadata
+    contraction: list = field(default_factory=list)   # one [B] per step: ratio of the last two residuals
+    jacobian_norm: list | None = None      # one [B] per step: ‖∂G_t/∂z‖₂ at z_t (jacobian_iters > 0), else None
 
     @property
     def chain(self) -> list:
@@ -67,10 +86,11 @@ class InversionResult:
     def to(self, device=None, dtype=None) -> "InversionResult":
         """A copy with the latents and noises moved (and cast, for floating-point ones)."""
         mv = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+        on = lambda rs: None if rs is None else [r.to(device) for r in rs]  # noqa: E731
         return InversionResult(mv(self.z_T), [mv(n) for n in self.noises], mv(self.trajectory),
-                               [r.to(device) for r in self.residuals], self.model_calls, self.timesteps,
+                               on(self.residuals), self.model_calls, self.timesteps,
                                self.plan, self.sampler, dict(self.sampler_opts), self.schedule, self.num_steps,
-                               self.start, dict(self.extra))
+                               self.start, dict(self.extra), on(self.contraction), on(self.jacobian_norm))
 
     def save(self, path) -> None:
         """One safetensors file: the tensors, and the plan, sampler, schedule and `extra` as metadata."""
@@ -79,6 +99,8 @@ class InversionResult:
              "schedule.alphas_cumprod": self.schedule.alphas_cumprod}
         t.update({f"noise.{i}": n for i, n in enumerate(self.noises) if n is not None})
         t.update({f"residuals.{k}": r for k, r in enumerate(self.residuals)})
+        t.update({f"contraction.{k}": r for k, r in enumerate(self.contraction)})
+        t.update({f"jacobian_norm.{k}": r for k, r in enumerate(self.jacobian_norm or [])})
         t = {k: v.detach().to("cpu").contiguous().clone() for k, v in t.items()}
         sched = {f.name: getattr(self.schedule, f.name) for f in fields(self.schedule)
                  if f.init and f.name != "alphas_cumprod"}
@@ -86,6 +108,8 @@ class InversionResult:
                 "sampler_opts": json.dumps(self.sampler_opts), "schedule": json.dumps(sched),
                 "model_calls": str(self.model_calls), "num_steps": str(self.num_steps), "start": str(self.start),
                 "num_noises": str(len(self.noises)), "num_residuals": str(len(self.residuals)),
+                "num_contraction": str(len(self.contraction)),
+                "num_jacobian_norm": "none" if self.jacobian_norm is None else str(len(self.jacobian_norm)),
                 "extra": json.dumps(self.extra)}
         save_file(t, str(path), metadata=meta)
 
@@ -101,12 +125,16 @@ class InversionResult:
             keys = set(f.keys())
             noises = [get(f"noise.{i}") if f"noise.{i}" in keys else None for i in range(int(meta["num_noises"]))]
             residuals = [get(f"residuals.{k}") for k in range(int(meta["num_residuals"]))]
+            contraction = [get(f"contraction.{k}") for k in range(int(meta.get("num_contraction", 0)))]
+            num_jac = meta.get("num_jacobian_norm", "none")
+            jac = None if num_jac == "none" else [get(f"jacobian_norm.{k}") for k in range(int(num_jac))]
             schedule = Schedule(get("schedule.alphas_cumprod").cpu(), **json.loads(meta["schedule"]))
             plan = json.loads(meta["plan"])
             plan = presets.Plan.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in plan.items()})
             return cls(get("z_T"), noises, get("trajectory"), residuals, int(meta["model_calls"]), get("timesteps"),
                        plan, meta["sampler"], json.loads(meta["sampler_opts"]), schedule,
-                       int(meta["num_steps"]), int(meta["start"]), json.loads(meta.get("extra", "{}")))
+                       int(meta["num_steps"]), int(meta["start"]), json.loads(meta.get("extra", "{}")),
+                       contraction, jac)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -192,8 +220,9 @@ def _finite_or_raise(z, res, t, step_index, what):
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, generator):
-    """One ReNoise step: (z_t, residuals [K+1, B], model calls)."""
+def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, generator, grad, grad_opts):
+    """One ReNoise step: the FixedPointResult of G_t (z_t = .z, residuals [K+1, B]) and inv(e), the
+    inverse step G_t's last model output goes through."""
     k, (a, _), weights = plan.at(t)
     reg = plan.regularize
     e_ref = []
@@ -216,23 +245,44 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
 
     if weights is not None:
         res = fixed_point.iterate(g, z_prev, k + 1, weights=weights, indexed=True,
-                                  readout=lambda e_mean: inv(R(e_mean) if reg else e_mean))
+                                  readout=lambda e_mean: inv(R(e_mean) if reg else e_mean), grad=grad, **grad_opts)
     else:
-        res = fixed_point.iterate(g, z_prev, k + 1, indexed=True, anderson=plan.anderson)
-    return res.z, res.residuals, res.evals
+        res = fixed_point.iterate(g, z_prev, k + 1, indexed=True, anderson=plan.anderson, grad=grad, **grad_opts)
+    return res, inv
 
 
-@torch.no_grad()
+GRAD_OPTS = ("phantom_steps", "backward_iters", "backward_tol", "backward_anderson")
+
+
 def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noises=None, generator=None,
-           strength=1.0, sampler_opts=None, callback=None) -> InversionResult:
+           strength=1.0, sampler_opts=None, callback=None, grad="none", grad_opts=None,
+           jacobian_iters=0) -> InversionResult:
     """Invert z0 [B, ...] to z_T along `schedule`'s `num_steps`-step chain for `sampler`.
 
     denoiser(x, t) -> model output for x in the sampler's space; it must accept a batch of 2B when
     the plan regularizes. plan: a preset name or a Plan. noises: the stochastic steps' noises, one
     per inverted step in denoising order (a list, None entries drawn from `generator`, or a tensor
     [n, *z0.shape]). strength < 1 inverts only the last int(num_steps·strength) steps.
-    callback(step_index, t, z_t) runs after each inversion step. Returns an InversionResult.
+    callback(step_index, t, z_t) runs after each inversion step. grad: "none" | "unrolled" |
+    "phantom" | "implicit" (module docstring); grad_opts: fixed_point.iterate's gradient keywords
+    (phantom_steps, backward_iters, backward_tol, backward_anderson). jacobian_iters > 0: power
+    iterations for each step's Jacobian norm. Returns an InversionResult.
     """
+    if grad not in fixed_point.GRAD_MODES:
+        raise ValueError(f"unknown grad mode {grad!r}; expected one of {', '.join(map(repr, fixed_point.GRAD_MODES))}")
+    grad_opts = dict(grad_opts or {})
+    unknown = sorted(set(grad_opts) - set(GRAD_OPTS))
+    if unknown:
+        raise ValueError(f"unknown grad_opts {unknown}; expected some of {', '.join(GRAD_OPTS)}")
+    if isinstance(jacobian_iters, bool) or not isinstance(jacobian_iters, int) or jacobian_iters < 0:
+        raise ValueError(f"jacobian_iters (power iterations, 0: off) must be an int >= 0, got {jacobian_iters!r}")
+    with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
+        return _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator, strength, sampler_opts,
+                       callback, grad, grad_opts, jacobian_iters)
+
+
+def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator, strength, sampler_opts, callback,
+            grad, grad_opts, jacobian_iters):
     plan = presets.resolve(plan)
     smod = _sampler(sampler)
     opts = dict(sampler_opts or {})
@@ -251,17 +301,30 @@ def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noi
                              "pass a torch.Generator as generator=")
         if plan.reference_noise == "noised":
             z_ref_noise = _randn(z0, generator)
+    if plan.regularize and grad == "implicit":
+        raise ValueError("grad='implicit' differentiates the fixed point of one map G_t, but the edit-enhancement "
+                         "regularizer draws new random shifts at every call; turn it off (reg_rounds=0) or use "
+                         "grad='unrolled' or 'phantom'")
+    if jacobian_iters and torch.is_inference_mode_enabled():
+        raise ValueError("jacobian_iters needs autograd, which torch.inference_mode turns off; use torch.no_grad")
 
     z, trajectory, residuals, calls = z0, [z0], [], 0
+    contraction, jacobian_norm = [], [] if jacobian_iters else None
     for step_index, i in enumerate(reversed(range(len(chain)))):
         t, tn = chain[i]
         z_ref = None
         if plan.regularize:
             z_ref = z0 if z_ref_noise is None else smod.add_noise(z0, z_ref_noise, t, schedule)
         z_prev = z
-        z, res, evals = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noises[i], z_ref, generator)
-        calls += evals
+        fp, inv = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noises[i], z_ref, generator, grad,
+                         grad_opts)
+        z, res = fp.z, fp.residuals
+        calls += fp.evals + fp.graph_evals
         _finite_or_raise(z, res, t, step_index, "the averaged answer")
+        contraction.append(fp.contraction())
+        if jacobian_iters:
+            jacobian_norm.append(fixed_point.spectral_norm(lambda x: inv(denoiser(x, t)), z, jacobian_iters))
+            calls += 1
         if stochastic[i] and plan.noise_correction != "none":
             out = denoiser(z, t)
             calls += 1
@@ -275,15 +338,24 @@ def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noi
 
     timesteps = torch.tensor([t for t, _ in chain])
     return InversionResult(z, noises, torch.stack(trajectory), residuals, calls, timesteps, plan, smod.NAME, opts,
-                           schedule, int(num_steps), start)
+                           schedule, int(num_steps), start, {}, contraction, jacobian_norm)
 
 
-@torch.no_grad()
-def sample(denoiser, result: InversionResult, *, z_T=None, callback=None) -> torch.Tensor:
+def sample(denoiser, result: InversionResult, *, z_T=None, callback=None, grad="none") -> torch.Tensor:
     """Denoise from result.z_T (or `z_T`) along the inverted chain with the stored noises.
 
     For editing, pass a denoiser with another prompt. callback(step_index, t, x) after each step.
+    grad: "none" (torch.no_grad) or "unrolled" (record the steps, e.g. to backpropagate a
+    reconstruction loss through a differentiable inversion).
     """
+    if grad not in ("none", "unrolled"):
+        raise ValueError(f"sample's grad must be 'none' or 'unrolled' (it has no fixed point to differentiate "
+                         f"implicitly), got {grad!r}")
+    with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
+        return _sample(denoiser, result, z_T, callback)
+
+
+def _sample(denoiser, result, z_T, callback):
     smod = _sampler(result.sampler)
     x = result.z_T if z_T is None else z_T
     if x.shape != result.z_T.shape:

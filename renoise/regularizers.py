@@ -16,7 +16,9 @@ auto-corr    for each channel, at every scale of a 2×2 average-pooling pyramid 
 `regularize` runs `rounds` rounds, each: one patch-KL step (gradient clipped to ±100, times λ_kl),
 then `rolls` auto-correlation steps (gradient / rolls, times λ_ac), each with fresh shifts. The
 gradients are closed-form (`patch_kl_grad`, `autocorr_grad`; tested against autograd of the
-losses), so R runs under `torch.inference_mode` and needs no autograd graph.
+losses), so R runs under `torch.inference_mode` and needs no autograd graph. R is itself an
+ordinary differentiable torch function of e and e_ref (autograd differentiates the closed-form
+steps), so gradients through an inversion (renoise.invert(grad=...)) pass through it.
 
 Shifts and the reference implementation: the reference draws one `randint(0, h // 2)` per
 (round, roll, channel, scale), in that order, from the run's generator, and supports batch 1 only.
@@ -189,8 +191,8 @@ def regularize(e, e_ref, generator=None, *, lambda_kl, lambda_ac, rounds=4, roll
     if rounds == 0 or (lambda_kl == 0 and lambda_ac == 0):
         return e
     dtype = e.dtype
-    x = e.detach().float()
-    ref = e_ref.detach().float() if lambda_kl > 0 else None
+    x = e.float()
+    ref = e_ref.float() if lambda_kl > 0 else None
     if lambda_ac > 0 and rolls > 0 and shifts is None:
         b, c, h, w = e.shape
         shifts = draw_shifts(generator, b, c, h, w, rounds, rolls)
