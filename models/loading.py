@@ -12,6 +12,8 @@ allow_pickle=True, in which case `.bin` / `.ckpt` files are read with `torch.loa
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import re
@@ -29,6 +31,27 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, or does not match the model."""
+
+
+_PROGRESS = contextvars.ContextVar("renoise_load_progress", default=None)
+
+
+@contextlib.contextmanager
+def load_progress(bar):
+    """While active, weight reads report to `bar` (a tqdm, or anything with `total` and `update(n)`):
+    each file adds its size in bytes to `bar.total`, each tensor read its bytes to `bar.update`."""
+    token = _PROGRESS.set(bar)
+    try:
+        yield bar
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _progress_add(nbytes: int):
+    bar = _PROGRESS.get()
+    if bar is not None:
+        bar.total = (bar.total or 0) + nbytes
+    return bar
 
 
 # ---------------------------------------------------------------- safetensors, read by hand
@@ -90,6 +113,7 @@ def read_safetensors(path, *, dtype=None, device="cpu", keys=None, rename=None) 
     if absent:
         raise CheckpointError(f"{path.name} does not contain {absent[:10]}")
     names = sorted(header if keys is None else keys, key=lambda k: header[k]["data_offsets"][0])
+    bar = _progress_add(sum(header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in names))
     out = {}
     with open(path, "rb", buffering=0) as f:
         for name in names:
@@ -103,6 +127,8 @@ def read_safetensors(path, *, dtype=None, device="cpu", keys=None, rename=None) 
             t = buf.view(src).reshape(info["shape"])
             t = t.to(device=device, dtype=dtype if (dtype is not None and src.is_floating_point) else src)
             out[rename(name) if rename else name] = t
+            if bar is not None:
+                bar.update(end - start)
     return out
 
 
@@ -171,6 +197,7 @@ def load_state_dict(path, *, allow_pickle: bool = False, dtype=None, device="cpu
                 f"{path.name} is a pickle checkpoint, which can execute code when loaded; renoise reads "
                 "safetensors only by default. If you trust the file, pass allow_pickle=True (it is then "
                 "loaded with torch.load(weights_only=True)), or convert it to .safetensors")
+        bar = _progress_add(path.stat().st_size)
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 -- torch raises many types for a bad pickle
@@ -179,6 +206,8 @@ def load_state_dict(path, *, allow_pickle: bool = False, dtype=None, device="cpu
             sd = sd["state_dict"]
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+        if bar is not None:
+            bar.update(path.stat().st_size)
         return {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
                 for k, v in sd.items() if isinstance(v, torch.Tensor)}
     raise CheckpointError(f"{path.name}: unknown checkpoint format (expected .safetensors, an index .json, "

@@ -3,15 +3,19 @@
     python -m renoise edit --model stabilityai/sdxl-turbo --image cat.png --prompt "a cat" \\
         --edit-prompt "a tiger" --out out/
 
-writes out/cat_edit.png, out/inversion.safetensors (settings in its metadata) and
-out/report.json (metrics, timings, model calls, residuals). `reconstruct` and `edit` also take
-`--inversion out/inversion.safetensors` instead of inverting again, so one inversion serves
-many edits. Outputs are staged in a temporary folder and moved into --out only when the whole
-run succeeded. Bad input: a one-line error on stderr and exit code 2.
+writes out/cat_reconstruction.png (the source prompt's denoising; `--no-reconstruction` skips
+it), out/cat_edit.png, out/inversion.safetensors (settings in its metadata) and out/report.json
+(device, dtype, metrics, timings and model calls per part, residuals). `reconstruct` and `edit`
+also take `--inversion out/inversion.safetensors` instead of inverting again, so one inversion
+serves many edits. `--device auto` / `--dtype auto` (the defaults) pick CUDA, MPS or CPU and
+fp16 / bf16 / fp32 (see renoise.devices). Progress bars (tqdm) and a summary go to stderr /
+stdout; `--quiet` prints nothing but errors. Outputs are staged in a temporary folder and moved
+into --out only when the whole run succeeded. Bad input: a one-line error on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -19,10 +23,11 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 INVERSION_FILE = "inversion.safetensors"
 REPORT_FILE = "report.json"
 
@@ -69,11 +74,14 @@ def _common(p, command):
                         help="edit prompt: one for all images or one per image")
         io.add_argument("--edit-guidance", type=float, default=1.0, metavar="G",
                         help="guidance scale of the edit; the source prompt is the negative (default: 1.0)")
+        io.add_argument("--no-reconstruction", action="store_true",
+                        help="skip the reconstruction (by default edit also denoises with the source prompt, "
+                             "writes <image>_reconstruction.png and reports its PSNR/SSIM)")
     io.add_argument("--out", required=True, metavar="DIR", help="output folder (created on success)")
     io.add_argument("--size", default=None, metavar="HxW", help="scale to cover HxW and centre-crop (e.g. 512 or 512x768)")
     io.add_argument("--fit", choices=("crop", "resize", "none"), default="crop",
                     help="make sides multiples of 8 by centre-cropping, resizing, or refusing (default: crop)")
-    io.add_argument("--quiet", action="store_true", help="no progress bar")
+    io.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress bars, no summary)")
 
     inv = p.add_argument_group("inversion")
     inv.add_argument("--preset", default=None,
@@ -94,9 +102,14 @@ def _common(p, command):
                           "(default: sample)")
 
     run = p.add_argument_group("run")
-    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, or auto (default: cpu)")
-    run.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights' dtype (default: float32)")
-    run.add_argument("--variant", default=None, help="weight file variant, e.g. fp16")
+    run.add_argument("--device", default="auto",
+                     help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 or mps (default: auto)")
+    run.add_argument("--dtype", choices=DTYPES, default="auto",
+                     help="model weights' dtype; auto: float16 on CUDA/MPS (bfloat16 when the model's config asks "
+                          "for it), float32 on CPU (default: auto)")
+    run.add_argument("--variant", default=None,
+                     help="weight file variant, e.g. fp16 (default: fp16 files when the dtype is half precision "
+                          "and the model has them, else the default files)")
     run.add_argument("--config", default=None, metavar="FOLDER",
                      help="single-file checkpoints: a diffusers folder or hub id with the configs and tokenizers "
                           "(default: the released model of the sniffed kind)")
@@ -187,37 +200,32 @@ def _parse_size(text):
 # ---------------------------------------------------------------------------------------------
 # progress and output staging
 
-class Progress:
-    """A plain stderr progress bar: `label [#####-----] done/total  1.2s`."""
+def _bar(label, total, quiet, unit="step", **kw):
+    """A tqdm progress bar on stderr (it/s and ETA); nothing when quiet."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=label, unit=unit, disable=quiet, file=sys.stderr, leave=True,
+                dynamic_ncols=True, **kw)
 
-    def __init__(self, label, total=None, enabled=True, stream=None):
-        self.label, self.total, self.enabled = label, total, enabled
-        self.stream = stream or sys.stderr
-        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
 
-    def update(self, n=1):
-        self.done += n
-        now = time.perf_counter()
-        live = self.enabled and getattr(self.stream, "isatty", lambda: False)()
-        if live and (now - self.last > 0.1 or self.done == self.total):      # redraw in place on a terminal
-            self.last = now
-            self._draw(now)
-
-    def _draw(self, now):
-        if self.total:
-            filled = min(20, int(20 * self.done / self.total))
-            bar = f"[{'#' * filled}{'-' * (20 - filled)}] {self.done}/{self.total}"
-        else:
-            bar = f"{self.done} model calls"
-        self.stream.write(f"\r{self.label:<12} {bar}  {now - self.start:.1f}s")
-        self.stream.flush()
-
-    def close(self):
-        """The final state, one line (the only line when stderr is not a terminal)."""
-        if self.enabled:
-            self._draw(time.perf_counter())
-            self.stream.write("\n")
-            self.stream.flush()
+@contextlib.contextmanager
+def _silenced(quiet):
+    """With --quiet: no Python warnings, no hub progress bars or log lines (errors still raise)."""
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import logging as hf_logging
+    bars_were_off, level = are_progress_bars_disabled(), hf_logging.get_verbosity()
+    disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if not bars_were_off:
+            enable_progress_bars()
 
 
 class Staging:
@@ -251,17 +259,17 @@ class Staging:
 # ---------------------------------------------------------------------------------------------
 # the run
 
-def _device(name):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device_and_dtype(args):
+    """--device / --dtype, "auto" resolved by renoise.devices (the model's config may ask for bf16)."""
+    from .devices import model_dtype, resolve_device, resolve_dtype
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+    wanted = None
+    if args.dtype == "auto" and device.type != "cpu":
+        wanted = model_dtype(args.model if args.config is None else args.config)
+    return device, resolve_dtype(args.dtype, device, wanted)
 
 
 def _sync(device):
@@ -321,13 +329,14 @@ def run(args) -> dict:
     import torch
 
     from . import images as imgs
-    from . import metrics, presets
+    from . import presets
     from .pipeline import Editor, Inversion, as_prompts, decode_latents
 
     t_start = time.perf_counter()
     timings = {}
     command = args.command
     inversion_file = getattr(args, "inversion", None)
+    quiet = args.quiet
 
     # -- check everything that can be checked before loading the model ------------------------
     size = _parse_size(args.size)
@@ -343,7 +352,8 @@ def run(args) -> dict:
         raise UsageError(f"{command} needs --image FILE" + ("" if command == "invert" else " or --inversion FILE"))
     image_paths = [str(p) for p in args.image]
     images = imgs.load_images(image_paths, size=size, mode=args.fit) if image_paths else None
-    device, dtype = _device(args.device), getattr(torch, args.dtype)
+    _check_model_path(args.model)
+    device, dtype = _device_and_dtype(args)
     loaded = Inversion.load(inversion_file, device=device) if inversion_file else None
     if loaded is not None:
         if args.prompt:
@@ -360,22 +370,29 @@ def run(args) -> dict:
     prompts = as_prompts(args.prompt or [""], batch) if loaded is None else loaded.prompts
     negative = as_prompts(args.negative_prompt, batch, "negative prompt") if args.negative_prompt else None
     edit_prompts = as_prompts(args.edit_prompt, batch, "edit prompt") if command == "edit" else None
-    _check_model_path(args.model)
+    parts = {"invert": [], "reconstruct": ["reconstruction"], "edit": ["reconstruction", "edit"]}[command]
+    if getattr(args, "no_reconstruction", False):
+        parts.remove("reconstruction")
+    dtype_name = str(dtype).removeprefix("torch.")
+    if not quiet:
+        print(f"renoise {command}: device {device}, dtype {dtype_name}", file=sys.stderr)
 
     stage = Staging(args.out)
     try:
         from .models import load_pipeline
+        from .models.loading import load_progress
         t0 = time.perf_counter()
-        pipe = load_pipeline(args.model, dtype=dtype, device=device, variant=args.variant,
-                             allow_pickle=args.allow_pickle, config=args.config, tokenizer=args.config)
-        if lora:
-            from .models import merge_lora
-            merge_lora(pipe, lora, lora_scale)
-        _sync(device)
+        with _bar("load", None, quiet, unit="B", unit_scale=True, unit_divisor=1024) as bar, load_progress(bar):
+            pipe = load_pipeline(args.model, dtype=dtype, device=device, variant=args.variant,
+                                 allow_pickle=args.allow_pickle, config=args.config, tokenizer=args.config)
+            if lora:
+                from .models import merge_lora
+                merge_lora(pipe, lora, lora_scale)
+            _sync(device)
         timings["load"] = time.perf_counter() - t0
         generator = torch.Generator(device).manual_seed(args.seed)
         report = {"command": command, "model": args.model, "lora": lora, "lora_scale": lora_scale if lora else None,
-                  "kind": pipe.kind, "device": str(device), "dtype": args.dtype, "seed": args.seed,
+                  "kind": pipe.kind, "device": str(device), "dtype": dtype_name, "seed": args.seed,
                   "images": image_paths, "outputs": []}
 
         # 1. invert, or take the saved inversion
@@ -385,24 +402,23 @@ def run(args) -> dict:
                             strength=args.strength, clip_skip=args.clip_skip, plan_overrides=overrides,
                             sampler_opts={"eta": args.eta} if args.eta is not None else None)
             n = editor.plan.num_steps
-            bar = Progress("invert", total=min(int(n * editor.strength), n), enabled=not args.quiet)
             t0 = time.perf_counter()
-            inv = editor.invert(images.to(device), prompts, negative_prompts=negative, generator=generator,
-                                sample_posterior=args.posterior == "sample",
-                                callback=lambda *_: bar.update())
-            _sync(device)
-            timings["invert"] = time.perf_counter() - t0
-            bar.close()
+            with _bar("inversion", min(int(n * editor.strength), n), quiet) as bar:
+                inv = editor.invert(images.to(device), prompts, negative_prompts=negative, generator=generator,
+                                    sample_posterior=args.posterior == "sample",
+                                    callback=lambda *_: bar.update())
+                _sync(device)
+            timings["inversion"] = time.perf_counter() - t0
             inv.extra = {"images": image_paths, "model": args.model, "preset": str(preset), "lora": lora,
                          "lora_scale": lora_scale}
             inv.save(stage.path(INVERSION_FILE))
             report["inversion"] = INVERSION_FILE
-            report["model_calls"] = {"invert": inv.result.model_calls}
+            report["model_calls"] = {"inversion": inv.result.model_calls}
         else:
             inv = loaded
             editor = Editor(pipe, inv.result.plan, clip_skip=inv.clip_skip)
             made_with = inv.extra.get("model")
-            if made_with not in (None, args.model) and not args.quiet:
+            if made_with not in (None, args.model) and not quiet:
                 print(f"renoise {command}: note: the inversion was made with --model {made_with}", file=sys.stderr)
             report["inversion"] = str(inversion_file)
             report["model_calls"] = {}
@@ -413,40 +429,32 @@ def run(args) -> dict:
                               "guidance_scale": inv.guidance_scale, "prompts": inv.prompts,
                               "negative_prompts": inv.negative_prompts, "size": list(inv.size),
                               "sampler_opts": res.sampler_opts, "plan": res.plan.to_dict()}
+        if command == "edit":
+            report["settings"].update(edit_prompts=edit_prompts, edit_guidance_scale=args.edit_guidance)
         report["residuals"] = {"final_per_step": [r[-1] for r in res.residuals],
                                "per_iteration": res.residuals}
 
-        # 2. denoise and decode
-        if command != "invert":
-            stems = _stems(inv.extra.get("images") or [f"image{i}" for i in range(batch)])
-            bar = Progress("denoise", total=len(res.timesteps), enabled=not args.quiet)
+        # 2. denoise and decode: the reconstruction (source prompt) and/or the edit
+        stems = _stems(inv.extra.get("images") or [f"image{i}" for i in range(batch)])
+        for part in parts:
             t0 = time.perf_counter()
-            if command == "reconstruct":
-                z, den = editor.reconstruct_latents(inv, callback=lambda *_: bar.update())
-            else:
-                z, den = editor.edit_latents(inv, edit_prompts, edit_guidance_scale=args.edit_guidance,
-                                             callback=lambda *_: bar.update())
-                report["settings"].update(edit_prompts=edit_prompts, edit_guidance_scale=args.edit_guidance)
-            _sync(device)
-            timings["sample"] = time.perf_counter() - t0
-            bar.close()
-            report["model_calls"]["sample"] = den.calls
-            t0 = time.perf_counter()
-            out_images = decode_latents(pipe, z)
-            _sync(device)
-            timings["decode"] = time.perf_counter() - t0
-            suffix = "reconstruction" if command == "reconstruct" else "edit"
+            with _bar(part, len(res.timesteps), quiet) as bar:
+                if part == "reconstruction":
+                    z, den = editor.reconstruct_latents(inv, callback=lambda *_: bar.update())
+                else:
+                    z, den = editor.edit_latents(inv, edit_prompts, edit_guidance_scale=args.edit_guidance,
+                                                 callback=lambda *_: bar.update())
+                out_images = decode_latents(pipe, z)
+                _sync(device)
+            timings[part] = time.perf_counter() - t0
+            report["model_calls"][part] = den.calls
             for stem, picture in zip(stems, imgs.to_pil(out_images)):
-                name = f"{stem}_{suffix}.png"
+                name = f"{stem}_{part}.png"
                 imgs.save_image(picture, stage.path(name))
                 report["outputs"].append(name)
             # reconstruction: how close to the input; edit: how much of the input survived
-            key = "metrics" if command == "reconstruct" else "metrics_vs_input"
-            report[key] = {"latent": metrics.latent_metrics(z, inv.z0.to(z.device))}
-            if images is not None:
-                ref = images.to(out_images.device)
-                report[key]["image"] = {"psnr": metrics.psnr(out_images, ref), "ssim": metrics.ssim(out_images, ref),
-                                        **_lpips(out_images, ref)}
+            key = "metrics" if part == "reconstruction" else "metrics_vs_input"
+            report[key] = _metrics(z, inv.z0, out_images, images)
         timings["total"] = time.perf_counter() - t_start
         report["timings"] = timings
         report = _jsonable(report)
@@ -456,6 +464,39 @@ def run(args) -> dict:
         return report
     finally:
         stage.discard()
+
+
+def _metrics(z, z0, out_images, images) -> dict:
+    """Latent metrics against the inverted z0; image PSNR/SSIM (LPIPS where local) against the input."""
+    from . import metrics
+    out = {"latent": metrics.latent_metrics(z, z0.to(z.device))}
+    if images is not None:
+        ref = images.to(out_images.device)
+        out["image"] = {"psnr": metrics.psnr(out_images, ref), "ssim": metrics.ssim(out_images, ref),
+                        **_lpips(out_images, ref)}
+    return out
+
+
+def summary(report, out) -> str:
+    """Where each file went and the headline numbers: reconstruction PSNR, model calls, seconds."""
+    out = Path(out)
+    lines = [f"renoise {report['command']}: done in {report['timings']['total']:.1f} s "
+             f"(device {report['device']}, dtype {report['dtype']})"]
+    rec = report.get("metrics")
+    for name in report["outputs"]:
+        lines.append(f"  {out / name}")
+    if report["inversion"] == INVERSION_FILE:
+        lines.append(f"  {out / INVERSION_FILE}")
+    lines.append(f"  {out / REPORT_FILE}")
+    if rec is not None:
+        image = rec.get("image")
+        values = image["psnr"] if image else rec["latent"]["psnr"]
+        what = "image" if image else "latent (no --image given)"
+        lines.append(f"reconstruction PSNR: {', '.join(f'{v:.2f}' for v in values)} dB ({what})")
+    calls = report["model_calls"]
+    lines.append("model calls: " + ", ".join(f"{k} {v}" for k, v in calls.items()) + f" (total {sum(calls.values())})")
+    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()))
+    return "\n".join(lines)
 
 
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
@@ -468,14 +509,14 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        report = run(args)
+        with _silenced(args.quiet):
+            report = run(args)
     except BAD_INPUT as e:
         message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
         print(f"renoise {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not args.quiet:
-        written = report["outputs"] + ([INVERSION_FILE] if report["inversion"] == INVERSION_FILE else [])
-        print(f"renoise {args.command}: wrote {', '.join(written + [REPORT_FILE])} to {args.out}", file=sys.stderr)
+        print(summary(report, args.out))
     return 0
 
 

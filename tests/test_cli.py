@@ -50,13 +50,16 @@ def test_edit_one_command(folders, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert run("edit", "--model", folders["sdxl"], "--image", cat, "--prompt", "a cat",
                "--edit-prompt", "a tiger", "--out", out) == 0
-    assert files(out) == ["cat_edit.png", "inversion.safetensors", "report.json"]
-    with Image.open(out / "cat_edit.png") as im:
-        assert im.size == (48, 40) and im.mode == "RGB"          # 52 px wide centre-cropped to 48
+    assert files(out) == ["cat_edit.png", "cat_reconstruction.png", "inversion.safetensors", "report.json"]
+    for name in ("cat_edit.png", "cat_reconstruction.png"):
+        with Image.open(out / name) as im:
+            assert im.size == (48, 40) and im.mode == "RGB"      # 52 px wide centre-cropped to 48
     report = json.loads((out / "report.json").read_text())
     assert report["command"] == "edit" and report["kind"] == "sdxl" and report["preset"] == "sdxl-turbo"
-    assert report["outputs"] == ["cat_edit.png"] and report["inversion"] == "inversion.safetensors"
-    assert report["model_calls"] == {"invert": 4 + 3 * 10 + 3, "sample": 4}
+    assert report["device"] == "cpu" and report["dtype"] == "float32"         # --device/--dtype auto on a CPU
+    assert report["outputs"] == ["cat_reconstruction.png", "cat_edit.png"]
+    assert report["inversion"] == "inversion.safetensors"
+    assert report["model_calls"] == {"inversion": 4 + 3 * 10 + 3, "reconstruction": 4, "edit": 4}
     settings = report["settings"]
     assert settings["sampler"] == "euler_ancestral" and settings["num_steps"] == 4
     assert settings["prompts"] == ["a cat"] and settings["edit_prompts"] == ["a tiger"]
@@ -65,10 +68,19 @@ def test_edit_one_command(folders, tmp_path, monkeypatch):
     assert settings["plan"]["noise_correction"] == "optimize"
     assert [len(r) for r in report["residuals"]["final_per_step"]] == [1] * 4
     assert [len(r) for r in report["residuals"]["per_iteration"]] == [4, 10, 10, 10]
-    assert set(report["timings"]) == {"load", "invert", "sample", "decode", "total"}
-    m = report["metrics_vs_input"]
-    assert len(m["image"]["psnr"]) == len(m["image"]["ssim"]) == 1 and set(m["latent"]) == {"rmse", "psnr", "ssim"}
-    assert m["image"]["lpips"] is None and "never downloads" in m["image"]["lpips_note"]
+    assert set(report["timings"]) == {"load", "inversion", "reconstruction", "edit", "total"}
+    for key in ("metrics", "metrics_vs_input"):                 # the reconstruction's, the edit's
+        m = report[key]
+        assert len(m["image"]["psnr"]) == len(m["image"]["ssim"]) == 1 and set(m["latent"]) == {"rmse", "psnr", "ssim"}
+        assert m["image"]["lpips"] is None and "never downloads" in m["image"]["lpips_note"]
+    # the reconstruction is the source prompt's denoising of the saved inversion
+    pipe = load_pipeline(str(folders["sdxl"]))
+    inv = Inversion.load(out / "inversion.safetensors")
+    api = np.asarray(imgs.to_pil(Editor(pipe, inv.result.plan).reconstruct(inv))[0]).astype(int)
+    assert np.abs(api - np.asarray(Image.open(out / "cat_reconstruction.png"))).max() <= 1   # fp32 rounding
+    from renoise import metrics
+    x, y = imgs.load_images([out / "cat_reconstruction.png", cat], size=(40, 48))
+    assert report["metrics"]["image"]["psnr"][0] == pytest.approx(metrics.psnr(x[None], y[None]).item(), abs=0.05)
 
 
 def test_one_inversion_serves_many_edits(folders, tmp_path):
@@ -77,15 +89,21 @@ def test_one_inversion_serves_many_edits(folders, tmp_path):
                "--out", tmp_path / "inv") == 0
     assert files(tmp_path / "inv") == ["inversion.safetensors", "report.json"]
     report = json.loads((tmp_path / "inv" / "report.json").read_text())
-    assert report["preset"] == "sd15" and report["model_calls"] == {"invert": 8} and report["outputs"] == []
+    assert report["preset"] == "sd15" and report["model_calls"] == {"inversion": 8} and report["outputs"] == []
     saved = tmp_path / "inv" / "inversion.safetensors"
-    for prompt in ("a tiger", "a dog"):
+    for prompt, flags in (("a tiger", []), ("a dog", ["--no-reconstruction"])):
         out = tmp_path / prompt.replace(" ", "_")
         assert run("edit", "--model", folders["sd"], "--inversion", saved, "--edit-prompt", prompt,
-                   "--edit-guidance", "2.5", "--out", out) == 0
+                   "--edit-guidance", "2.5", "--out", out, *flags) == 0
         rep = json.loads((out / "report.json").read_text())
-        assert rep["model_calls"] == {"sample": 4} and rep["outputs"] == ["cat_edit.png"]
         assert "image" not in rep["metrics_vs_input"]                # no --image given: latent metrics only
+        if flags:
+            assert rep["model_calls"] == {"edit": 4} and rep["outputs"] == ["cat_edit.png"] and "metrics" not in rep
+            assert files(out) == ["cat_edit.png", "report.json"]
+        else:
+            assert rep["model_calls"] == {"reconstruction": 4, "edit": 4}
+            assert rep["outputs"] == ["cat_reconstruction.png", "cat_edit.png"]
+            assert set(rep["metrics"]) == {"latent"}
     tiger, dog = (np.asarray(Image.open(tmp_path / d / "cat_edit.png")) for d in ("a_tiger", "a_dog"))
     assert tiger.shape == (SD_PX, SD_PX, 3) and not np.array_equal(tiger, dog)
     # the same edit through the API, from the same file
@@ -126,9 +144,10 @@ def test_batch_of_images_and_prompts(folders, tmp_path, monkeypatch):
     assert run("edit", "--model", folders["sd"], "--image", a, "--image", b, "--prompt", "a cat",
                "--prompt", "a dog", "--edit-prompt", "a tiger", *FAST_SD, "--out", out) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["outputs"] == ["a_edit.png", "b_edit.png"]
-    lpips = report["metrics_vs_input"]["image"]["lpips"]                # from the local (random) weights
-    assert len(lpips) == 2 and all(v > 0 for v in lpips)
+    assert report["outputs"] == ["a_reconstruction.png", "b_reconstruction.png", "a_edit.png", "b_edit.png"]
+    for key in ("metrics", "metrics_vs_input"):
+        lpips = report[key]["image"]["lpips"]                           # from the local (random) weights
+        assert len(lpips) == 2 and all(v > 0 for v in lpips)
     assert report["settings"]["prompts"] == ["a cat", "a dog"]
     assert report["settings"]["edit_prompts"] == ["a tiger", "a tiger"]
     assert len(report["metrics_vs_input"]["image"]["psnr"]) == 2
@@ -182,6 +201,8 @@ def bad_cases(tmp_path, folders):
                                "--edit-prompt", "x"], "inversion file not found"),
         "not an inversion": (["edit", "--model", folders["sd"], "--inversion", broken, "--edit-prompt", "x"],
                              "cannot read inversion file"),
+        "no cuda": ([*sd, "--image", ok, *common, "--device", "cuda"], "CUDA is not available"),
+        "bad device": ([*sd, "--image", ok, *common, "--device", "gpu0"], "--device 'gpu0'"),
     }
 
 
@@ -196,7 +217,7 @@ def saved_inversion(folders, tmp_path_factory):
 @pytest.mark.parametrize("case", ["unreadable image", "missing image", "wrong size", "prompt count",
                                   "edit prompt count", "unknown preset", "missing model", "bad plan field",
                                   "bad strength", "other step count", "missing inversion",
-                                  "not an inversion"])
+                                  "not an inversion", "no cuda", "bad device"])
 def test_bad_input_clear_error_and_no_output(case, folders, saved_inversion, tmp_path, capsys):
     argv, message = bad_cases(tmp_path, folders)[case]
     argv = [saved_inversion if a == "INV" else a for a in argv]
@@ -226,7 +247,8 @@ def test_help_lists_commands_and_plan_flags(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--model", "--preset", "--steps", "--guidance", "--strength", "--edit-guidance", "--device",
-                 "--dtype", "--seed", "--inversion", "--noise-correction", "--lambda-kl", "--first-window"):
+                 "--dtype", "--seed", "--inversion", "--noise-correction", "--lambda-kl", "--first-window",
+                 "--no-reconstruction", "--quiet"):
         assert flag in text
     assert main([]) != 0
 
@@ -238,8 +260,32 @@ def test_python_m_renoise_subprocess(folders, tmp_path):
                            "--image", cat, "--prompt", "a cat", *FAST_SD, "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "denoise" in done.stderr and "wrote cat_reconstruction.png" in done.stderr   # progress, summary
     assert files(tmp_path / "out") == ["cat_reconstruction.png", "inversion.safetensors", "report.json"]
+    assert "device cpu, dtype float32" in done.stderr
+    for label in ("load", "inversion", "reconstruction"):      # tqdm bars: elapsed<ETA, rate/s
+        assert any(line.startswith(label + ":") and "/s]" in line and "<00:00" in line
+                   for line in done.stderr.replace("\r", "\n").splitlines()), (label, done.stderr)
+    assert str(tmp_path / "out" / "cat_reconstruction.png") in done.stdout
+    assert "reconstruction PSNR: " in done.stdout and "model calls: inversion 8, reconstruction 4" in done.stdout
+
+
+def test_quiet_prints_nothing_and_a_normal_run_prints_paths_and_psnr(folders, tmp_path, capfd):
+    cat = picture(tmp_path / "cat.png", SD_PX, SD_PX)
+    argv = ["edit", "--model", folders["sd"], "--image", cat, "--prompt", "a cat", "--edit-prompt", "a dog",
+            *FAST_SD, "--seed", "1"]
+    capfd.readouterr()
+    assert main([str(a) for a in argv + ["--out", tmp_path / "quiet", "--quiet"]]) == 0
+    assert capfd.readouterr() == ("", "")
+    assert main([str(a) for a in argv + ["--out", tmp_path / "loud"]]) == 0
+    out, err = capfd.readouterr()
+    report = json.loads((tmp_path / "loud" / "report.json").read_text())
+    for name in ("cat_reconstruction.png", "cat_edit.png", "inversion.safetensors", "report.json"):
+        assert str(tmp_path / "loud" / name) in out
+    psnr = report["metrics"]["image"]["psnr"][0]
+    assert f"reconstruction PSNR: {psnr:.2f} dB (image)" in out
+    assert "model calls: inversion 8, reconstruction 4, edit 4 (total 16)" in out
+    assert f"total {report['timings']['total']:.1f}" in out
+    assert "device cpu, dtype float32" in err and "inversion" in err and "edit" in err
 
 
 def test_single_file_checkpoint_model(folders, tmp_path):

@@ -107,6 +107,26 @@ def test_half_precision_reads_the_fp16_variant(tmp_path, monkeypatch):
         load_unet("org/missing")
 
 
+def test_load_progress_counts_the_bytes_read(tmp_path):
+    """load_progress: each weights file adds its data bytes to the bar's total, each tensor its bytes."""
+    from renoise.models.loading import load_progress
+
+    class Bar:
+        total, n, updates = None, 0, 0
+
+        def update(self, k):
+            self.n += k
+            self.updates += 1
+
+    save_tiny_unet(tmp_path, "sd1", max_shard_size="300KB")
+    expected = sum(p.numel() * 4 for p in load_unet(tmp_path).state_dict().values())
+    with load_progress(Bar()) as bar:
+        load_unet(tmp_path, dtype=torch.float16)
+    assert bar.total == bar.n == expected and bar.updates > 10
+    load_unet(tmp_path)                                    # outside the block: nothing reported
+    assert bar.n == expected
+
+
 def test_hub_id_sharded_fetches_the_listed_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     ref = save_tiny_unet(tmp_path / "pipe" / "unet", "sd1", max_shard_size="300KB")
