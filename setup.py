@@ -34,6 +34,8 @@ setup(
     python_requires=">=3.10",
     packages=packages(),
     package_dir=package_dir(),
+    package_data={"renoise.demo": ["MODEL_CARD.md", "weights/*.json", "weights/*.md", "weights/*.png",
+                                   "weights/*/*.json", "weights/*/*.txt", "weights/*/*.safetensors"]},
     install_requires=[
         "torch>=2.1",
         "numpy",

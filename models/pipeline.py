@@ -52,6 +52,22 @@ def _read_json(path: Path, what: str) -> dict:
         raise ValueError(f"{path} ({what}) is not valid JSON: {e}") from None
 
 
+BUILTIN = ("demo",)        # names of the pipelines shipped inside the package
+
+
+def builtin_folder(name: str) -> Path:
+    """The folder of a pipeline shipped with renoise ("demo": the trained demo model)."""
+    from ..demo import MODEL_DIR
+
+    if name not in BUILTIN:
+        raise ValueError(f"unknown built-in pipeline {name!r}; built in: {BUILTIN}")
+    if not (MODEL_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(f"the demo model's weights are missing from this installation ({MODEL_DIR}); "
+                                "reinstall renoise with its package data, or train them with "
+                                "`python -m renoise.demo.train --out <folder>` and pass that folder")
+    return MODEL_DIR
+
+
 def _pipeline_root(source, hub: dict) -> Path:
     """The local folder with model_index.json and the scheduler config (hub ids: fetch just those)."""
     from .loading import hub_snapshot, is_hub_id
@@ -73,7 +89,8 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
                   allow_pickle: bool = False, config=None, tokenizer=None, **hub) -> Pipeline:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the scheduler config.
 
-    `source`: a diffusers pipeline folder, a hub id, or a single-file `.safetensors` checkpoint
+    `source`: "demo" (the trained demo model shipped with renoise; a local folder of that name is
+    "./demo"), a diffusers pipeline folder, a hub id, or a single-file `.safetensors` checkpoint
     (then `config` and `tokenizer` are passed to `load_single_file`). `variant`: e.g. "fp16" for
     `*.fp16.safetensors`. `hub`: cache_dir, revision, local_files_only.
     """
@@ -81,6 +98,8 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
     from .loading import is_hub_id, load_unet, load_vae
     from .tokenizer import load_tokenizer
 
+    if source in BUILTIN:
+        source = builtin_folder(source)
     if not is_hub_id(source) and Path(source).is_file():
         from .single_file import load_single_file
         return load_single_file(source, config=config, tokenizer=tokenizer, dtype=dtype, device=device,
