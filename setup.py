@@ -42,6 +42,7 @@ setup(
         "einops",
         "safetensors",
         "huggingface-hub",
+        "tqdm",
         "pillow",
     ],
     extras_require={
