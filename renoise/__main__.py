@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="ReNoise real-image inversion and editing with Stable Diffusion / SDXL weights.",
         epilog='example: python -m renoise edit --model stabilityai/sdxl-turbo --image cat.png '
                '--prompt "a cat" --edit-prompt "a tiger" --out out/')
-    sub = parser.add_subparsers(dest="command", metavar="{invert,reconstruct,edit}")
+    sub = parser.add_subparsers(dest="command", metavar="{invert,reconstruct,edit,eval}")
     helps = {"invert": "invert images to z_T (+ noises); writes the inversion and a report",
              "reconstruct": "invert (or load an inversion) and denoise back with the source prompt",
              "edit": "invert (or load an inversion) and denoise with an edit prompt"}
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         _common(p, name)
         _plan_flags(p)
+    from .evaluation.cli import add_parser as add_eval_parser      # its own module: renoise.evaluation
+    add_eval_parser(sub)
     return parser
 
 
@@ -508,6 +510,9 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
+    if args.command == "eval":
+        from .evaluation.cli import main as eval_main
+        return eval_main(args)
     try:
         with _silenced(args.quiet):
             report = run(args)

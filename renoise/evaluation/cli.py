@@ -1,0 +1,290 @@
+"""`python -m renoise eval`: the arguments (`add_parser`) and the run (`run`).
+
+    python -m renoise eval --model demo --demo 64 --methods paper-grid --out eval-out/
+    torchrun --nproc_per_node 4 -m renoise eval --model M --images data/ --methods plain K3:iters=3,average=false --out o/
+
+Each process takes every world-th pending (image, method) pair and appends its rows as they finish;
+rank 0 then writes rows.jsonl, summary.json, summary.md and the plots. Rerunning the same command
+skips the pairs already done. See docs/eval.md.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_parser", "run", "main"]
+
+
+
+def add_parser(sub):
+    """Register the `eval` subcommand on the CLI's subparsers."""
+    text = "invert a data set with a grid of methods; per-image rows, a summary and plots (torchrun: sharded)"
+    p = sub.add_parser("eval", help=text, description=text,
+                       epilog="methods: NAME:field=value,... (a Plan override), a preset name, 'preset', "
+                              "a grid (paper-grid, ablation, convergence), or @FILE; see docs/eval.md")
+    data = p.add_argument_group("data (one of --images or --demo)")
+    data.add_argument("--images", metavar="DIR", help="folder of images with captions.jsonl or captions.csv")
+    data.add_argument("--captions", metavar="FILE", help="captions file (default: DIR/captions.jsonl or .csv)")
+    data.add_argument("--prompt", metavar="TEXT", help="prompt for images without a caption (all, without a file)")
+    data.add_argument("--edit-prompt", metavar="TEXT", help="edit prompt for images without their own")
+    data.add_argument("--demo", type=int, metavar="N", help="N held-out demo scenes with colour-swap edits and masks")
+    data.add_argument("--demo-first", type=int, default=0, metavar="K", help="first held-out scene (default: 0)")
+    data.add_argument("--demo-shapes", type=int, default=1, choices=(1, 2, 3), help="most shapes per scene (default: 1)")
+    data.add_argument("--size", metavar="HxW", help="scale to cover HxW and centre-crop first")
+    data.add_argument("--fit", choices=("none", "crop", "resize"), default="none",
+                      help="sides not multiples of 8: skip the image (none, the default), crop or resize")
+
+    meth = p.add_argument_group("methods")
+    meth.add_argument("--methods", nargs="+", default=["paper-grid"], metavar="SPEC",
+                      help="methods to compare (default: paper-grid)")
+    meth.add_argument("--preset", help="the run's preset: 'preset' methods and the sampler, steps and guidance "
+                                       "of all methods (default: from the model, e.g. sd15)")
+    meth.add_argument("--sampler", choices=("ddim", "euler_ancestral", "lcm"), help="the preset's unless given")
+    meth.add_argument("--steps", type=int, metavar="N", help="inversion steps (the preset's unless given)")
+    meth.add_argument("--guidance", type=float, metavar="G", help="inversion guidance (the preset's unless given)")
+    meth.add_argument("--edit-guidance", type=float, default=1.0, metavar="G", help="edit guidance (default: 1)")
+    meth.add_argument("--posterior", choices=("mean", "sample"), default="mean",
+                      help="encode with the VAE posterior's mean (default) or a sample")
+    meth.add_argument("--seed", type=int, default=0, help="seed; each image gets its own, the same for all methods")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun with it to resume)")
+    out.add_argument("--save-images", action="store_true", help="write every reconstruction and edit as PNG")
+    out.add_argument("--save-inversions", action="store_true", help="write every inversion (.safetensors)")
+    out.add_argument("--grid", type=int, default=4, metavar="N", help="images in grid.png (default: 4)")
+    out.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    out.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    run_ = p.add_argument_group("run")
+    run_.add_argument("--model", required=True, help="'demo', a diffusers folder, a hub id or a single-file checkpoint")
+    run_.add_argument("--device", default="auto",
+                      help="auto (CUDA, MPS, CPU; under torchrun: LOCAL_RANK's GPU), cpu, cuda (default: auto)")
+    run_.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                      help="weights' dtype; auto: float32 on CPU, float16 (or the model's bfloat16) on GPUs")
+    run_.add_argument("--variant", help="weight file variant, e.g. fp16")
+    run_.add_argument("--threads", type=int, metavar="N", help="CPU threads per process")
+    return p
+
+
+def _items(args):
+    from . import data
+    if (args.images is None) == (args.demo is None):
+        raise ValueError("give the images with --images DIR (with captions) or --demo N, not both or neither")
+    if args.demo is not None:
+        if args.captions or args.prompt or args.edit_prompt:
+            raise ValueError("--demo scenes bring their own captions and edits; drop --captions/--prompt/--edit-prompt")
+        items = data.from_demo(args.demo, first=args.demo_first, max_shapes=args.demo_shapes)
+        return items, {"demo": {"first": args.demo_first, "shapes": args.demo_shapes}}
+    items = data.from_folder(args.images, captions=args.captions, prompt=args.prompt, edit_prompt=args.edit_prompt)
+    return items, {"images": str(Path(args.images).resolve())}
+
+
+def _size(text):
+    if text is None:
+        return None
+    try:
+        parts = [int(s) for s in text.lower().split("x")]
+    except ValueError:
+        raise ValueError(f"--size {text!r}: expected N or HxW, e.g. 512 or 512x768") from None
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise ValueError(f"--size {text!r}: expected N or HxW with positive numbers")
+    return parts[0], parts[-1]
+
+
+def _plans(args, pipe, methods):
+    """(run preset name, {method: Plan}) with the run's sampler/steps/guidance applied to every method."""
+    from .. import presets
+    from ..__main__ import _default_preset
+    preset = args.preset or _default_preset(pipe)
+    given = {"sampler": args.sampler, "num_steps": args.steps, "guidance_scale": args.guidance}
+    base = presets.resolve(preset, **{k: v for k, v in given.items() if v is not None})
+    run_settings = {"sampler": base.sampler, "num_steps": base.num_steps, "guidance_scale": base.guidance_scale}
+    return preset, {m.name: m.plan(preset, run_settings) for m in methods}
+
+
+def _clean(obj):
+    """JSON-safe: non-finite floats become None."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _save_png(image, path):
+    from .. import images as imgs
+    from . import store
+    import io
+    buf = io.BytesIO()
+    imgs.to_pil(image)[0].save(buf, format="PNG")
+    store.write_atomic(path, buf.getvalue())
+
+
+def _save_inversion(inv, path):
+    import os
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        inv.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _one_pair(args, editor, item, out, ctx, lpips, keep_images):
+    """Measure one pair and save its files; returns the row (status ok, bad_input or failed)."""
+    import torch
+
+    from ..inversion import NonFiniteLatentError
+    from . import data, measure
+    base = {"image": item.id, "method": editor.plan.name, "prompt": item.prompt}
+    try:
+        x, mask = data.load(item, size=args.size_hw, fit=args.fit)
+    except (ValueError, OSError) as e:
+        return {**base, "status": "bad_input", "error": " ".join(str(e).split())}
+    try:
+        row, images = measure.measure(editor, item, x, mask, seed=args.seed, edit_guidance=args.edit_guidance,
+                                      lpips=lpips, posterior=args.posterior)
+    except (NonFiniteLatentError, ValueError, torch.cuda.OutOfMemoryError) as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        return {**base, "status": "failed", "error": " ".join(str(e).split())}
+    name = editor.plan.name
+    if args.save_images or keep_images:
+        for part in ("reconstruction", "edit"):
+            if part in images:
+                _save_png(images[part], out / "images" / name / f"{item.id}_{part}.png")
+    if keep_images:
+        _save_png(x, out / "images" / "input" / f"{item.id}.png")
+    if args.save_inversions:
+        _save_inversion(images["inversion"], out / "inversions" / name / f"{item.id}.safetensors")
+    return {**base, "status": "ok", **row, "rank": ctx.rank, "world": ctx.world, "device": str(ctx.device)}
+
+
+def _progress(args, ctx, done, total, row):
+    if args.quiet:
+        return
+    head = f"renoise eval [{ctx.rank}/{ctx.world}] {done}/{total} {row['image']} {row['method']}:"
+    if row["status"] != "ok":
+        print(f"{head} {row['status']}: {row['error']}", file=sys.stderr, flush=True)
+    else:
+        print(f"{head} PSNR {row['psnr']:.2f} dB, {row['calls_invert']} calls, {row['seconds_total']:.2f} s",
+              file=sys.stderr, flush=True)
+
+
+def _finish(args, out, items, plans, info, ctx, started, ran, skipped):
+    """Rank 0: merge the rows, write rows.jsonl, the summaries, the plots and a line in runs.jsonl."""
+    import json
+
+    from . import plots, store, summary
+    rows = store.read_rows(out)
+    names = list(plans)
+    merged = [rows[(it.id, n)] for n in names for it in items if (it.id, n) in rows]
+    store.write_atomic(out / "rows.jsonl", "".join(json.dumps(r) + "\n" for r in merged).encode())
+    s = summary.summarize(rows, names, items, info)
+    store.write_json(out / "summary.json", s)
+    store.write_atomic(out / "summary.md", summary.markdown(s).encode())
+    written, note = [], None
+    if args.plots:
+        written, note = plots.plot_all(out, s, {k: v for k, v in rows.items() if k[1] in plans}, names,
+                                       [it.id for it in items[:args.grid]])
+    if note:
+        print(f"renoise eval: note: {note}", file=sys.stderr)
+    wall = time.perf_counter() - started
+    log = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": ctx.world, "device": str(ctx.device),
+           "pairs_run": ran, "pairs_skipped": skipped, "wall_seconds": wall}
+    store.append_line(out / "runs.jsonl", log)
+    if not args.quiet:
+        print(summary.markdown(s).split("\n## ")[0].rstrip())
+        print(f"renoise eval: {ran} pairs run, {skipped} already done, {wall:.1f} s on {ctx.world} process(es); "
+              f"wrote rows.jsonl, summary.json, summary.md{''.join(', ' + w for w in written)} to {out}",
+              file=sys.stderr)
+    return s
+
+
+def run(args) -> dict | None:
+    """Run the evaluation; returns the summary on rank 0 (None on the other ranks)."""
+    import torch
+
+    from .. import devices
+    from ..models import load_pipeline
+    from ..pipeline import Editor
+    from . import distributed, methods, plots, store
+    from .measure import LPIPSScorer
+
+    started = time.perf_counter()
+    method_list = methods.parse_methods(args.methods)
+    items, source = _items(args)
+    args.size_hw = _size(args.size)
+    if args.grid < 0:
+        raise ValueError(f"--grid must be >= 0, got {args.grid}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = distributed.setup(args.device)
+    try:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a folder")
+        dtype = devices.resolve_dtype(args.dtype, ctx.device, devices.model_dtype(args.model))
+        pipe = load_pipeline(args.model, dtype=dtype, device=ctx.device, variant=args.variant)
+        preset, plans = _plans(args, pipe, method_list)
+        settings = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "data": source, "preset": preset, "seed": args.seed,
+                    "posterior": args.posterior, "edit_guidance": args.edit_guidance, "size": args.size,
+                    "fit": args.fit, "methods": {n: p.to_dict() for n, p in plans.items()}}
+        keys = [(it, n) for n in plans for it in range(len(items))]     # method-major: every rank gets each method
+        pending = None
+        if ctx.rank == 0:
+            try:
+                store.check_settings(out, settings)
+                done = store.read_rows(out)
+                pending = [k for k in keys if (items[k[0]].id, k[1]) not in done]
+            except (ValueError, OSError) as e:
+                pending = e
+        pending = ctx.broadcast(pending)
+        if isinstance(pending, Exception):
+            raise pending
+        mine = pending[ctx.rank::ctx.world]
+        editors = {n: Editor(pipe, p) for n, p in plans.items()}
+        lpips = LPIPSScorer(ctx.device)
+        grid_ids = {it.id for it in items[:args.grid]} if args.plots else set()
+        writer = store.RowWriter(out, ctx.rank)
+        try:
+            for i, (index, name) in enumerate(mine, 1):
+                item = items[index]
+                row = _one_pair(args, editors[name], item, out, ctx, lpips, item.id in grid_ids)
+                writer.write(_clean(row))
+                _progress(args, ctx, i, len(mine), row)
+        finally:
+            writer.close()
+        ctx.barrier()
+        if ctx.rank != 0:
+            return None
+        notes = [n for n in (lpips.note and f"LPIPS not measured: {lpips.note}",
+                             plots.MISSING_NOTE if args.plots and not _has_matplotlib() else None) if n]
+        info = {k: v for k, v in settings.items() if k != "methods"}
+        info.update(sampler=next(iter(plans.values())).sampler, plans=settings["methods"], notes=notes)
+        return _finish(args, out, items, plans, info, ctx, started, len(pending), len(keys) - len(pending))
+    finally:
+        ctx.close()
+
+
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
+
+
+def main(args) -> int:
+    """Run `eval` from parsed arguments: 0 on success, 2 with a one-line error for bad input."""
+    try:
+        run(args)
+    except BAD_INPUT as e:
+        message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        print(f"renoise eval: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None

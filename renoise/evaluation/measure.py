@@ -1,0 +1,130 @@
+"""One (image, method) pair of `renoise eval`: invert, reconstruct, edit, and measure.
+
+    row = measure(editor, item, x, mask, seed=..., edit_guidance=1.0, lpips=scorer, posterior="mean")
+
+The row holds image PSNR/SSIM (and LPIPS when its weights are local) of the reconstruction,
+latent PSNR/SSIM/RMSE, UNet calls and seconds of each part, the peak memory, and the fixed-point
+residuals of every inversion step (final and per iteration; the contraction estimate where the
+inversion reports one). With an edit prompt: the edit's calls and seconds, and where a mask is
+known the background PSNR (outside the mask grown by 3 px) and, for demo scenes, whether the shape
+took the target colour. Image PSNR is in [0, 1] units (data range 1), as the paper reports it.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from .. import metrics
+from ..pipeline import decode_latents
+
+__all__ = ["measure", "pair_seed", "LPIPSScorer", "background_psnr", "GROW"]
+
+GROW = 3        # px the edit mask is grown by before the background PSNR is taken
+
+
+def pair_seed(seed: int, image_id: str) -> int:
+    """The generator seed of an image: the same for every method, rank and world size."""
+    return (seed * 1_000_003 + zlib.crc32(image_id.encode())) % (2 ** 63)
+
+
+class LPIPSScorer:
+    """LPIPS with the network loaded once, or None with the reason when the weights are not local."""
+
+    def __init__(self, device):
+        try:
+            self.net = metrics.LPIPS.from_files().to(device)
+            self.note = None
+        except metrics.LPIPSWeightsMissing as e:
+            self.net, self.note = None, str(e)
+
+    def __call__(self, x, y):
+        if self.net is None or min(x.shape[-2:]) < 32:
+            return None
+        return float(self.net(x, y)[0])
+
+
+def background_psnr(edited, source, mask, grow: int = GROW) -> float:
+    """PSNR in [0, 1] units of the edit against the source outside the mask grown by `grow` px."""
+    region = F.max_pool2d((mask > 0.01).float()[None, None], 2 * grow + 1, 1, grow)[0, 0] > 0
+    keep = ~region.to(edited.device)
+    if not bool(keep.any()):
+        return float("nan")
+    mse = ((edited - source)[0][:, keep] / 2).pow(2).mean()
+    return float(10 * torch.log10(1.0 / mse.clamp_min(1e-12)))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mib(device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss            # KiB on Linux, bytes on macOS
+    return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), "process_max_rss"
+
+
+def _floats(t: torch.Tensor) -> list:
+    return [float(v) for v in t.detach().float().cpu().reshape(-1)]
+
+
+def _residuals(result) -> dict:
+    per_iteration = [_floats(r[:, 0]) for r in result.residuals]         # per step, [calls]
+    out = {"final_residual": [r[-1] for r in per_iteration], "residuals": per_iteration,
+           "timesteps": [int(t) for t in result.timesteps.flip(0)]}     # inversion order, like the residuals
+    contraction = getattr(result, "contraction", None)
+    if contraction:
+        out["contraction"] = [float(c.reshape(-1)[0]) for c in contraction]
+    return out
+
+
+@torch.no_grad()
+def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpips=None,
+            posterior: str = "mean") -> tuple[dict, dict]:
+    """Run one pair. Returns (row, images): images holds "reconstruction" and maybe "edit" [1, 3, H, W]
+    and the inversion ("inversion") for the caller to save."""
+    pipe = editor.pipe
+    device = next(pipe.unet.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    x = x.to(device)
+    gen = torch.Generator(device).manual_seed(pair_seed(seed, item.id))
+    t0 = time.perf_counter()
+    inv = editor.invert(x, item.prompt, generator=gen, sample_posterior=posterior == "sample")
+    _sync(device)
+    t1 = time.perf_counter()
+    z, den = editor.reconstruct_latents(inv)
+    recon = decode_latents(pipe, z)
+    _sync(device)
+    t2 = time.perf_counter()
+    latent = metrics.latent_metrics(z, inv.z0.to(z.device))
+    row = {"psnr": float(metrics.psnr(recon, x)[0]), "ssim": float(metrics.ssim(recon, x)[0]),
+           "lpips": lpips(recon, x) if lpips is not None else None,
+           "latent_psnr": float(latent["psnr"][0]), "latent_ssim": float(latent["ssim"][0]),
+           "latent_rmse": float(latent["rmse"][0]),
+           "calls_invert": inv.result.model_calls, "calls_reconstruct": den.calls,
+           "seconds_invert": t1 - t0, "seconds_reconstruct": t2 - t1}
+    images = {"reconstruction": recon, "inversion": inv}
+    if item.edit_prompt:
+        z_edit, den_edit = editor.edit_latents(inv, item.edit_prompt, edit_guidance_scale=edit_guidance)
+        edited = decode_latents(pipe, z_edit)
+        _sync(device)
+        row.update(edit_prompt=item.edit_prompt, calls_edit=den_edit.calls, seconds_edit=time.perf_counter() - t2)
+        images["edit"] = edited
+        if mask is not None:
+            row["edit_background_psnr"] = background_psnr(edited, x, mask)
+        if item.target_colour is not None:
+            from ..demo.checks import dominant_colour
+            from .data import as_numpy01
+            got = dominant_colour(as_numpy01(edited), mask.numpy() > 0.99)
+            row.update(edit_colour=got, edit_success=got == item.target_colour)
+    row["seconds_total"] = time.perf_counter() - t0
+    row["peak_memory_mib"], row["memory_kind"] = _peak_memory_mib(device)
+    row.update(_residuals(inv.result))
+    return row, images

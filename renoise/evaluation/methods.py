@@ -1,0 +1,194 @@
+"""Methods for `renoise eval`: named Plan overrides, written on the command line, and built-in grids.
+
+    NAME:field=value,field=value      a Plan override (any renoise.presets.Plan field)
+    NAME                              a built-in grid (paper-grid, ablation, convergence), a method
+                                      of one (plain, K3, anderson-K3, no-patch-kl, ...), a preset
+                                      name, or `preset` (the run's --preset)
+
+An override starts from plain inversion (`Plan()`: K = 0, no averaging window beyond the last
+iterate, no regularizer, no noise correction) unless it names a base with `preset=NAME`. The
+run's sampler, step count and guidance (from --preset, --sampler, --steps, --guidance) apply to
+every method, so that methods compare at equal steps; a method may still set them itself.
+
+Values: integers, floats, true/false, none, words, and lists in brackets: `window=[3,4]`.
+
+    K3:iters=3,average=false                      three renoising iterations, the last iterate
+    anderson-K3:iters=3,anderson=3,average=false  the same with Anderson mixing (memory 3)
+    no-kl:preset=sd15,lambda_kl=0                 the SD 1.5 preset without patch-KL
+
+A file of methods, one a line (`#` comments), is passed as `@FILE`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..presets import PRESETS, Plan
+
+__all__ = ["Method", "parse_methods", "parse_spec", "builtin_methods", "GRIDS", "RUN_PRESET"]
+
+RUN_PRESET = "preset"                      # the method name that means "the run's --preset as it is"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named plan: `base` is None (plain inversion), a preset name, or RUN_PRESET."""
+    name: str
+    base: str | None = None
+    overrides: dict = field(default_factory=dict)
+
+    def plan(self, run_preset: str, run_settings: dict) -> Plan:
+        """The Plan this method runs: its base, the run's sampler/steps/guidance, then its overrides."""
+        base = {None: None, RUN_PRESET: run_preset}.get(self.base, self.base)
+        plan = Plan() if base is None else Plan.preset(base)
+        try:
+            return plan.replace(**{**run_settings, **self.overrides, "name": self.name})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"method {self.name!r}: {e}") from None
+
+
+def _plain(name, **overrides):
+    return Method(name, None, overrides)
+
+
+def _preset(name, **overrides):
+    return Method(name, RUN_PRESET, overrides)
+
+
+def _has_field(name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(Plan)}
+
+
+def _paper_grid():
+    """The paper's comparison (Table 2, Fig. 5/6): plain inversion, the preset, K ∈ {1, 3, 9}, and
+    Anderson mixing (m = 3) at K ∈ {2, 3, 5}; tolerance stopping where Plan has a `tol` field."""
+    grid = [_plain("plain", iters=0), _preset(RUN_PRESET)]
+    grid += [_plain(f"K{k}", iters=k, average=False) for k in (1, 3, 9)]
+    grid += [_plain(f"anderson-K{k}", iters=k, anderson=3, average=False) for k in (2, 3, 5)]
+    if _has_field("tol"):
+        grid.append(_plain("tol-K9", iters=9, average=False, tol=1e-3))
+    return grid
+
+
+def _ablation():
+    """The editability ablation: the run's preset with one enhancement switched off at a time."""
+    return [_preset("full"), _preset("no-pairwise", lambda_ac=0.0), _preset("no-patch-kl", lambda_kl=0.0),
+            _preset("no-noise-correction", noise_correction="none"), _preset("no-regularizer", reg_rounds=0)]
+
+
+def _convergence():
+    """Residual against iteration at every timestep: nine plain iterations, with and without Anderson."""
+    return [_plain("K9", iters=9, average=False), _plain("anderson-K9", iters=9, anderson=3, average=False)]
+
+
+GRIDS = {"paper-grid": _paper_grid, "ablation": _ablation, "convergence": _convergence}
+
+
+def builtin_methods() -> dict:
+    """{name: Method} of every grid's methods (a name means the same method in every grid)."""
+    return {m.name: m for grid in GRIDS.values() for m in grid()}
+
+
+def parse_spec(spec: str) -> list[Method]:
+    """One method spec (or a grid name) -> methods."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("empty method spec")
+    name, sep, rest = spec.partition(":")
+    name = name.strip()
+    if not sep:
+        if name in GRIDS:
+            return GRIDS[name]()
+        builtin = builtin_methods()
+        if name in builtin:
+            return [builtin[name]]
+        if name in PRESETS:
+            return [Method(name, name)]
+        raise ValueError(f"method {name!r} is not a grid ({', '.join(GRIDS)}), a built-in method "
+                         f"({', '.join(builtin)}) or a preset ({', '.join(PRESETS)}); write an override as "
+                         "NAME:field=value,... (e.g. K3:iters=3,average=false)")
+    _check_name(name)
+    overrides = {}
+    for item in _split(rest, spec):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"method {name!r}: {item.strip()!r} is not field=value")
+        if key in overrides:
+            raise ValueError(f"method {name!r}: field {key!r} given twice")
+        overrides[key] = _value(value.strip(), name, key)
+    base = overrides.pop("preset", None)
+    if base is not None and base != RUN_PRESET and base not in PRESETS:
+        raise ValueError(f"method {name!r}: unknown preset {base!r}; expected one of {', '.join(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Plan)} - {"name"})
+    if unknown or "name" in overrides:
+        known = ", ".join(f.name for f in dataclasses.fields(Plan) if f.name != "name")
+        raise ValueError(f"method {name!r}: unknown plan field(s) {', '.join(unknown or ['name'])}; known: "
+                         f"preset, {known}")
+    return [Method(name, base, overrides)]
+
+
+def parse_methods(specs) -> list[Method]:
+    """Several specs (`@FILE` reads one spec a line) -> methods with unique names, in order."""
+    methods = []
+    for spec in specs:
+        if spec.startswith("@"):
+            path = Path(spec[1:])
+            if not path.is_file():
+                raise FileNotFoundError(f"methods file not found: {path}")
+            lines = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
+            methods += parse_methods([ln for ln in lines if ln])
+        else:
+            methods += parse_spec(spec)
+    seen = set()
+    for m in methods:
+        if m.name in seen:
+            raise ValueError(f"method name {m.name!r} appears twice; give each method its own name")
+        seen.add(m.name)
+    if not methods:
+        raise ValueError("no methods given")
+    return methods
+
+
+def _check_name(name):
+    if not _NAME.match(name):
+        raise ValueError(f"method name {name!r}: use letters, digits and . _ + = - (it names output files)")
+
+
+def _split(text, spec):
+    """Split on commas outside brackets."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0:
+            raise ValueError(f"method spec {spec!r}: unbalanced ']'")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"method spec {spec!r}: unbalanced '['")
+    items.append(text[start:])
+    return [s for s in items if s.strip()]
+
+
+def _value(text, name, key):
+    low = text.lower()
+    if low == "none":
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    if text.startswith("["):
+        if not text.endswith("]"):
+            raise ValueError(f"method {name!r}: {key}={text}: a list is written [a,b]")
+        return tuple(_value(x.strip(), name, key) for x in text[1:-1].split(",") if x.strip())
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if not text:
+        raise ValueError(f"method {name!r}: {key} has no value")
+    return text
