@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m renoise",
         description="ReNoise real-image inversion and editing with Stable Diffusion / SDXL weights.",
-        epilog='example: python -m renoise edit --model stabilityai/sdxl-turbo --image cat.png '
-               '--prompt "a cat" --edit-prompt "a tiger" --out out/')
+        epilog='examples: python -m renoise edit --image examples/scene.png --prompt "a large red circle in the '
+               'center on a blue background" --edit-prompt "a large green circle in the center on a blue '
+               'background" --out out/   (the built-in demo model);  python -m renoise edit --model '
+               'stabilityai/sdxl-turbo --image cat.png --prompt "a cat" --edit-prompt "a tiger" --out out/')
     sub = parser.add_subparsers(dest="command", metavar="{invert,reconstruct,edit,eval}")
     helps = {"invert": "invert images to z_T (+ noises); writes the inversion and a report",
              "reconstruct": "invert (or load an inversion) and denoise back with the source prompt",
@@ -60,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _common(p, command):
     io = p.add_argument_group("input and output")
-    io.add_argument("--model", required=True, help="diffusers folder, hub id, or single-file checkpoint")
+    io.add_argument("--model", default="demo",
+                    help='diffusers folder, hub id, or single-file checkpoint; default "demo": the small trained '
+                         'demo model shipped with renoise (128 px scenes of coloured shapes; runs offline)')
     io.add_argument("--image", action="append", default=[], metavar="FILE",
                     help="input image (repeat for a batch)" + ("" if command == "invert" else
                                                                 "; optional with --inversion (for metrics)"))
@@ -281,9 +285,10 @@ def _sync(device):
 
 
 def _check_model_path(model):
-    """--model must be an existing folder or file, or a hub id ('owner/name')."""
+    """--model must be a built-in name ("demo"), an existing folder or file, or a hub id ('owner/name')."""
     from .models.loading import is_hub_id
-    if not is_hub_id(model) and not Path(model).expanduser().exists():
+    from .models.pipeline import BUILTIN
+    if model not in BUILTIN and not is_hub_id(model) and not Path(model).expanduser().exists():
         raise FileNotFoundError(f"model folder or file not found: {model}")
 
 
@@ -294,7 +299,9 @@ def _stems(paths):
     return stems
 
 
-def _default_preset(pipe):
+def _default_preset(pipe, model):
+    if model == "demo":
+        return "demo"
     if pipe.kind == "sdxl":
         return "sdxl-turbo" if pipe.scheduler_config.get("timestep_spacing") == "trailing" else "sdxl"
     return "sd15"
@@ -377,6 +384,9 @@ def run(args) -> dict:
         parts.remove("reconstruction")
     dtype_name = str(dtype).removeprefix("torch.")
     if not quiet:
+        if args.model == "demo":
+            print("renoise: model demo, the small trained demo model shipped with renoise "
+                  "(pass --model for real weights, e.g. stabilityai/sdxl-turbo)", file=sys.stderr)
         print(f"renoise {command}: device {device}, dtype {dtype_name}", file=sys.stderr)
 
     stage = Staging(args.out)
@@ -399,7 +409,7 @@ def run(args) -> dict:
 
         # 1. invert, or take the saved inversion
         if loaded is None:
-            preset = args.preset or _default_preset(pipe)
+            preset = args.preset or _default_preset(pipe, args.model)
             editor = Editor(pipe, preset, sampler=args.sampler, num_steps=args.steps, guidance_scale=args.guidance,
                             strength=args.strength, clip_skip=args.clip_skip, plan_overrides=overrides,
                             sampler_opts={"eta": args.eta} if args.eta is not None else None)
