@@ -95,12 +95,22 @@ def _size(text):
 def _plans(args, pipe, methods):
     """(run preset name, {method: Plan}) with the run's sampler/steps/guidance applied to every method."""
     from .. import presets
-    from ..__main__ import _default_preset
-    preset = args.preset or _default_preset(pipe)
+    preset = args.preset or _default_preset(pipe, args.model)
     given = {"sampler": args.sampler, "num_steps": args.steps, "guidance_scale": args.guidance}
     base = presets.resolve(preset, **{k: v for k, v in given.items() if v is not None})
     run_settings = {"sampler": base.sampler, "num_steps": base.num_steps, "guidance_scale": base.guidance_scale}
     return preset, {m.name: m.plan(preset, run_settings) for m in methods}
+
+
+def _default_preset(pipe, model) -> str:
+    """The preset the CLI's other commands default to: the demo model's own, SDXL-Turbo for SDXL with
+    trailing steps, SDXL, else SD 1.5."""
+    from ..presets import PRESETS
+    if model == "demo" and "demo" in PRESETS:
+        return "demo"
+    if pipe.kind == "sdxl":
+        return "sdxl-turbo" if pipe.scheduler_config.get("timestep_spacing") == "trailing" else "sdxl"
+    return "sd15"
 
 
 def _clean(obj):
@@ -162,6 +172,14 @@ def _one_pair(args, editor, item, out, ctx, lpips, keep_images):
     if args.save_inversions:
         _save_inversion(images["inversion"], out / "inversions" / name / f"{item.id}.safetensors")
     return {**base, "status": "ok", **row, "rank": ctx.rank, "world": ctx.world, "device": str(ctx.device)}
+
+
+def _pending(keys, items, done) -> list:
+    """The pairs without a row, and those of bad inputs (checked again: the file may have been fixed)."""
+    def finished(key):
+        row = done.get((items[key[0]].id, key[1]))
+        return row is not None and row["status"] != "bad_input"
+    return [k for k in keys if not finished(k)]
 
 
 def _progress(args, ctx, done, total, row):
@@ -240,7 +258,7 @@ def run(args) -> dict | None:
             try:
                 store.check_settings(out, settings)
                 done = store.read_rows(out)
-                pending = [k for k in keys if (items[k[0]].id, k[1]) not in done]
+                pending = _pending(keys, items, done)
             except (ValueError, OSError) as e:
                 pending = e
         pending = ctx.broadcast(pending)

@@ -3,6 +3,8 @@
     psnr_vs_calls.png    median PSNR (p10–p90 bars) against UNet calls per image, one point per method
     residuals.png        per method: the median fixed-point residual against iteration, one curve per
                          inversion step (coloured by timestep), log scale
+    contraction.png      per method: the median contraction estimate (ratio of the last two residuals
+                         of a step) against the step's timestep, where the inversion reports it
     grid.png             the first images: input | reconstruction | edit, for each method
 
 `plot_all` returns the files written, or a note saying why there are none (no matplotlib).
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,7 @@ def plot_all(out, summary: dict, rows: dict, methods: list[str], grid_ids: list[
     written = []
     for name, draw in (("psnr_vs_calls.png", lambda: _psnr_vs_calls(plt, summary)),
                        ("residuals.png", lambda: _residuals(plt, rows, methods)),
+                       ("contraction.png", lambda: _contraction(plt, rows, methods)),
                        ("grid.png", lambda: _grid(plt, Path(out), methods, grid_ids))):
         fig = draw()
         if fig is None:
@@ -93,6 +97,32 @@ def _residuals(plt, rows, methods):
         ax.axis("off")
     fig.suptitle("fixed-point residuals per inversion step (dark: first step, light: last)", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def _contraction(plt, rows, methods):
+    fig, ax, drawn = None, None, False
+    for name in methods:
+        runs = [r for (_, m), r in rows.items() if m == name and r.get("status") == "ok" and r.get("contraction")]
+        values = np.array([[np.nan if v is None else v for v in r["contraction"]] for r in runs
+                           if len(r["contraction"]) == len(runs[0]["contraction"])]) if runs else None
+        if values is None or np.isnan(values).all():
+            continue
+        if fig is None:
+            fig, ax = plt.subplots(figsize=(6, 4.2))
+        with warnings.catch_warnings():               # steps with one call have no estimate: all-NaN columns
+            warnings.simplefilter("ignore", RuntimeWarning)
+            median = np.nanmedian(values, 0)
+        ax.plot(runs[0]["timesteps"], median, "-o", ms=3, label=name)
+        drawn = True
+    if not drawn:
+        return None
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("timestep of the inversion step")
+    ax.set_ylabel("contraction estimate r_K / r_K-1 (median)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     return fig
 
 

@@ -88,7 +88,8 @@ def _cut_torn_tail(path: Path) -> None:
 
 
 def read_rows(out) -> dict:
-    """{(image, method): row} from every rank file under out/rows; whole lines only, first one wins."""
+    """{(image, method): row} from every rank file under out/rows; whole lines only. The first row of
+    a pair wins, except that a bad-input row gives way to a later row (the input was fixed)."""
     rows = {}
     for path in sorted((Path(out) / ROWS_DIR).glob("rank-*.jsonl")):
         data = path.read_bytes()
@@ -97,7 +98,9 @@ def read_rows(out) -> dict:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue                     # cannot happen with whole lines; never let one stop a merge
-            rows.setdefault(row_key(row), row)
+            old = rows.get(row_key(row))
+            if old is None or (old["status"] == "bad_input" and row["status"] != "bad_input"):
+                rows[row_key(row)] = row
     return rows
 
 
