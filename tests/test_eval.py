@@ -165,6 +165,13 @@ def test_bad_inputs_are_reported_and_skipped(model, tmp_path):
     assert good["status"] == "ok" and good["calls_invert"] == 3 * 3 and good["edit_background_psnr"] > 0
     assert "edit_success" not in good                       # a user's image: no colour checker
     assert "bad input odd" in (out / "summary.md").read_text()
+    # a fixed image is evaluated by the rerun; the other bad inputs are checked again and still skipped
+    picture(folder / "odd.png", 64, 64)
+    assert evaluate("--model", model, "--images", folder, "--out", out, *STEPS, *METHODS) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert {b["image"] for b in s["bad_inputs"]} == {"broken", "gone", "mask"}
+    assert s["methods"]["K2"]["images"] == 2 and rows_of(out)[("odd", "K2")]["status"] == "ok"
+    assert json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["pairs_run"] == 8
 
 
 def test_bad_arguments_exit_2(model, tmp_path, capsys):
@@ -191,7 +198,8 @@ def test_demo_run_writes_rows_summary_plots_and_resumes(model, tmp_path):
     assert sorted(p.name for p in (out / "inversions" / "K2").iterdir()) == [f"demo-0000{i}.safetensors" for i in range(3)]
     assert sorted(p.name for p in (out / "images" / "plain").iterdir()) == [
         "demo-00000_edit.png", "demo-00000_reconstruction.png", "demo-00001_edit.png", "demo-00001_reconstruction.png"]
-    assert sorted(p.name for p in (out / "plots").iterdir()) == ["grid.png", "psnr_vs_calls.png", "residuals.png"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [
+        "contraction.png", "grid.png", "psnr_vs_calls.png", "residuals.png"]
     s = json.loads((out / "summary.json").read_text())
     psnr = [rows[(f"demo-0000{i}", "plain")]["psnr"] for i in range(3)]
     assert s["methods"]["plain"]["metrics"]["psnr"]["median"] == pytest.approx(np.median(psnr))
