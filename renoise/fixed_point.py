@@ -173,8 +173,9 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=F
     result = FixedPointResult(value, residuals, evals, iterates)
     with torch.set_grad_enabled(record):
         if grad == "implicit" and record:
-            result.z, result.graph_evals = _implicit(g, z_last, evals - 1 if indexed else None, readout is not None,
-                                                     value, adjoint, result.backward), 1
+            index = evals - 1 if indexed else None
+            result.z = _implicit(g, z_last, index, readout is not None, value, adjoint, result.backward)
+            result.graph_evals = 1
         if readout is not None:
             result.z = readout(result.z)
     return result
