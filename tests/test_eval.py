@@ -67,7 +67,7 @@ def torchrun(args, out, kill_rank=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).with_name("eval_worker.py")), "eval", *map(str, args), "--out", str(out),
            "--device", "cpu", "--threads", "1", "--quiet", "--no-plots"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 # ------------------------------------------------------------------------------------ method specs

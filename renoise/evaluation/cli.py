@@ -57,7 +57,9 @@ def add_parser(sub):
     out.add_argument("--quiet", action="store_true", help="no progress lines")
 
     run_ = p.add_argument_group("run")
-    run_.add_argument("--model", required=True, help="'demo', a diffusers folder, a hub id or a single-file checkpoint")
+    run_.add_argument("--model", default="demo",
+                      help="'demo' (the built-in demo model, the default), a diffusers folder, a hub id or a "
+                           "single-file checkpoint")
     run_.add_argument("--device", default="auto",
                       help="auto (CUDA, MPS, CPU; under torchrun: LOCAL_RANK's GPU), cpu, cuda (default: auto)")
     run_.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -105,8 +107,7 @@ def _plans(args, pipe, methods):
 def _default_preset(pipe, model) -> str:
     """The preset the CLI's other commands default to: the demo model's own, SDXL-Turbo for SDXL with
     trailing steps, SDXL, else SD 1.5."""
-    from ..presets import PRESETS
-    if model == "demo" and "demo" in PRESETS:
+    if model == "demo":
         return "demo"
     if pipe.kind == "sdxl":
         return "sdxl-turbo" if pipe.scheduler_config.get("timestep_spacing") == "trailing" else "sdxl"
@@ -125,9 +126,10 @@ def _clean(obj):
 
 
 def _save_png(image, path):
+    import io
+
     from .. import images as imgs
     from . import store
-    import io
     buf = io.BytesIO()
     imgs.to_pil(image)[0].save(buf, format="PNG")
     store.write_atomic(path, buf.getvalue())
@@ -223,60 +225,73 @@ def _finish(args, out, items, plans, info, ctx, started, ran, skipped):
     return s
 
 
+def _pending_on_rank0(ctx, out, settings, keys, items) -> list:
+    """Rank 0 checks run.json and reads the rows; every rank gets the same list of pending pairs."""
+    from . import store
+    pending = None
+    if ctx.rank == 0:
+        try:
+            store.check_settings(out, settings)
+            pending = _pending(keys, items, store.read_rows(out))
+        except (ValueError, OSError) as e:
+            pending = e                                  # raised on every rank, not only here
+    pending = ctx.broadcast(pending)
+    if isinstance(pending, Exception):
+        raise pending
+    return pending
+
+
+def _work(args, ctx, pipe, plans, items, mine, out):
+    """This rank's pairs, one row appended as each finishes; returns the LPIPS scorer (for its note)."""
+    from ..pipeline import Editor
+    from . import store
+    from .measure import LPIPSScorer
+    editors = {n: Editor(pipe, p) for n, p in plans.items()}
+    lpips = LPIPSScorer(ctx.device)
+    grid_ids = {it.id for it in items[:args.grid]} if args.plots else set()
+    writer = store.RowWriter(out, ctx.rank)
+    try:
+        for i, (index, name) in enumerate(mine, 1):
+            item = items[index]
+            row = _one_pair(args, editors[name], item, out, ctx, lpips, item.id in grid_ids)
+            writer.write(_clean(row))
+            _progress(args, ctx, i, len(mine), row)
+    finally:
+        writer.close()
+    return lpips
+
+
 def run(args) -> dict | None:
     """Run the evaluation; returns the summary on rank 0 (None on the other ranks)."""
     import torch
 
     from .. import devices
     from ..models import load_pipeline
-    from ..pipeline import Editor
-    from . import distributed, methods, plots, store
-    from .measure import LPIPSScorer
+    from . import distributed, methods, plots
 
     started = time.perf_counter()
     method_list = methods.parse_methods(args.methods)
     items, source = _items(args)
     args.size_hw = _size(args.size)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
     if args.grid < 0:
         raise ValueError(f"--grid must be >= 0, got {args.grid}")
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = distributed.setup(args.device)
     try:
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} exists and is not a folder")
         dtype = devices.resolve_dtype(args.dtype, ctx.device, devices.model_dtype(args.model))
         pipe = load_pipeline(args.model, dtype=dtype, device=ctx.device, variant=args.variant)
         preset, plans = _plans(args, pipe, method_list)
-        settings = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "data": source, "preset": preset, "seed": args.seed,
-                    "posterior": args.posterior, "edit_guidance": args.edit_guidance, "size": args.size,
-                    "fit": args.fit, "methods": {n: p.to_dict() for n, p in plans.items()}}
-        keys = [(it, n) for n in plans for it in range(len(items))]     # method-major: every rank gets each method
-        pending = None
-        if ctx.rank == 0:
-            try:
-                store.check_settings(out, settings)
-                done = store.read_rows(out)
-                pending = _pending(keys, items, done)
-            except (ValueError, OSError) as e:
-                pending = e
-        pending = ctx.broadcast(pending)
-        if isinstance(pending, Exception):
-            raise pending
-        mine = pending[ctx.rank::ctx.world]
-        editors = {n: Editor(pipe, p) for n, p in plans.items()}
-        lpips = LPIPSScorer(ctx.device)
-        grid_ids = {it.id for it in items[:args.grid]} if args.plots else set()
-        writer = store.RowWriter(out, ctx.rank)
-        try:
-            for i, (index, name) in enumerate(mine, 1):
-                item = items[index]
-                row = _one_pair(args, editors[name], item, out, ctx, lpips, item.id in grid_ids)
-                writer.write(_clean(row))
-                _progress(args, ctx, i, len(mine), row)
-        finally:
-            writer.close()
+        settings = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "data": source,
+                    "preset": preset, "seed": args.seed, "posterior": args.posterior,
+                    "edit_guidance": args.edit_guidance, "size": args.size, "fit": args.fit,
+                    "methods": {n: p.to_dict() for n, p in plans.items()}}
+        keys = [(i, n) for n in plans for i in range(len(items))]    # method-major: each rank gets every method
+        pending = _pending_on_rank0(ctx, out, settings, keys, items)
+        lpips = _work(args, ctx, pipe, plans, items, pending[ctx.rank::ctx.world], out)
         ctx.barrier()
         if ctx.rank != 0:
             return None
