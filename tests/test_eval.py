@@ -233,6 +233,16 @@ def test_torn_rows_are_ignored_then_cut(tmp_path):
     assert [json.loads(x)["image"] for x in path.read_text().splitlines()] == ["a", "c"]
 
 
+def test_without_matplotlib_only_the_plots_are_skipped(tmp_path, monkeypatch):
+    import importlib.util
+
+    from renoise.evaluation import plots
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert plots.plot_all(tmp_path, {"methods": {}, "images": 0}, {}, [], []) == ([], plots.MISSING_NOTE)
+    assert "matplotlib is not installed" in plots.MISSING_NOTE and not (tmp_path / "plots").exists()
+
+
 def test_summary_statistics():
     rows = {(str(i), "m"): {"status": "ok", "psnr": float(i)} for i in range(11)}
     rows[("x", "m")] = {"status": "failed", "error": "NaN at step 3"}
