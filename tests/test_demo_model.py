@@ -1,0 +1,107 @@
+"""The trained demo model shipped in the package: it loads offline, diffusers loads the same folder,
+and it does what the README says — its generations follow their captions, its VAE round-trips
+held-out scenes, ReNoise inverts them better than plain inversion, and edits change what the edit
+prompt names while keeping the background."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from renoise.demo import MODEL_DIR, evaluate
+from renoise.models import load_pipeline
+from renoise.presets import Plan
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("demo")
+
+
+def test_ships_as_small_fp16_safetensors_in_the_diffusers_layout():
+    from safetensors import safe_open
+    files = sorted(p for p in MODEL_DIR.rglob("*") if p.is_file())
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
+    assert sum(p.stat().st_size for p in files) <= 15 * 2 ** 20
+    for p in weights:
+        with safe_open(str(p), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, p
+    index = json.loads((MODEL_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
+        assert (MODEL_DIR / "tokenizer" / name).is_file()
+    assert (MODEL_DIR / "README.md").is_file()
+
+
+def test_loads_by_name_with_no_network(pipe, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = load_pipeline("demo")
+    assert again.kind == "sd" and again.unet.config.sample_size == 16
+    assert again.scheduler_config["prediction_type"] == "epsilon"
+
+
+def test_diffusers_generates_the_same_images_from_the_same_latents(pipe):
+    diffusers = pytest.importorskip("diffusers")
+    from renoise.generate import generate, initial_latents
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(str(MODEL_DIR), torch_dtype=torch.float32)
+    theirs.set_progress_bar_config(disable=True)
+    prompts = [evaluate.held_out(i).caption for i in range(2)]
+    latents = initial_latents(pipe, 2, (128, 128), torch.Generator().manual_seed(3))
+    ours = generate(pipe, prompts, num_steps=8, guidance_scale=4.0, latents=latents)
+    out = theirs(prompts, num_inference_steps=8, guidance_scale=4.0, latents=latents.clone(), output_type="pt",
+                 height=128, width=128).images * 2 - 1
+    rel = (ours - out.clamp(-1, 1)).abs().max() / out.abs().max()
+    assert rel < 1e-4, rel
+
+
+def test_vae_round_trips_held_out_scenes_at_30_db(pipe):
+    psnr = evaluate.vae_psnr(pipe, 16)
+    assert psnr.median() >= 30.0, psnr
+
+
+def test_generations_follow_their_captions(pipe):
+    result = evaluate.follows_caption(pipe, 64, num_steps=20, guidance_scale=4.0)
+    assert result["colour"] >= 0.9, result["colour"]
+    assert result["shape"] >= 0.7, result["shape"]
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 4), ("ddim", 10), ("ddim", 50), ("euler_ancestral", 4)])
+def test_renoise_reconstructs_better_than_plain_inversion(pipe, sampler, steps):
+    nc = {"noise_correction": "optimize"} if sampler == "euler_ancestral" else {}
+    plain = Plan(name="plain", sampler=sampler, num_steps=steps, **nc)
+    renoise = plain.replace(name="renoise", iters=3, window=(3, 4))
+    kw = dict(sampler=sampler, num_steps=steps)
+    a = evaluate.reconstruction(pipe, plain, 8, **kw)
+    b = evaluate.reconstruction(pipe, renoise, 8, **kw)
+    assert b["calls"] > a["calls"]
+    assert b["psnr"].median() > a["psnr"].median() + 0.5, (a["psnr"], b["psnr"])
+
+
+def test_colour_edit_changes_the_shape_and_keeps_the_background(pipe):
+    result = evaluate.colour_edits(pipe, "demo", 32)
+    assert result["success"] >= 0.8, result["success"]
+    assert np.median(result["background_psnr"]) >= 25.0, result["background_psnr"]
+
+
+def test_main_job_runs_offline_on_the_demo_model_by_default(tmp_path, capsys, monkeypatch):
+    """The README's first command: no --model, so the demo model; it edits and reconstructs."""
+    from pathlib import Path
+
+    from renoise.__main__ import main
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    example = Path(__file__).resolve().parents[1] / "examples" / "scene.png"
+    code = main(["edit", "--image", str(example), "--prompt", "a large red circle in the center on a blue background",
+                 "--edit-prompt", "a large green circle in the center on a blue background", "--out", str(tmp_path)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "demo model" in err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model"] == "demo" and report["device"] == "cpu" and report["dtype"] == "float32"
+    assert (tmp_path / "scene_edit.png").is_file() and (tmp_path / "scene_reconstruction.png").is_file()
+    from renoise import images
+    from renoise.demo.checks import dominant_colour
+    from renoise.demo.scenes import Scene, Shape, shape_masks
+    edited = (images.load_images([tmp_path / "scene_edit.png"])[0] + 1) / 2
+    mask = shape_masks(Scene((Shape("circle", "red", "large", "center", dx=0.01, dy=-0.01),), ("blue",)))[0]
+    assert dominant_colour(edited, mask > 0.99) == "green"
