@@ -444,7 +444,8 @@ def run(args) -> dict:
         if command == "edit":
             report["settings"].update(edit_prompts=edit_prompts, edit_guidance_scale=args.edit_guidance)
         report["residuals"] = {"final_per_step": [r[-1] for r in res.residuals],
-                               "per_iteration": res.residuals}
+                               "per_iteration": res.residuals,
+                               "contraction_per_step": list(getattr(res, "contraction", []) or [])}
 
         # 2. denoise and decode: the reconstruction (source prompt) and/or the edit
         stems = _stems(inv.extra.get("images") or [f"image{i}" for i in range(batch)])

@@ -98,6 +98,8 @@ def test_main_job_runs_offline_on_the_demo_model_by_default(tmp_path, capsys, mo
     assert "demo model" in err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model"] == "demo" and report["device"] == "cpu" and report["dtype"] == "float32"
+    contraction = report["residuals"]["contraction_per_step"]
+    assert len(contraction) == 10 and all(np.isfinite(c).all() and (np.asarray(c) > 0).all() for c in contraction)
     assert (tmp_path / "scene_edit.png").is_file() and (tmp_path / "scene_reconstruction.png").is_file()
     from renoise import images
     from renoise.demo.checks import dominant_colour
