@@ -192,15 +192,11 @@ def _plan_overrides(args) -> dict:
 
 
 def _parse_size(text):
-    if text is None:
-        return None
+    from .images import parse_size
     try:
-        parts = [int(s) for s in text.lower().split("x")]
-    except ValueError:
-        raise UsageError(f"--size {text!r}: expected N or HxW, e.g. 512 or 512x768") from None
-    if len(parts) not in (1, 2) or min(parts) <= 0:
-        raise UsageError(f"--size {text!r}: expected N or HxW with positive numbers")
-    return (parts[0], parts[-1])
+        return parse_size(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------

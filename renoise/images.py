@@ -151,3 +151,16 @@ def _size(size):
     if h <= 0 or w <= 0:
         raise ImageError(f"image size must be positive, got {h}x{w}")
     return h, w
+
+
+def parse_size(text: str | None):
+    """"512" or "512x768" (H x W) as (H, W); None stays None. Bad text raises ValueError."""
+    if text is None:
+        return None
+    try:
+        parts = [int(s) for s in text.lower().split("x")]
+    except ValueError:
+        raise ValueError(f"--size {text!r}: expected N or HxW, e.g. 512 or 512x768") from None
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise ValueError(f"--size {text!r}: expected N or HxW with positive numbers")
+    return parts[0], parts[-1]

@@ -82,18 +82,6 @@ def _items(args):
     return items, {"images": str(Path(args.images).resolve())}
 
 
-def _size(text):
-    if text is None:
-        return None
-    try:
-        parts = [int(s) for s in text.lower().split("x")]
-    except ValueError:
-        raise ValueError(f"--size {text!r}: expected N or HxW, e.g. 512 or 512x768") from None
-    if len(parts) not in (1, 2) or min(parts) <= 0:
-        raise ValueError(f"--size {text!r}: expected N or HxW with positive numbers")
-    return parts[0], parts[-1]
-
-
 def _plans(args, pipe, methods):
     """(run preset name, {method: Plan}) with the run's sampler/steps/guidance applied to every method."""
     from .. import presets
@@ -265,14 +253,14 @@ def run(args) -> dict | None:
     """Run the evaluation; returns the summary on rank 0 (None on the other ranks)."""
     import torch
 
-    from .. import devices
+    from .. import devices, images
     from ..models import load_pipeline
     from . import distributed, methods, plots
 
     started = time.perf_counter()
     method_list = methods.parse_methods(args.methods)
     items, source = _items(args)
-    args.size_hw = _size(args.size)
+    args.size_hw = images.parse_size(args.size)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
