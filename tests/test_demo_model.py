@@ -107,3 +107,9 @@ def test_main_job_runs_offline_on_the_demo_model_by_default(tmp_path, capsys, mo
     edited = (images.load_images([tmp_path / "scene_edit.png"])[0] + 1) / 2
     mask = shape_masks(Scene((Shape("circle", "red", "large", "center", dx=0.01, dy=-0.01),), ("blue",)))[0]
     assert dominant_colour(edited, mask > 0.99) == "green"
+
+
+def test_shape_edit_turns_circles_into_squares(pipe):
+    result = evaluate.colour_edits(pipe, "demo", 16, target="red", target_kind="square")
+    assert result["success"] >= 0.8, result["success"]
+    assert np.median(result["background_psnr"]) >= 25.0, result["background_psnr"]
