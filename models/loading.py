@@ -5,10 +5,12 @@
     load_vae(source, ...)                       the same for the autoencoder
 
 The model is built on the meta device (no memory, no random init), the checkpoint's key names
-and shapes are checked against it from the file header before any data is read, and each tensor
-is read from disk straight into a buffer of its final dtype and device and assigned to the
-module: no second copy of the weights ever exists. Safetensors only, unless the caller passes
-allow_pickle=True, in which case `.bin` / `.ckpt` files are read with `torch.load(weights_only=True)`.
+and shapes are checked against it from the file header before any data is read, and the weights
+are assigned to the module straight from the memory-mapped file (`read_safetensors`): a view of the
+map when dtype and device match the file's (nothing read until used), else one conversion into the
+final dtype on the final device. No second copy of the weights ever exists. Safetensors only, unless
+the caller passes allow_pickle=True, in which case `.bin` / `.ckpt` files are read with
+`torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import contextlib
 import contextvars
 import json
 import math
+import mmap
 import re
 from pathlib import Path
 
@@ -101,11 +104,22 @@ def _header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+# A view of the map is used only where the tensor's bytes start on an ALIGN-byte boundary (every
+# tensor of the usual safetensors files); others are copied into a fresh, aligned buffer. Misaligned
+# weights make oneDNN/MKL take other code paths, whose results differ in the last bits: with this,
+# the same weights give the same numbers whichever file they came from.
+ALIGN = 16
+
+
 def read_safetensors(path, *, dtype=None, device="cpu", keys=None, rename=None) -> dict[str, torch.Tensor]:
     """Read tensors (all, or `keys`) into `dtype` (floating tensors only) on `device`.
 
-    Each tensor's bytes go straight from the file into its own buffer (`readinto`), with at most
-    one temporary per tensor when the dtype or device changes.
+    The file is memory-mapped, privately (copy-on-write: writing to a tensor never changes the file).
+    A tensor that keeps its dtype on the CPU is a view of the map (when aligned, see ALIGN), as
+    safetensors' own loader gives: nothing is read until it is used, and the pages come from the
+    kernel's file cache. Any other tensor goes from the map into its final buffer (one copy; for a
+    GPU the bytes go over as they are and the dtype changes there), and the map's pages it used are
+    released at once, so the resident memory stays near the weights' final size.
     """
     path = Path(path)
     header, offset = _header(path)
@@ -114,22 +128,36 @@ def read_safetensors(path, *, dtype=None, device="cpu", keys=None, rename=None) 
         raise CheckpointError(f"{path.name} does not contain {absent[:10]}")
     names = sorted(header if keys is None else keys, key=lambda k: header[k]["data_offsets"][0])
     bar = _progress_add(sum(header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in names))
+    device = torch.device(device)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    raw = torch.frombuffer(mm, dtype=torch.uint8)
     out = {}
-    with open(path, "rb", buffering=0) as f:
-        for name in names:
-            info = header[name]
-            start, end = info["data_offsets"]
-            src = _ST_DTYPES[info["dtype"]]
-            f.seek(offset + start)
-            buf = torch.empty(end - start, dtype=torch.uint8)
-            if end > start and f.readinto(memoryview(buf.numpy())) != end - start:
-                raise CheckpointError(f"{path} is truncated: could not read tensor {name!r}")
-            t = buf.view(src).reshape(info["shape"])
-            t = t.to(device=device, dtype=dtype if (dtype is not None and src.is_floating_point) else src)
-            out[rename(name) if rename else name] = t
-            if bar is not None:
-                bar.update(end - start)
+    for name in names:
+        info = header[name]
+        lo, hi = offset + info["data_offsets"][0], offset + info["data_offsets"][1]
+        src = _ST_DTYPES[info["dtype"]]
+        want = dtype if (dtype is not None and src.is_floating_point) else src
+        keep = want == src and device.type == "cpu"            # a view of the map, if aligned
+        t = raw[lo:hi]
+        if lo % (ALIGN if keep else src.itemsize):
+            t = t.clone()                                      # a fresh buffer is aligned
+        t = t.view(src).reshape(info["shape"])
+        if not keep:
+            t = t.to(device).to(want)
+            _release(mm, lo, hi)
+        out[rename(name) if rename else name] = t
+        if bar is not None:
+            bar.update(hi - lo)
     return out
+
+
+def _release(mm, lo, hi):
+    """Drop the map's whole pages inside [lo, hi) from this process (they were only read)."""
+    page = mmap.PAGESIZE
+    first, last = -(-lo // page) * page, hi // page * page
+    if last > first and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 # ---------------------------------------------------------------- any checkpoint file
