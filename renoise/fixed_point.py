@@ -386,7 +386,8 @@ def _propose(a, ga, fa, dX, dF, valid, reg, radius):
     lam = reg * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / m + 1e-12
     unused = (~valid).T.double()                                   # keeps empty slots' γ at 0
     system = gram + (lam[:, None] + unused)[..., None] * eye
-    gamma = torch.linalg.solve(system, rhs).to(fa.dtype).detach()  # [B, m], a constant to autograd
+    # solve_ex: the system is positive definite (λ > 0), so no error check, and no host sync (CUDA graphs)
+    gamma = torch.linalg.solve_ex(system, rhs)[0].to(fa.dtype).detach()  # [B, m], a constant to autograd
     corr = torch.einsum("ibn,bi->bn", G, gamma) / unit             # (ΔX + ΔF)·γ
     scale = (radius * rms(fa) / rms(corr).clamp_min(torch.finfo(fa.dtype).tiny)).clamp(max=1.0).detach()
     predicted = rms(fa - scale[:, None] * torch.einsum("ibn,bi->bn", F, gamma) / unit)

@@ -54,6 +54,12 @@ def _is_number(t):
     return isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, bool)
 
 
+def _lookup(table, index):
+    """table[index] for an integer tensor index of any shape, as a gather: no host sync and no
+    guard on the index's value under torch.compile (which torch.take and 0-d indexing have)."""
+    return table[index.reshape(-1)].reshape(index.shape)
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """An immutable discrete noise schedule.
@@ -220,7 +226,7 @@ class Schedule:
             raise ValueError(f"timestep must be a number, a tensor or None, got {type(t).__name__}")
         if t.is_floating_point():
             return 1.0 / (1.0 + self.sig(t) ** 2)
-        return torch.take(self.table(t.device)[0], t)
+        return _lookup(self.table(t.device)[0], t)
 
     def sig(self, t):
         """σ(t) = √((1-ᾱ)/ᾱ) as a Python float or float64 tensor, linearly interpolated between
@@ -236,10 +242,10 @@ class Schedule:
             raise ValueError(f"timestep must be a number, a tensor or None, got {type(t).__name__}")
         sig = self.table(t.device)[1]
         if not t.is_floating_point():
-            return torch.take(sig, t)
+            return _lookup(sig, t)
         tf = t.to(torch.float64).clamp(0, self.num_train_timesteps - 1)
         i = tf.floor().clamp(max=self.num_train_timesteps - 2).long()
-        lo, hi = torch.take(sig, i), torch.take(sig, i + 1)
+        lo, hi = _lookup(sig, i), _lookup(sig, i + 1)
         return lo + (tf - i) * (hi - lo)
 
     def alpha(self, t) -> torch.Tensor:
