@@ -7,6 +7,7 @@ Submodules load on first use, so `import renoise` stays cheap:
     renoise.fixed_point    generic fixed-point iteration (averaging, Anderson, tolerances)
     renoise.inversion      the ReNoise inversion loop; `renoise.invert` is its entry point
     renoise.diagnostics    convergence plots (residual curves, contraction estimates)
+    renoise.speed          torch.compile / CUDA graphs switches; `renoise.accelerate` is its entry point
     renoise.models         pure-PyTorch UNet, VAE, CLIP text encoders and loaders
 """
 import importlib
@@ -15,9 +16,9 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "schedules", "samplers", "fixed_point", "toy", "inversion", "presets", "regularizers",
-    "noise_correction", "pipeline", "images", "metrics", "models", "kernels", "diagnostics",
+    "noise_correction", "pipeline", "images", "metrics", "models", "kernels", "diagnostics", "speed",
 }
-_ATTRIBUTES = {"invert": "inversion", "sample": "inversion", "Schedule": "schedules"}
+_ATTRIBUTES = {"invert": "inversion", "sample": "inversion", "Schedule": "schedules", "accelerate": "speed"}
 
 
 def __getattr__(name):

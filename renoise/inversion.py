@@ -35,6 +35,12 @@ Diagnostics, per inversion step and sample: `contraction`, the ratio of the last
 of the denoiser per iteration). G_t there is inverse_step(z_prev, denoiser(z, t)) without the
 regularizer (random). Below 1 the map contracts, which the paper's convergence argument assumes.
 
+Speed (`compile=`, see renoise.speed): each inversion step — its K + 1 model calls, inverse steps,
+averaging, regularizer and noise correction — runs as one compiled region (`_step`), timesteps as
+0-d tensors so that one compiled region serves every step of a kind; the regularizer's shifts are
+drawn before the step in the order the eager loop draws them, and the only host sync of a step is
+its non-finite check. Values, model calls and generator draws are those of the eager loop.
+
 Orders: `timesteps`, `noises` and `chain` follow the denoising order (index 0 is the noisiest
 step; noises[i] is the noise step i adds, None where the step adds none). `trajectory` [n+1, B, ...]
 and `residuals` (one [calls, B] tensor per step), `contraction` and `jacobian_norm` (one [B] tensor
@@ -220,16 +226,26 @@ def _finite_or_raise(z, res, t, step_index, what):
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, generator, grad, grad_opts):
+def _regularized(plan, i, a):
+    """Whether iteration i's output goes through the regularizer R (the reference's rule)."""
+    return plan.regularize and (i >= a or (not plan.average and i > 0))
+
+
+def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, generator, grad, grad_opts, at=None,
+           shifts=None):
     """One ReNoise step: the FixedPointResult of G_t (z_t = .z, residuals [K+1, B]) and inv(e), the
-    inverse step G_t's last model output goes through."""
-    k, (a, _), weights = plan.at(t)
+    inverse step G_t's last model output goes through. at: plan.at(t), given when t is a tensor;
+    shifts: the regularizer's shifts, one entry per call of R in order (_step_shifts), else drawn
+    from `generator` as R runs."""
+    k, (a, _), weights = plan.at(t) if at is None else at
     reg = plan.regularize
     e_ref = []
+    draws = None if shifts is None else list(shifts)
 
     def R(e):
         return regularizers.regularize(e, e_ref[0], generator, lambda_kl=plan.lambda_kl, lambda_ac=plan.lambda_ac,
-                                       rounds=plan.reg_rounds, rolls=plan.reg_rolls)
+                                       rounds=plan.reg_rounds, rolls=plan.reg_rolls,
+                                       shifts=None if draws is None else draws.pop(0))
 
     def inv(e):
         return smod.inverse_step(z_prev, e, t, tn, schedule, noise=noise, **opts)
@@ -240,7 +256,7 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
             e_ref.append(ref)
         else:
             e = denoiser(z, t)
-        z_next = inv(R(e) if reg and (i >= a or (not plan.average and i > 0)) else e)
+        z_next = inv(R(e) if _regularized(plan, i, a) else e)
         return (z_next, e) if weights is not None else z_next
 
     if weights is not None:
@@ -251,12 +267,63 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
     return res, inv
 
 
+def _step_shifts(plan, at, like, generator):
+    """The regularizer's random shifts for one step, drawn now in the order R would draw them while
+    the step runs (one entry per call of R; None entries where R draws nothing), on like's device."""
+    k, (a, _), weights = at
+    n = sum(_regularized(plan, i, a) for i in range(k + 1)) + int(plan.regularize and weights is not None)
+    if not (plan.lambda_ac > 0 and plan.reg_rolls > 0):
+        return [None] * n
+    b, c, h, w = like.shape
+    return [regularizers.draw_shifts(generator, b, c, h, w, plan.reg_rounds, plan.reg_rolls).to(like.device)
+            for _ in range(n)]
+
+
+def _step(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, at, shifts, correct):
+    """One whole inversion step with no host sync, the region `compile=` compiles: the solve (K+1
+    model calls, inverse steps, averaging, regularizer with pre-drawn shifts), then, with `correct`,
+    noise correction (one more call). -> (z_t, residuals [K+1, B], noise, all finite: bool tensor)."""
+    fp, _ = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, None, "none", {}, at, shifts)
+    z = fp.z
+    finite = torch.isfinite(z).all()
+    if correct:
+        out = denoiser(z, t)
+        noise = noise_correction.correct(plan.noise_correction, smod, noise, z, out, z_prev, t, tn, schedule,
+                                         steps=plan.nc_steps, lr=plan.nc_lr, **opts)
+        finite = finite & torch.isfinite(noise).all()
+    return z, fp.residuals, noise, finite
+
+
+def _as_tensor_t(t, device):
+    """A timestep as a 0-d tensor (int64, or float64 for fractional ones) so that one compiled step
+    serves every timestep; None stays None."""
+    if t is None or isinstance(t, torch.Tensor):
+        return t
+    return torch.tensor(t, dtype=torch.int64 if isinstance(t, int) else torch.float64, device=device)
+
+
+def _compiled_step(region, denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, generator, stochastic,
+                   step_index):
+    """One step through the compiled region: the shifts drawn first, timesteps as tensors, one host
+    sync for the non-finite check. -> (z_t, residuals, noise, model calls)."""
+    at = plan.at(t)
+    correct = stochastic and plan.noise_correction != "none"
+    shifts = _step_shifts(plan, at, z_prev, generator)
+    schedule.table(z_prev.device)          # the region reads the device's schedule tables; made here, not there
+    z, res, noise, finite = region(denoiser, smod, schedule, plan, opts, z_prev, _as_tensor_t(t, z_prev.device),
+                                   _as_tensor_t(tn, z_prev.device), noise, z_ref, at, shifts, correct)
+    if not bool(finite):
+        _finite_or_raise(z, res, t, step_index, "the averaged answer")
+        _finite_or_raise(noise, None, t, step_index, "noise correction")
+    return z, res, noise, at[0] + 1 + int(correct)
+
+
 GRAD_OPTS = ("phantom_steps", "backward_iters", "backward_tol", "backward_anderson")
 
 
 def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noises=None, generator=None,
            strength=1.0, sampler_opts=None, callback=None, grad="none", grad_opts=None,
-           jacobian_iters=0) -> InversionResult:
+           jacobian_iters=0, compile=None) -> InversionResult:
     """Invert z0 [B, ...] to z_T along `schedule`'s `num_steps`-step chain for `sampler`.
 
     denoiser(x, t) -> model output for x in the sampler's space; it must accept a batch of 2B when
@@ -266,7 +333,10 @@ def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noi
     callback(step_index, t, z_t) runs after each inversion step. grad: "none" | "unrolled" |
     "phantom" | "implicit" (module docstring); grad_opts: fixed_point.iterate's gradient keywords
     (phantom_steps, backward_iters, backward_tol, backward_anderson). jacobian_iters > 0: power
-    iterations for each step's Jacobian norm. Returns an InversionResult.
+    iterations for each step's Jacobian norm. compile: None (eager) or a renoise.speed mode
+    ("compile", "max-autotune", "cuda-graphs"): each timestep's whole solve and noise correction run
+    as one compiled region (renoise.speed.compiled_step; grad="none" only), with one host sync per
+    step for the non-finite check; same values and model calls as eager. Returns an InversionResult.
     """
     if grad not in fixed_point.GRAD_MODES:
         raise ValueError(f"unknown grad mode {grad!r}; expected one of {', '.join(map(repr, fixed_point.GRAD_MODES))}")
@@ -276,13 +346,20 @@ def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noi
         raise ValueError(f"unknown grad_opts {unknown}; expected some of {', '.join(GRAD_OPTS)}")
     if isinstance(jacobian_iters, bool) or not isinstance(jacobian_iters, int) or jacobian_iters < 0:
         raise ValueError(f"jacobian_iters (power iterations, 0: off) must be an int >= 0, got {jacobian_iters!r}")
+    region = None
+    if compile is not None:
+        from . import speed
+        if grad != "none" or jacobian_iters:
+            raise ValueError("compile= runs the inversion for inference only; use grad='none' and jacobian_iters=0, "
+                             "or compile=None")
+        region = speed.compiled_step(compile, z0.device if isinstance(z0, torch.Tensor) else None)
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
         return _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator, strength, sampler_opts,
-                       callback, grad, grad_opts, jacobian_iters)
+                       callback, grad, grad_opts, jacobian_iters, region)
 
 
 def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator, strength, sampler_opts, callback,
-            grad, grad_opts, jacobian_iters):
+            grad, grad_opts, jacobian_iters, region=None):
     plan = presets.resolve(plan)
     smod = _sampler(sampler)
     opts = dict(sampler_opts or {})
@@ -316,21 +393,27 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
         if plan.regularize:
             z_ref = z0 if z_ref_noise is None else smod.add_noise(z0, z_ref_noise, t, schedule)
         z_prev = z
-        fp, inv = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noises[i], z_ref, generator, grad,
-                         grad_opts)
-        z, res = fp.z, fp.residuals
-        calls += fp.evals + fp.graph_evals
-        _finite_or_raise(z, res, t, step_index, "the averaged answer")
-        contraction.append(fp.contraction())
-        if jacobian_iters:
-            jacobian_norm.append(fixed_point.spectral_norm(lambda x: inv(denoiser(x, t)), z, jacobian_iters))
-            calls += 1
-        if stochastic[i] and plan.noise_correction != "none":
-            out = denoiser(z, t)
-            calls += 1
-            noises[i] = noise_correction.correct(plan.noise_correction, smod, noises[i], z, out, z_prev, t, tn,
-                                                 schedule, steps=plan.nc_steps, lr=plan.nc_lr, **opts)
-            _finite_or_raise(noises[i], None, t, step_index, "noise correction")
+        if region is not None:
+            z, res, noises[i], evals = _compiled_step(region, denoiser, smod, schedule, plan, opts, z_prev, t, tn,
+                                                      noises[i], z_ref, generator, stochastic[i], step_index)
+            calls += evals
+            contraction.append(fixed_point.FixedPointResult(z, res, res.shape[0]).contraction())
+        else:
+            fp, inv = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noises[i], z_ref, generator, grad,
+                             grad_opts)
+            z, res = fp.z, fp.residuals
+            calls += fp.evals + fp.graph_evals
+            _finite_or_raise(z, res, t, step_index, "the averaged answer")
+            contraction.append(fp.contraction())
+            if jacobian_iters:
+                jacobian_norm.append(fixed_point.spectral_norm(lambda x: inv(denoiser(x, t)), z, jacobian_iters))
+                calls += 1
+            if stochastic[i] and plan.noise_correction != "none":
+                out = denoiser(z, t)
+                calls += 1
+                noises[i] = noise_correction.correct(plan.noise_correction, smod, noises[i], z, out, z_prev, t, tn,
+                                                     schedule, steps=plan.nc_steps, lr=plan.nc_lr, **opts)
+                _finite_or_raise(noises[i], None, t, step_index, "noise correction")
         trajectory.append(z)
         residuals.append(res)
         if callback is not None:
@@ -341,27 +424,44 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
                            schedule, int(num_steps), start, {}, contraction, jacobian_norm)
 
 
-def sample(denoiser, result: InversionResult, *, z_T=None, callback=None, grad="none") -> torch.Tensor:
+def sample(denoiser, result: InversionResult, *, z_T=None, callback=None, grad="none", compile=None) -> torch.Tensor:
     """Denoise from result.z_T (or `z_T`) along the inverted chain with the stored noises.
 
     For editing, pass a denoiser with another prompt. callback(step_index, t, x) after each step.
     grad: "none" (torch.no_grad) or "unrolled" (record the steps, e.g. to backpropagate a
-    reconstruction loss through a differentiable inversion).
+    reconstruction loss through a differentiable inversion). compile: None (eager) or a
+    renoise.speed mode: each step (model call and sampler step) runs as one compiled region.
     """
     if grad not in ("none", "unrolled"):
         raise ValueError(f"sample's grad must be 'none' or 'unrolled' (it has no fixed point to differentiate "
                          f"implicitly), got {grad!r}")
+    region = None
+    if compile is not None:
+        from . import speed
+        if grad != "none":
+            raise ValueError("compile= runs sampling for inference only; use grad='none' or compile=None")
+        region = speed.compiled_denoise_step(compile, result.z_T.device)
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
-        return _sample(denoiser, result, z_T, callback)
+        return _sample(denoiser, result, z_T, callback, region)
 
 
-def _sample(denoiser, result, z_T, callback):
+def _denoise_step(denoiser, smod, schedule, opts, x, t, tn, noise):
+    """One denoising step: the region sample(compile=) compiles."""
+    return smod.step(x, denoiser(x, t), t, tn, schedule, noise=noise, **opts)
+
+
+def _sample(denoiser, result, z_T, callback, region=None):
     smod = _sampler(result.sampler)
     x = result.z_T if z_T is None else z_T
     if x.shape != result.z_T.shape:
         raise ValueError(f"z_T must have the inverted latent's shape {tuple(result.z_T.shape)}, got {tuple(x.shape)}")
     for i, (t, tn) in enumerate(result.chain):
-        x = smod.step(x, denoiser(x, t), t, tn, result.schedule, noise=result.noises[i], **result.sampler_opts)
+        if region is None:
+            x = _denoise_step(denoiser, smod, result.schedule, result.sampler_opts, x, t, tn, result.noises[i])
+        else:
+            result.schedule.table(x.device)
+            x = region(denoiser, smod, result.schedule, result.sampler_opts, x, _as_tensor_t(t, x.device),
+                       _as_tensor_t(tn, x.device), result.noises[i])
         if callback is not None:
             callback(i, t, x)
     return x

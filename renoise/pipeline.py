@@ -167,6 +167,20 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
+def _nested_region(fn):
+    """torch.compiler.nested_compile_region where torch has it (2.8+), else fn itself."""
+    mark = getattr(torch.compiler, "nested_compile_region", None)
+    return fn if mark is None else mark(fn)
+
+
+@_nested_region
+def _unet_call(unet, x, t, context, text_embeds, time_ids, timestep_cond):
+    """One UNet call. Eagerly just the call; inside a compiled ReNoise step (renoise.speed) it is
+    compiled once per input shape and reused by every model call of the step, so the compile time
+    does not grow with the renoising iterations."""
+    return unet(x, t, context, text_embeds=text_embeds, time_ids=time_ids, timestep_cond=timestep_cond)
+
+
 class GuidedDenoiser:
     """denoiser(x, t) for renoise.invert / renoise.sample: sampler input scaling, conditioning
     tiled to the batch, classifier-free guidance in one UNet call. Counts its calls."""
@@ -200,8 +214,7 @@ class GuidedDenoiser:
             cond = Conditioning.cat([self.uncond.tile(k), cond])
             xin = torch.cat([xin, xin])
         w_emb = None if self.w_embedding is None else self.w_embedding.repeat(k, 1).to(self.dtype)
-        out = self.unet(xin, t, cond.context, text_embeds=cond.text_embeds, time_ids=cond.time_ids,
-                        timestep_cond=w_emb).to(x.dtype)
+        out = _unet_call(self.unet, xin, t, cond.context, cond.text_embeds, cond.time_ids, w_emb).to(x.dtype)
         self.calls += 1
         if self.cfg:
             uncond_out, cond_out = out.chunk(2)
@@ -307,11 +320,13 @@ class Editor:
 
     preset: a renoise.presets name or Plan; sampler, num_steps, guidance_scale (the inversion's
     CFG scale; ≤ 1: none) and any other plan field (`plan_overrides`) replace the preset's.
-    strength < 1 inverts only the last part of the chain and denoises from there.
+    strength < 1 inverts only the last part of the chain and denoises from there. compile: None
+    (eager) or a renoise.speed mode ("compile", "max-autotune", "cuda-graphs"): every inversion
+    step and every denoising step runs as one compiled region (compiled on first use, then reused).
     """
 
     def __init__(self, pipe, preset="sdxl-turbo", *, sampler=None, num_steps=None, guidance_scale=None,
-                 strength=1.0, clip_skip=None, sampler_opts=None, plan_overrides=None):
+                 strength=1.0, clip_skip=None, sampler_opts=None, plan_overrides=None, compile=None):
         from . import presets
         from .schedules import Schedule
         overrides = dict(plan_overrides or {})
@@ -326,6 +341,10 @@ class Editor:
         self.clip_skip = clip_skip
         self.sampler_opts = dict(sampler_opts or {})
         self.schedule = Schedule.from_config(pipe.scheduler_config)
+        if compile is not None:
+            from .speed import check_mode
+            check_mode(compile, next(pipe.unet.parameters()).device)
+        self.compile = compile
 
     # -- pieces --------------------------------------------------------------------------------
     def encode(self, prompts, size, negative_prompts=None, guidance_scale=1.0, clip_skip=None):
@@ -356,7 +375,7 @@ class Editor:
                             clip_skip=self.clip_skip)
         result = invert(den, z0, self.schedule, self.plan.sampler, self.plan.num_steps, self.plan, noises=noises,
                         generator=generator, strength=self.strength, sampler_opts=self.sampler_opts,
-                        callback=callback)
+                        callback=callback, compile=self.compile)
         return Inversion(result=result, prompts=prompts, size=size, guidance_scale=g,
                          negative_prompts=negative_prompts, clip_skip=self.clip_skip)
 
@@ -372,7 +391,7 @@ class Editor:
         g = inv.guidance_scale if guidance_scale is None else float(guidance_scale)
         den = self.denoiser(prompts, inv.size, negative_prompts=negative_prompts, guidance_scale=g,
                             clip_skip=inv.clip_skip, schedule=inv.result.schedule, sampler=inv.result.sampler)
-        return sample(den, inv.result, callback=callback), den
+        return sample(den, inv.result, callback=callback, compile=self.compile), den
 
     def reconstruct(self, inv: Inversion, *, num_steps=None, callback=None) -> torch.Tensor:
         """Denoise with the source prompts and the inversion's own guidance: images [B, 3, H, W]."""
