@@ -127,6 +127,11 @@ def _common(p, command):
     run.add_argument("--lora-scale", type=float, default=1.0, metavar="S", help="LoRA strength (default: 1)")
     run.add_argument("--seed", type=int, default=0,
                      help="seed of the run's generator: VAE sample, noises, regularizer shifts (default: 0)")
+    run.add_argument("--compile", dest="compile", action="store_const", const="compile", default=None,
+                     help="run every inversion and denoising step as one torch.compile region (inductor); "
+                          "the first image pays the compilation (renoise.speed)")
+    run.add_argument("--cuda-graphs", dest="compile", action="store_const", const="cuda-graphs",
+                     help="--compile, and replay each step as a CUDA graph (CUDA only)")
 
 
 _COVERED = {"name", "sampler", "num_steps", "guidance_scale"}     # by --sampler / --steps / --guidance
@@ -408,7 +413,7 @@ def run(args) -> dict:
             preset = args.preset or _default_preset(pipe, args.model)
             editor = Editor(pipe, preset, sampler=args.sampler, num_steps=args.steps, guidance_scale=args.guidance,
                             strength=args.strength, clip_skip=args.clip_skip, plan_overrides=overrides,
-                            sampler_opts={"eta": args.eta} if args.eta is not None else None)
+                            sampler_opts={"eta": args.eta} if args.eta is not None else None, compile=args.compile)
             n = editor.plan.num_steps
             t0 = time.perf_counter()
             with _bar("inversion", min(int(n * editor.strength), n), quiet) as bar:
@@ -424,7 +429,7 @@ def run(args) -> dict:
             report["model_calls"] = {"inversion": inv.result.model_calls}
         else:
             inv = loaded
-            editor = Editor(pipe, inv.result.plan, clip_skip=inv.clip_skip)
+            editor = Editor(pipe, inv.result.plan, clip_skip=inv.clip_skip, compile=args.compile)
             made_with = inv.extra.get("model")
             if made_with not in (None, args.model) and not quiet:
                 print(f"renoise {command}: note: the inversion was made with --model {made_with}", file=sys.stderr)
