@@ -46,7 +46,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "diffusers", "transformers", "peft", "matplotlib"],
+        "test": ["pytest", "hypothesis", "diffusers", "transformers", "peft", "matplotlib",
+                 "triton; platform_system == 'Linux'"],     # triton: the kernels' interpreter tests
         "gpu": ["triton"],
     },
     entry_points={"console_scripts": ["renoise=renoise.__main__:main"]},

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import norm_silu
 from .blocks import Attention, Downsample, ResnetBlock, TimestepMLP, Upsample, timestep_embedding
 from .configs import UNetConfig
 
@@ -226,4 +227,4 @@ class UNet(nn.Module):
             if hasattr(level, "upsamplers"):
                 h = level.upsamplers[0](h, size=skips[-1].shape[-2:])
 
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(norm_silu(self.conv_norm_out, h))
