@@ -36,9 +36,9 @@ def rel(a, b):
 @pytest.fixture(scope="module")
 def unet():
     """A tiny SDXL-like UNet (one level, one layer: little to compile), random weights."""
-    cfg = UNetConfig.from_dict({**tiny_unet_config("sdxl"), "block_out_channels": (32,), "layers_per_block": 1,
-                                "down_block_types": ("CrossAttnDownBlock2D",), "up_block_types": ("CrossAttnUpBlock2D",),
-                                "attention_head_dim": 2, "transformer_layers_per_block": 1})
+    one_level = dict(block_out_channels=(32,), layers_per_block=1, attention_head_dim=2, transformer_layers_per_block=1,
+                     down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+    cfg = UNetConfig.from_dict({**tiny_unet_config("sdxl"), **one_level})
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = _randomise(UNet(cfg), seed=0)
