@@ -131,7 +131,6 @@ def read_safetensors(path, *, dtype=None, device="cpu", keys=None, rename=None) 
     device = torch.device(device)
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    raw = torch.frombuffer(mm, dtype=torch.uint8)
     out = {}
     for name in names:
         info = header[name]
@@ -139,10 +138,13 @@ def read_safetensors(path, *, dtype=None, device="cpu", keys=None, rename=None) 
         src = _ST_DTYPES[info["dtype"]]
         want = dtype if (dtype is not None and src.is_floating_point) else src
         keep = want == src and device.type == "cpu"            # a view of the map, if aligned
-        t = raw[lo:hi]
-        if lo % (ALIGN if keep else src.itemsize):
-            t = t.clone()                                      # a fresh buffer is aligned
-        t = t.view(src).reshape(info["shape"])
+        if hi == lo:
+            t = torch.empty(0, dtype=src)
+        elif lo % (ALIGN if keep else src.itemsize):           # a fresh buffer is aligned
+            t = torch.frombuffer(mm, dtype=torch.uint8, count=hi - lo, offset=lo).clone().view(src)
+        else:                        # its own storage on the map: tensors never share one (save_file, compile)
+            t = torch.frombuffer(mm, dtype=src, count=(hi - lo) // src.itemsize, offset=lo)
+        t = t.reshape(info["shape"])
         if not keep:
             t = t.to(device).to(want)
             _release(mm, lo, hi)

@@ -123,6 +123,25 @@ def test_compiled_regions_keep_the_step_checks(unet):
         invert(broken, z0, compile="trace")
 
 
+def test_memory_mapped_weights_compile(unet, tmp_path):
+    """Weights loaded zero-copy from a safetensors file (views of its map) have a storage each: they
+    save again, and the UNet call traces as a nested compile region (no aliased inputs)."""
+    from safetensors.torch import save_file
+
+    from renoise.models import load_unet
+    from renoise.pipeline import _unet_call
+    save_file(unet.state_dict(), tmp_path / "unet.safetensors")
+    mapped = load_unet(tmp_path / "unet.safetensors", config=unet.config)
+    save_file(mapped.state_dict(), tmp_path / "again.safetensors")
+    den = denoiser(mapped)
+    c = den.cond
+    x, t = latent(), torch.tensor(749.0, dtype=torch.float64)
+    run = torch.compile(lambda x: _unet_call(mapped, x, t, c.context, c.text_embeds, c.time_ids, None),
+                        backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(run(x), unet(x, t, c.context, text_embeds=c.text_embeds, time_ids=c.time_ids))
+
+
 # ------------------------------------------------------------------------------ inductor equals eager
 
 def test_compiled_step_equals_eager(unet):
