@@ -30,7 +30,8 @@ into both, same conditioning, latent and seeds; with the results' agreement (see
     python benchmarks/inversion.py                       # DDIM, 64 samples
     python benchmarks/inversion.py --sampler euler_ancestral --std 0.1
     python benchmarks/inversion.py --part speed          # tiny UNet on CPU (under a minute)
-    python benchmarks/inversion.py --part speed --size sdxl-turbo [--compile]   # on a GPU, fp16
+    python benchmarks/inversion.py --part speed --compile --half bfloat16   # + compiled steps, bf16 UNet
+    python benchmarks/inversion.py --part speed --size sdxl-turbo --compile compile cuda-graphs   # GPU, fp16
 """
 from __future__ import annotations
 
@@ -170,8 +171,9 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _speed_models(args, device, dtype, folder):
-    """Random weights saved with save_pretrained, loaded into diffusers' UNet and into ours."""
+def _speed_models(args, device, dtype, folder, half=None):
+    """Random weights saved with save_pretrained, loaded into diffusers' UNet and into ours (and
+    into ours again in `half`, when given)."""
     from diffusers import UNet2DConditionModel
 
     from renoise.models import load_unet
@@ -187,7 +189,7 @@ def _speed_models(args, device, dtype, folder):
     theirs = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(device).eval()
     theirs.requires_grad_(False)
     ours = load_unet(folder, dtype=dtype, device=device)
-    return theirs, ours
+    return theirs, ours, (load_unet(folder, dtype=half, device=device) if half is not None else None)
 
 
 def _speed_inputs(cfg, side, device, dtype, seed):
@@ -209,8 +211,11 @@ def speed(args):
     save_pretrained and loaded into diffusers' UNet2DConditionModel and into renoise's UNet. The same
     conditioning, latent and generator seed go to (a) the official loop on diffusers
     (benchmarks/official_renoise.py, the reference's SDXL-Turbo defaults), (b) renoise.invert with the
-    sdxl-turbo-reference preset on our UNet, (c) the same on diffusers' UNet (solver speed alone) and
-    (d) with --compile, on our UNet under torch.compile. Timed: the inversion (4 Euler-ancestral steps)
+    sdxl-turbo-reference preset on our UNet (through renoise.pipeline.GuidedDenoiser, as the Editor
+    calls it), (c) the same on diffusers' UNet (solver speed alone), (d) with --compile MODE..., every
+    inversion step as one compiled region (renoise.speed; compiled in the untimed first run) and
+    (e) with --half DTYPE, our UNet's weights and activations in that dtype (latents and solver in
+    --dtype). Timed: the inversion (4 Euler-ancestral steps)
     per image; the reconstruction (4 more calls) is only checked against (a). Random weights are no
     denoiser, so the reconstruction need not return to z0 (the JSON's recon_vs_z0 says how far): the
     check is that every method computes the same thing. Generators are CPU ones (noises drawn in
@@ -226,6 +231,7 @@ def speed(args):
     sys.path[:0] = [str(root), str(root / "tests")]
     from benchmarks import official_renoise as official
     from benchmarks.unet import exact_rss, peak_since, reset_peak
+    from renoise.pipeline import Conditioning, GuidedDenoiser
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.float16 if device == "cuda" else torch.float32, "float32": torch.float32,
@@ -236,8 +242,9 @@ def speed(args):
     side = args.latent or (32 if args.size == "tiny" else 64)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
+    half = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.half]
     with tempfile.TemporaryDirectory() as tmp:
-        theirs, ours = _speed_models(args, device, dtype, Path(tmp))
+        theirs, ours, ours_half = _speed_models(args, device, dtype, Path(tmp), half)
     cfg = dict(theirs.config)
     cond, z0 = _speed_inputs(cfg, side, device, dtype, args.seed)
     sched = official.Scheduler("euler_ancestral", 4, official.SDXL_TURBO_SCHEDULER)
@@ -248,42 +255,54 @@ def speed(args):
 
     official_net = official.diffusers_net(theirs, cond["context"], cond["text_embeds"], cond["time_ids"])
 
-    def renoise_den(unet, diffusers_api=False, tensor_t=False):
+    def diffusers_den(unet):
         def den(x, t):
             b = x.shape[0]
             c = {k: v.expand(b, *v.shape[1:]) for k, v in cond.items()}
+            added = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
             xin = smod.model_input(x, t, schedule)
-            if tensor_t:
-                t = torch.as_tensor(float(t), device=x.device)
-            if diffusers_api:
-                added = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
-                return unet(xin, t, encoder_hidden_states=c["context"], added_cond_kwargs=added).sample
-            return unet(xin, t, c["context"], text_embeds=c["text_embeds"], time_ids=c["time_ids"])
+            return unet(xin, t, encoder_hidden_states=c["context"], added_cond_kwargs=added).sample
         return den
+
+    def our_den(unet):
+        c = Conditioning(cond["context"], cond["text_embeds"], cond["time_ids"])
+        return GuidedDenoiser(unet, schedule, plan.sampler, Conditioning(*(v.to(unet.dtype) for v in c._fields())))
 
     def run_official():
         traj, noises, calls = official.invert(official_net, sched, z0, gen(), **official.SDXL_TURBO)
         return traj[-1], noises, calls
 
-    def run_renoise(den):
-        return lambda: renoise.invert(den, z0, schedule, plan.sampler, plan.num_steps, plan, generator=gen())
+    def run_renoise(den, compile=None):
+        return lambda: renoise.invert(den, z0, schedule, plan.sampler, plan.num_steps, plan, generator=gen(),
+                                      compile=compile)
 
-    dens = {"renoise, our UNet": renoise_den(ours), "renoise, diffusers UNet": renoise_den(theirs, True)}
-    if args.compile:
-        dens["renoise, our UNet compiled"] = renoise_den(torch.compile(ours), tensor_t=True)
-    methods = {"official loop, diffusers UNet": run_official} | {k: run_renoise(d) for k, d in dens.items()}
+    runs = {"renoise, our UNet": (our_den(ours), None), "renoise, diffusers UNet": (diffusers_den(theirs), None)}
+    for mode in args.compile or ():
+        runs[f"renoise, our UNet, compile={mode}"] = (our_den(ours), mode)
+    if ours_half is not None:
+        for mode in [None] + list(args.compile or ()):
+            runs[f"renoise, our UNet {args.half}" + (f", compile={mode}" if mode else "")] = (our_den(ours_half), mode)
+    dens = {k: d for k, (d, _) in runs.items()}
+    methods = {"official loop, diffusers UNet": run_official} | {k: run_renoise(*v) for k, v in runs.items()}
 
-    # warm-up, the parity check and the reconstructions (not timed)
-    rows = {}
+    # warm-up, the parity check and the reconstructions (not timed); compiled modes compile here
+    deadline = time.perf_counter() + args.budget if args.budget else None
+    rows, skipped = {}, {}
     z_ref, noises_ref, calls_ref = run_official()
     recon_ref = official.denoise(official_net, sched, z_ref, noises_ref)
     rows["official loop, diffusers UNet"] = dict(calls=calls_ref, z_T_rel=0.0, recon_rel=0.0,
                                                  recon_vs_z0=_rel(recon_ref, z0))
     for name, den in dens.items():
-        res = methods[name]()
+        if deadline is not None and "compile=" in name and time.perf_counter() > deadline:
+            skipped[name] = "time budget spent before its compilation"
+            del methods[name]
+            continue
+        t0 = time.perf_counter()
+        res = methods[name]()                         # the first run compiles, for compiled modes
+        first = time.perf_counter() - t0
         recon = renoise.sample(den, res)
         rows[name] = dict(calls=res.model_calls, z_T_rel=_rel(res.z_T, z_ref), recon_rel=_rel(recon, recon_ref),
-                          recon_vs_z0=_rel(recon, z0))
+                          recon_vs_z0=_rel(recon, z0), first_run_seconds=first)
 
     times = {k: [] for k in methods}
     cpu = {k: [] for k in methods}
@@ -314,7 +333,7 @@ def speed(args):
                   repeats=args.repeats, threads=torch.get_num_threads(), seed=args.seed, generator_seed=GEN_SEED,
                   plan=plan.name, sampler=plan.sampler, num_steps=plan.num_steps, torch=torch.__version__,
                   gpu=torch.cuda.get_device_name() if device == "cuda" else None)
-    result = dict(config=config, rows=[dict(method=k) | v for k, v in rows.items()])
+    result = dict(config=config, rows=[dict(method=k) | v for k, v in rows.items()], skipped=skipped)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"inversion_speed_{args.size}_{device}.json"
     path.write_text(json.dumps(result, indent=1))
@@ -328,12 +347,13 @@ def speed_table(result):
     lines = [f"ReNoise inversion, {c['plan']} ({c['sampler']}, {c['num_steps']} steps), {c['size']} UNet with random "
              f"weights, latent {c['latent']}x{c['latent']}, {c['device']} {c['dtype']}, {c['threads']} threads, "
              f"median of {c['repeats']}",
-             f"{'method':<31}{'s/image':>9}{'min':>8}{'cpu s':>8}{'speedup':>9}{'calls':>7}{'peak MiB':>10}"
-             f"{'z_T rel':>10}{'recon rel':>11}"]
+             f"{'method':<46}{'s/image':>9}{'min':>8}{'cpu s':>8}{'speedup':>9}{'calls':>7}{'peak MiB':>10}"
+             f"{'z_T rel':>10}{'recon rel':>11}{'1st run s':>11}"]
     for r in result["rows"]:
-        lines.append(f"{r['method']:<31}{r['seconds']:>9.3f}{r['seconds_min']:>8.3f}{r['cpu_seconds']:>8.2f}"
+        lines.append(f"{r['method']:<46}{r['seconds']:>9.3f}{r['seconds_min']:>8.3f}{r['cpu_seconds']:>8.2f}"
                      f"{r['speedup']:>8.2f}x{r['calls']:>7}{r['peak_mib']:>10.1f}{r['z_T_rel']:>10.1e}"
-                     f"{r['recon_rel']:>11.1e}")
+                     f"{r['recon_rel']:>11.1e}{r.get('first_run_seconds', float('nan')):>11.1f}")
+    lines += [f"{k}: skipped, {why}" for k, why in result.get("skipped", {}).items()]
     lines.append("z_T rel / recon rel: max |x - official| / max |official| for z_T and for the reconstruction")
     return "\n".join(lines)
 
@@ -364,8 +384,16 @@ def main(argv=None):
     sp.add_argument("--repeats", type=int, default=3, help="timed runs per method after one warm-up")
     sp.add_argument("--threads", type=int, default=0,
                     help="CPU threads (0: 1 for the tiny UNet on CPU, which gains nothing from more, else the default)")
-    sp.add_argument("--compile", action="store_true", help="also time our UNet under torch.compile")
+    sp.add_argument("--compile", nargs="*", default=None, metavar="MODE",
+                    help="also time renoise with every inversion step compiled (renoise.speed modes: compile, "
+                         "max-autotune, cuda-graphs; no MODE: compile)")
+    sp.add_argument("--budget", type=float, default=None,
+                    help="seconds after which no compiled method starts compiling (skipped, and said so)")
+    sp.add_argument("--half", choices=("bfloat16", "float16"), default=None,
+                    help="also time our UNet with weights and activations in this dtype")
     args = ap.parse_args(argv)
+    if args.compile == []:
+        args.compile = ["compile"]
     if args.part == "speed":
         return speed(args)
     torch.set_num_threads(1)

@@ -44,6 +44,7 @@ import torch
 
 from . import samplers as _samplers
 from .images import FACTOR
+from .speed import nested_region
 
 __all__ = ["Editor", "Inversion", "Conditioning", "GuidedDenoiser", "guided_denoiser", "guidance_embedding",
            "encode_images", "decode_latents", "encode_prompts", "negative_conditioning", "make_time_ids", "as_prompts"]
@@ -167,17 +168,9 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
-def _nested_region(fn):
-    """torch.compiler.nested_compile_region where torch has it (2.8+), else fn itself."""
-    mark = getattr(torch.compiler, "nested_compile_region", None)
-    return fn if mark is None else mark(fn)
-
-
-@_nested_region
+@nested_region
 def _unet_call(unet, x, t, context, text_embeds, time_ids, timestep_cond):
-    """One UNet call. Eagerly just the call; inside a compiled ReNoise step (renoise.speed) it is
-    compiled once per input shape and reused by every model call of the step, so the compile time
-    does not grow with the renoising iterations."""
+    """One UNet call: a nested compile region (renoise.speed.nested_region) inside compiled steps."""
     return unet(x, t, context, text_embeds=text_embeds, time_ids=time_ids, timestep_cond=timestep_cond)
 
 

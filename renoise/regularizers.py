@@ -33,6 +33,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .speed import nested_region
+
 EPS = 1e-6
 GRAD_CLIP = 100.0
 
@@ -125,6 +127,7 @@ def autocorr_loss(e, shifts):
     return loss
 
 
+@nested_region   # compiled once per step, reused by every gradient step
 def patch_kl_grad(e, e_ref, patch_size=4):
     """d(Σ patch_kl_loss)/de in closed form, [B, C, H, W] (no autograd: works under inference_mode).
 
@@ -153,6 +156,7 @@ def patch_kl_grad(e, e_ref, patch_size=4):
     return g
 
 
+@nested_region   # compiled once per step, reused by every gradient step
 def autocorr_grad(e, shifts):
     """d(Σ autocorr_loss)/de in closed form, [B, C, H, W].
 
@@ -192,7 +196,9 @@ def regularize(e, e_ref, generator=None, *, lambda_kl, lambda_ac, rounds=4, roll
         return e
     dtype = e.dtype
     x = e.float()
-    ref = e_ref.float() if lambda_kl > 0 else None
+    # a copy: e and e_ref are often halves of one model output, and the gradient steps, nested
+    # compile regions under torch.compile, must not get aliased inputs
+    ref = e_ref.float().clone() if lambda_kl > 0 else None
     if lambda_ac > 0 and rolls > 0 and shifts is None:
         b, c, h, w = e.shape
         shifts = draw_shifts(generator, b, c, h, w, rounds, rolls)

@@ -41,6 +41,20 @@ MODES = ("compile", "max-autotune", "cuda-graphs", "trace")
 _COMPILED: dict = {}
 
 
+def nested_region(fn):
+    """torch.compiler.nested_compile_region(fn) where torch has it (2.8+), else fn. Eagerly a plain
+    call; inside a compiled region, fn is traced and compiled once per input signature and reused by
+    every call (the UNet's K+1 calls, the regularizer's gradient steps), so compile time does not
+    grow with the iterations."""
+    mark = getattr(torch.compiler, "nested_compile_region", None)
+    if mark is None:
+        return fn
+    marked = mark(fn)
+    for attr in ("__name__", "__qualname__", "__doc__", "__module__"):    # not __wrapped__: dynamo must see the mark
+        setattr(marked, attr, getattr(fn, attr))
+    return marked
+
+
 def check_mode(mode, device=None) -> str:
     """`mode` if it can run on `device` (a torch.device, name or None), else ValueError saying why."""
     if mode not in MODES:

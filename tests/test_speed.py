@@ -16,9 +16,9 @@ from renoise.pipeline import Conditioning, GuidedDenoiser
 from renoise.presets import Plan
 from renoise.schedules import Schedule
 
-SCHEDULE = Schedule.from_config(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                     num_train_timesteps=1000, steps_offset=1, prediction_type="epsilon",
-                                     timestep_spacing="trailing"))
+SCHEDULER_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                        steps_offset=1, prediction_type="epsilon", timestep_spacing="trailing")
+SCHEDULE = Schedule.from_config(SCHEDULER_CONFIG)
 PLAN = Plan.preset("sdxl-turbo-reference").replace(iters=2, window=(1, 3), first_iters=1, first_window=(0, 2),
                                                    reg_rounds=1, reg_rolls=2, nc_steps=3)
 SIDE = 8
@@ -98,6 +98,11 @@ def test_bad_modes_are_refused(unet):
         renoise.accelerate(lambda x: x)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         renoise.accelerate(unet, "cuda-graphs")
+    from types import SimpleNamespace
+
+    from renoise.pipeline import Editor
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        Editor(SimpleNamespace(unet=unet, scheduler_config=SCHEDULER_CONFIG), compile="cuda-graphs")
 
 
 def test_step_region_is_one_graph_reused_for_new_images_and_prompts(unet, eager):
