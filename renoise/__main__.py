@@ -154,7 +154,12 @@ _PLAN_HELP = {
     "nc_steps": "noise correction by optimisation: steps",
     "nc_lr": "noise correction by optimisation: step length",
     "anderson": "Anderson mixing memory, 0: off (needs --average false)",
+    "tol": "stop a step's iterations once the residual (latent RMS change) is <= V (none: run all K+1 calls)",
+    "warm_start": "none | previous: start each step from the inverse step with the previous step's model output",
 }
+
+
+_UNSET = object()      # a plan flag not given (None is a value: --tol none)
 
 
 def _plan_flags(p):
@@ -167,8 +172,9 @@ def _plan_flags(p):
         "lists as a,b (e.g. --window 7,10); 'none' for None; true/false for flags")
     for f in dataclasses.fields(Plan):
         if f.name not in _COVERED:
-            group.add_argument("--" + f.name.replace("_", "-"), dest="plan_" + f.name, default=None,
-                               metavar="V", type=_plan_value, help=_PLAN_HELP.get(f.name))
+            word = isinstance(f.default, str)           # "none" is one of its words, not None
+            group.add_argument("--" + f.name.replace("_", "-"), dest="plan_" + f.name, default=_UNSET,
+                               metavar="V", type=str if word else _plan_value, help=_PLAN_HELP.get(f.name))
 
 
 def _plan_value(text):
@@ -192,7 +198,7 @@ def _number(text):
 
 
 def _plan_overrides(args) -> dict:
-    out = {k[5:]: v for k, v in vars(args).items() if k.startswith("plan_") and v is not None}
+    out = {k[5:]: v for k, v in vars(args).items() if k.startswith("plan_") and v is not _UNSET}
     return {k: (v,) if k in _TUPLES and not isinstance(v, tuple) else v for k, v in out.items()}
 
 
@@ -300,14 +306,6 @@ def _stems(paths):
     return stems
 
 
-def _default_preset(pipe, model):
-    if model == "demo":
-        return "demo"
-    if pipe.kind == "sdxl":
-        return "sdxl-turbo" if pipe.scheduler_config.get("timestep_spacing") == "trailing" else "sdxl"
-    return "sd15"
-
-
 def _jsonable(value):
     import torch
     if isinstance(value, torch.Tensor):
@@ -410,7 +408,8 @@ def run(args) -> dict:
 
         # 1. invert, or take the saved inversion
         if loaded is None:
-            preset = args.preset or _default_preset(pipe, args.model)
+            from .presets import for_model
+            preset = args.preset or for_model(pipe, args.model)
             editor = Editor(pipe, preset, sampler=args.sampler, num_steps=args.steps, guidance_scale=args.guidance,
                             strength=args.strength, clip_skip=args.clip_skip, plan_overrides=overrides,
                             sampler_opts={"eta": args.eta} if args.eta is not None else None, compile=args.compile)

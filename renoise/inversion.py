@@ -5,8 +5,10 @@ the inversion walks it backwards. At (t, t') with the latent z_prev at t' it sol
 
     z = G_t(z) = sampler.inverse_step(z_prev, R(denoiser(z, t)), t, t', noise=n_t)
 
-with `fixed_point.iterate` from z = z_prev, as the plan says for t (renoise.presets): K + 1 model
-calls (K = 0: plain DDIM / Euler inversion), then either the last iterate or — averaging — one
+with `fixed_point.iterate` from z = z_prev (or, with the plan's warm_start="previous", from
+inverse_step(z_prev, e_prev), e_prev the previous step's last model output: no extra call), as the
+plan says for t (renoise.presets): K + 1 model calls (K = 0: plain DDIM / Euler inversion; fewer
+per sample once the residual reaches the plan's tol), then either the last iterate or — averaging — one
 inverse step with the weighted mean of the window's *raw* model outputs (regularized when the
 regularizer is on). R, the edit-enhancement regularizer, acts on iteration i's output when
 i >= a (the window's start) or, with averaging off, when i > 0; it needs a reference map e_ref,
@@ -232,14 +234,15 @@ def _regularized(plan, i, a):
 
 
 def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, generator, grad, grad_opts, at=None,
-           shifts=None):
-    """One ReNoise step: the FixedPointResult of G_t (z_t = .z, residuals [K+1, B]) and inv(e), the
-    inverse step G_t's last model output goes through. at: plan.at(t), given when t is a tensor;
-    shifts: the regularizer's shifts, one entry per call of R in order (_step_shifts), else drawn
-    from `generator` as R runs."""
+           shifts=None, e_prev=None):
+    """One ReNoise step: the FixedPointResult of G_t (z_t = .z, residuals [calls, B]), inv(e), the
+    inverse step G_t's last model output goes through, and that last raw model output. at:
+    plan.at(t), given when t is a tensor; shifts: the regularizer's shifts, one entry per call of R
+    in order (_step_shifts), else drawn from `generator` as R runs. e_prev: a model output to warm
+    start from (the iteration starts at inv(e_prev) instead of z_prev; plan.warm_start)."""
     k, (a, _), weights = plan.at(t) if at is None else at
     reg = plan.regularize
-    e_ref = []
+    e_ref, last = [], {}
     draws = None if shifts is None else list(shifts)
 
     def R(e):
@@ -256,15 +259,18 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
             e_ref.append(ref)
         else:
             e = denoiser(z, t)
+        last["e"] = e
         z_next = inv(R(e) if _regularized(plan, i, a) else e)
         return (z_next, e) if weights is not None else z_next
 
+    z_start = z_prev if e_prev is None else inv(e_prev)
     if weights is not None:
-        res = fixed_point.iterate(g, z_prev, k + 1, weights=weights, indexed=True,
+        res = fixed_point.iterate(g, z_start, k + 1, weights=weights, indexed=True, tol=plan.tol,
                                   readout=lambda e_mean: inv(R(e_mean) if reg else e_mean), grad=grad, **grad_opts)
     else:
-        res = fixed_point.iterate(g, z_prev, k + 1, indexed=True, anderson=plan.anderson, grad=grad, **grad_opts)
-    return res, inv
+        res = fixed_point.iterate(g, z_start, k + 1, indexed=True, anderson=plan.anderson, tol=plan.tol, grad=grad,
+                                  **grad_opts)
+    return res, inv, last["e"]
 
 
 def _step_shifts(plan, at, like, generator):
@@ -279,19 +285,21 @@ def _step_shifts(plan, at, like, generator):
             for _ in range(n)]
 
 
-def _step(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, at, shifts, correct):
+def _step(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, at, shifts, correct, e_prev=None):
     """One whole inversion step with no host sync, the region `compile=` compiles: the solve (K+1
     model calls, inverse steps, averaging, regularizer with pre-drawn shifts), then, with `correct`,
-    noise correction (one more call). -> (z_t, residuals [K+1, B], noise, all finite: bool tensor)."""
-    fp, _ = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, None, "none", {}, at, shifts)
+    noise correction (one more call). -> (z_t, residuals [K+1, B], noise, all finite: bool tensor,
+    the step's last model output)."""
+    fp, _, e_last = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, None, "none", {}, at,
+                           shifts, e_prev)
     z = fp.z
     finite = torch.isfinite(z).all()
     if correct:
-        out = denoiser(z, t)
-        noise = noise_correction.correct(plan.noise_correction, smod, noise, z, out, z_prev, t, tn, schedule,
+        e_last = denoiser(z, t)
+        noise = noise_correction.correct(plan.noise_correction, smod, noise, z, e_last, z_prev, t, tn, schedule,
                                          steps=plan.nc_steps, lr=plan.nc_lr, **opts)
         finite = finite & torch.isfinite(noise).all()
-    return z, fp.residuals, noise, finite
+    return z, fp.residuals, noise, finite, e_last
 
 
 def _as_tensor_t(t, device):
@@ -303,19 +311,29 @@ def _as_tensor_t(t, device):
 
 
 def _compiled_step(region, denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, generator, stochastic,
-                   step_index):
+                   step_index, e_prev=None):
     """One step through the compiled region: the shifts drawn first, timesteps as tensors, one host
-    sync for the non-finite check. -> (z_t, residuals, noise, model calls)."""
+    sync for the non-finite check. -> (z_t, residuals, noise, model calls, last model output)."""
     at = plan.at(t)
     correct = stochastic and plan.noise_correction != "none"
     shifts = _step_shifts(plan, at, z_prev, generator)
     schedule.table(z_prev.device)          # the region reads the device's schedule tables; made here, not there
-    z, res, noise, finite = region(denoiser, smod, schedule, plan, opts, z_prev, _as_tensor_t(t, z_prev.device),
-                                   _as_tensor_t(tn, z_prev.device), noise, z_ref, at, shifts, correct)
+    z, res, noise, finite, e_last = region(denoiser, smod, schedule, plan, opts, z_prev,
+                                           _as_tensor_t(t, z_prev.device), _as_tensor_t(tn, z_prev.device), noise,
+                                           z_ref, at, shifts, correct, e_prev)
+    calls = at[0] + 1 + int(correct)
+    _count_calls(denoiser, calls)
     if not bool(finite):
         _finite_or_raise(z, res, t, step_index, "the averaged answer")
         _finite_or_raise(noise, None, t, step_index, "noise correction")
-    return z, res, noise, at[0] + 1 + int(correct)
+    return z, res, noise, calls, e_last
+
+
+def _count_calls(denoiser, n):
+    """Tell a denoiser with a count_calls(n) method (GuidedDenoiser) the calls a compiled region made."""
+    count = getattr(denoiser, "count_calls", None)
+    if count is not None:
+        count(n)
 
 
 GRAD_OPTS = ("phantom_steps", "backward_iters", "backward_tol", "backward_anderson")
@@ -352,6 +370,9 @@ def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noi
         if grad != "none" or jacobian_iters:
             raise ValueError("compile= runs the inversion for inference only; use grad='none' and jacobian_iters=0, "
                              "or compile=None")
+        if presets.resolve(plan).tol is not None:
+            raise ValueError("compile= runs each step's calls without host syncs, but the plan's tol stops on the "
+                             "residual after every call; use tol=None (--tol none: a fixed K) or compile=None")
         region = speed.compiled_step(compile, z0.device if isinstance(z0, torch.Tensor) else None)
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
         return _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator, strength, sampler_opts,
@@ -387,20 +408,23 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
 
     z, trajectory, residuals, calls = z0, [z0], [], 0
     contraction, jacobian_norm = [], [] if jacobian_iters else None
+    e_last, warm = None, plan.warm_start == "previous"
     for step_index, i in enumerate(reversed(range(len(chain)))):
         t, tn = chain[i]
         z_ref = None
         if plan.regularize:
             z_ref = z0 if z_ref_noise is None else smod.add_noise(z0, z_ref_noise, t, schedule)
         z_prev = z
+        e_guess = e_last if warm else None
         if region is not None:
-            z, res, noises[i], evals = _compiled_step(region, denoiser, smod, schedule, plan, opts, z_prev, t, tn,
-                                                      noises[i], z_ref, generator, stochastic[i], step_index)
+            z, res, noises[i], evals, e_last = _compiled_step(region, denoiser, smod, schedule, plan, opts, z_prev,
+                                                              t, tn, noises[i], z_ref, generator, stochastic[i],
+                                                              step_index, e_guess)
             calls += evals
             contraction.append(fixed_point.FixedPointResult(z, res, res.shape[0]).contraction())
         else:
-            fp, inv = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noises[i], z_ref, generator, grad,
-                             grad_opts)
+            fp, inv, e_last = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noises[i], z_ref, generator,
+                                     grad, grad_opts, e_prev=e_guess)
             z, res = fp.z, fp.residuals
             calls += fp.evals + fp.graph_evals
             _finite_or_raise(z, res, t, step_index, "the averaged answer")
@@ -409,9 +433,9 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
                 jacobian_norm.append(fixed_point.spectral_norm(lambda x: inv(denoiser(x, t)), z, jacobian_iters))
                 calls += 1
             if stochastic[i] and plan.noise_correction != "none":
-                out = denoiser(z, t)
+                e_last = denoiser(z, t)
                 calls += 1
-                noises[i] = noise_correction.correct(plan.noise_correction, smod, noises[i], z, out, z_prev, t, tn,
+                noises[i] = noise_correction.correct(plan.noise_correction, smod, noises[i], z, e_last, z_prev, t, tn,
                                                      schedule, steps=plan.nc_steps, lr=plan.nc_lr, **opts)
                 _finite_or_raise(noises[i], None, t, step_index, "noise correction")
         trajectory.append(z)
@@ -462,6 +486,7 @@ def _sample(denoiser, result, z_T, callback, region=None):
             result.schedule.table(x.device)
             x = region(denoiser, smod, result.schedule, result.sampler_opts, x, _as_tensor_t(t, x.device),
                        _as_tensor_t(tn, x.device), result.noises[i])
+            _count_calls(denoiser, 1)
         if callback is not None:
             callback(i, t, x)
     return x

@@ -31,6 +31,7 @@ from . import samplers as _samplers
 
 NOISE_CORRECTIONS = ("none", "override", "optimize")
 REFERENCE_NOISES = ("noised", "clean")
+WARM_STARTS = ("none", "previous")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class Plan:
                                         "clean": at z0 itself (the reference's SD 1.x oddity)
     noise_correction, nc_steps, nc_lr   "none" | "override" | "optimize" (stochastic samplers only)
     anderson                            m > 0: safeguarded Anderson mixing of the iterates (no averaging)
+    tol                                 stop a step's iterations for a sample once its residual (RMS of the
+                                        latent's last change) is <= tol; K + 1 calls at most (None: always K + 1)
+    warm_start                          "none": iterate from z_{t'} (the paper); "previous": from
+                                        inverse_step(z_{t'}, e_prev), e_prev the previous step's last model
+                                        output (no extra call; the first step starts from z_{t'})
     """
 
     name: str = "custom"
@@ -70,6 +76,8 @@ class Plan:
     nc_steps: int = 10
     nc_lr: float = 1.8
     anderson: int = 0
+    tol: float | None = None
+    warm_start: str = "none"
 
     def __post_init__(self):
         for f in ("window", "first_window", "weights", "first_weights"):
@@ -100,6 +108,12 @@ class Plan:
         if self.reference_noise not in REFERENCE_NOISES:
             raise ValueError(f"plan {self.name!r}: reference_noise must be one of {', '.join(REFERENCE_NOISES)}, "
                              f"got {self.reference_noise!r}")
+        if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float))
+                                     or not (math.isfinite(self.tol) and self.tol >= 0)):
+            raise ValueError(f"plan {self.name!r}: tol must be a finite number >= 0 or None, got {self.tol!r}")
+        if self.warm_start not in WARM_STARTS:
+            raise ValueError(f"plan {self.name!r}: warm_start must be one of {', '.join(WARM_STARTS)}, "
+                             f"got {self.warm_start!r}")
         if self.anderson and self.average:
             raise ValueError(f"plan {self.name!r}: Anderson mixing (anderson={self.anderson}) returns the last "
                              "iterate and cannot be combined with averaging; set average=False")
@@ -204,6 +218,16 @@ PRESETS = {
     # benchmarks/demo_model.py on held-out scenes (benchmarks/RESULTS.md)
     "demo": Plan(name="demo", sampler="ddim", num_steps=10, iters=3, window=(3, 4)),
 }
+
+
+def for_model(pipe, model=None) -> str:
+    """The preset a pipeline defaults to: the demo model's own ("demo"), SDXL-Turbo for SDXL with
+    trailing timesteps, SDXL, else SD 1.5. `model` is what was loaded (a name, folder or id)."""
+    if model == "demo":
+        return "demo"
+    if pipe.kind == "sdxl":
+        return "sdxl-turbo" if pipe.scheduler_config.get("timestep_spacing") == "trailing" else "sdxl"
+    return "sd15"
 
 
 def names() -> list[str]:

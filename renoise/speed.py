@@ -95,11 +95,25 @@ def compiled(fn, mode, device=None):
     check_mode(mode, device)
     key = (fn, mode)
     if key not in _COMPILED:
-        run = torch.compile(fn, fullgraph=True, dynamic=False, **_options(mode))
+        run = _roomy(torch.compile(fn, fullgraph=True, dynamic=False, **_options(mode)))
         if mode == "cuda-graphs":
             run = _graphed(run)
         _COMPILED[key] = run
     return _COMPILED[key]
+
+
+RECOMPILE_LIMIT = 64
+
+
+def _roomy(run):
+    """run with dynamo's per-function recompile limit raised to RECOMPILE_LIMIT (default 8): a
+    region specialises on each model, plan, step kind (first or main iterations, stochastic or
+    not, warm-started or not) and dtype of a process, and fullgraph turns the limit into an error."""
+    def call(*args):
+        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return run(*args)
+    return call
 
 
 def _graphed(run):

@@ -310,3 +310,16 @@ def test_single_file_checkpoint_model(folders, tmp_path):
     assert np.array_equal(a, b)
     za, zb = (Inversion.load(tmp_path / d / "inversion.safetensors").result.z_T for d in ("folder", "file"))
     assert torch.allclose(za, zb, rtol=0, atol=1e-6 * za.abs().max().item())
+
+
+def test_plan_flags_override_only_what_is_given():
+    """A plan flag not given keeps the preset's value; 'none' is None for numbers (--tol none turns
+    tolerance stopping off) and the word "none" for word fields (--warm-start none)."""
+    from renoise.__main__ import _plan_overrides, build_parser
+    base = ["edit", "--image", "x.png", "--prompt", "a", "--edit-prompt", "b", "--out", "o"]
+    args = build_parser().parse_args([*base,
+                                      "--tol", "none", "--warm-start", "none", "--noise-correction", "none",
+                                      "--anderson", "3", "--window", "3,4", "--weights", "1"])
+    assert _plan_overrides(args) == {"tol": None, "warm_start": "none", "noise_correction": "none", "anderson": 3,
+                                     "window": (3, 4), "weights": (1,)}
+    assert _plan_overrides(build_parser().parse_args(base)) == {}

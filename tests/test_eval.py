@@ -88,6 +88,28 @@ def test_method_specs_are_named_plan_overrides():
     assert names[:5] == ["plain", "preset", "K1", "K3", "K9"] and "anderson-K5" in names
     assert [m.name for m in methods.parse_methods(["ablation"])][:3] == ["full", "no-pairwise", "no-patch-kl"]
     assert methods.parse_spec("anderson-K3")[0].overrides == {"iters": 3, "anderson": 3, "average": False}
+    assert "tol-K9" in names and methods.parse_spec("tol-K9")[0].plan("demo", {}).tol == 1e-3
+    per_call = {m.name: m for m in methods.parse_methods(["per-call"])}
+    fast = per_call["warm-anderson-tol"].plan("demo", {"noise_correction": "optimize"})
+    assert (fast.warm_start, fast.anderson, fast.tol, fast.iters, fast.noise_correction) == \
+        ("previous", 3, 3e-3, 9, "optimize")
+    assert per_call["K9"] == methods.parse_spec("K9")[0]           # one name, one method, in every grid
+    both = [m.name for m in methods.parse_methods(["per-call", "paper-grid", "K3"])]
+    assert len(both) == len(set(both)) and set(both) == set(per_call) | set(names)
+
+
+def test_run_settings_apply_to_every_method():
+    from types import SimpleNamespace
+
+    from renoise.evaluation import cli
+    args = SimpleNamespace(preset="demo", sampler="euler_ancestral", steps=4, guidance=None, noise_correction="optimize")
+    specs = methods.parse_methods(["plain", "K3", "no-nc:noise_correction=none"])
+    _, plans = cli._plans(args, None, specs)
+    assert {(p.sampler, p.num_steps, p.noise_correction) for n, p in plans.items() if n != "no-nc"} == \
+        {("euler_ancestral", 4, "optimize")}
+    assert plans["no-nc"].noise_correction == "none"                 # a method's own setting wins
+    _, plans = cli._plans(SimpleNamespace(**{**vars(args), "noise_correction": None}), None, specs)
+    assert plans["K3"].noise_correction == "none"                    # Plan()'s, unless the run says
 
 
 def test_method_files_and_bad_specs(tmp_path):

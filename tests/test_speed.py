@@ -116,7 +116,10 @@ def test_step_region_is_one_graph_reused_for_new_images_and_prompts(unet, eager)
     assert rel(renoise.sample(denoiser(unet), got, compile="trace"), want_recon) < 1e-6
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = invert(denoiser(unet, seed=1), latent(seed=1), compile="trace")
+        invert(den, latent(seed=2), compile="trace")         # the same denoiser again: its call count is no guard
+        renoise.sample(den, got, compile="trace")
     assert rel(again.z_T, invert(denoiser(unet, seed=1), latent(seed=1)).z_T) < 1e-6
+    assert den.calls == 2 * want_calls + PLAN.num_steps
 
 
 def test_compiled_regions_keep_the_step_checks(unet):
@@ -233,3 +236,21 @@ def test_cuda_graphs_equal_eager(unet, dtype):
     again = invert(denoiser(gpu, seed=1, device="cuda"), latent(seed=1, device="cuda"), compile="cuda-graphs")
     assert torch.equal(got.z_T, first)
     assert rel(again.z_T, invert(denoiser(gpu, seed=1, device="cuda"), latent(seed=1, device="cuda")).z_T) < tol
+
+
+def test_warm_started_plans_trace_and_regions_have_room_for_many_specialisations(unet):
+    """A warm-started plan gives eager's numbers in the compiled region; one process may run more
+    step kinds than dynamo's default recompile limit (8) through the same fullgraph region."""
+    z0 = latent()
+    for k in (1, 2, 3):              # 3 plans x (first, main) x (cold first step, warm later) > 8 variants
+        plan = PLAN.replace(iters=k, window=(k, k + 1), first_iters=k, first_window=(k - 1, k + 1),
+                            warm_start="previous")
+        run = [renoise.invert(denoiser(unet), z0, SCHEDULE, plan.sampler, plan.num_steps, plan,
+                              generator=torch.Generator().manual_seed(1), compile=c) for c in (None, "trace")]
+        assert_same_inversion(run[1], run[0], 1e-6)
+
+
+def test_compile_refuses_tolerance_stopping(unet):
+    with pytest.raises(ValueError, match="tol=None"):
+        renoise.invert(denoiser(unet), latent(), SCHEDULE, PLAN.sampler, PLAN.num_steps, PLAN.replace(tol=1e-3),
+                       generator=torch.Generator(), compile="trace")

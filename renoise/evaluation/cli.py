@@ -22,7 +22,7 @@ def add_parser(sub):
     text = "invert a data set with a grid of methods; per-image rows, a summary and plots (torchrun: sharded)"
     p = sub.add_parser("eval", help=text, description=text,
                        epilog="methods: NAME:field=value,... (a Plan override), a preset name, 'preset', "
-                              "a grid (paper-grid, ablation, convergence), or @FILE; see docs/eval.md")
+                              "a grid (paper-grid, ablation, convergence, per-call), or @FILE; see docs/eval.md")
     data = p.add_argument_group("data (one of --images or --demo)")
     data.add_argument("--images", metavar="DIR", help="folder of images with captions.jsonl or captions.csv")
     data.add_argument("--captions", metavar="FILE", help="captions file (default: DIR/captions.jsonl or .csv)")
@@ -43,6 +43,8 @@ def add_parser(sub):
     meth.add_argument("--sampler", choices=("ddim", "euler_ancestral", "lcm"), help="the preset's unless given")
     meth.add_argument("--steps", type=int, metavar="N", help="inversion steps (the preset's unless given)")
     meth.add_argument("--guidance", type=float, metavar="G", help="inversion guidance (the preset's unless given)")
+    meth.add_argument("--noise-correction", choices=("none", "override", "optimize"),
+                      help="noise correction of every method (stochastic samplers; default: each method's own)")
     meth.add_argument("--edit-guidance", type=float, default=1.0, metavar="G", help="edit guidance (default: 1)")
     meth.add_argument("--posterior", choices=("mean", "sample"), default="mean",
                       help="encode with the VAE posterior's mean (default) or a sample")
@@ -85,21 +87,13 @@ def _items(args):
 def _plans(args, pipe, methods):
     """(run preset name, {method: Plan}) with the run's sampler/steps/guidance applied to every method."""
     from .. import presets
-    preset = args.preset or _default_preset(pipe, args.model)
+    preset = args.preset or presets.for_model(pipe, args.model)
     given = {"sampler": args.sampler, "num_steps": args.steps, "guidance_scale": args.guidance}
     base = presets.resolve(preset, **{k: v for k, v in given.items() if v is not None})
     run_settings = {"sampler": base.sampler, "num_steps": base.num_steps, "guidance_scale": base.guidance_scale}
+    if args.noise_correction is not None:
+        run_settings["noise_correction"] = args.noise_correction
     return preset, {m.name: m.plan(preset, run_settings) for m in methods}
-
-
-def _default_preset(pipe, model) -> str:
-    """The preset the CLI's other commands default to: the demo model's own, SDXL-Turbo for SDXL with
-    trailing steps, SDXL, else SD 1.5."""
-    if model == "demo":
-        return "demo"
-    if pipe.kind == "sdxl":
-        return "sdxl-turbo" if pipe.scheduler_config.get("timestep_spacing") == "trailing" else "sdxl"
-    return "sd15"
 
 
 def _clean(obj):

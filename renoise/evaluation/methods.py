@@ -1,7 +1,7 @@
 """Methods for `renoise eval`: named Plan overrides, written on the command line, and built-in grids.
 
     NAME:field=value,field=value      a Plan override (any renoise.presets.Plan field)
-    NAME                              a built-in grid (paper-grid, ablation, convergence), a method
+    NAME                              a built-in grid (paper-grid, ablation, convergence, per-call), a method
                                       of one (plain, K3, anderson-K3, no-patch-kl, ...), a preset
                                       name, or `preset` (the run's --preset)
 
@@ -58,6 +58,9 @@ def _preset(name, **overrides):
     return Method(name, RUN_PRESET, overrides)
 
 
+_WORDS = {f.name for f in dataclasses.fields(Plan) if isinstance(f.default, str)} - {"name"}   # "none" is a word
+
+
 def _has_field(name: str) -> bool:
     return name in {f.name for f in dataclasses.fields(Plan)}
 
@@ -84,7 +87,22 @@ def _convergence():
     return [_plain("K9", iters=9, average=False), _plain("anderson-K9", iters=9, anderson=3, average=False)]
 
 
-GRIDS = {"paper-grid": _paper_grid, "ablation": _ablation, "convergence": _convergence}
+def _per_call():
+    """Quality per UNet call (issue 14): plain iteration at K = 1..9, Anderson, warm starts,
+    tolerance stopping and their combinations, beside plain inversion and the run's preset."""
+    warm = dict(average=False, warm_start="previous")
+    grid = [_plain("plain", iters=0), _preset(RUN_PRESET)]
+    grid += [_plain(f"K{k}", iters=k, average=False) for k in (1, 2, 3, 5, 9)]
+    grid += [_plain(f"anderson-K{k}", iters=k, anderson=3, average=False) for k in (3, 9)]
+    grid += [_plain(f"warm-K{k}", iters=k, **warm) for k in (1, 2, 3)]
+    grid += [_plain(f"warm-anderson-K{k}", iters=k, anderson=3, **warm) for k in (2, 3)]
+    grid += [_plain("warm-tol", iters=9, tol=3e-3, **warm),
+             _plain("warm-anderson-tol", iters=9, anderson=3, tol=3e-3, **warm),
+             _plain("warm-anderson-tol-1e-2", iters=9, anderson=3, tol=1e-2, **warm)]
+    return grid
+
+
+GRIDS = {"paper-grid": _paper_grid, "ablation": _ablation, "convergence": _convergence, "per-call": _per_call}
 
 
 def builtin_methods() -> dict:
@@ -119,7 +137,7 @@ def parse_spec(spec: str) -> list[Method]:
             raise ValueError(f"method {name!r}: {item.strip()!r} is not field=value")
         if key in overrides:
             raise ValueError(f"method {name!r}: field {key!r} given twice")
-        overrides[key] = _value(value.strip(), name, key)
+        overrides[key] = value.strip() if key in _WORDS else _value(value.strip(), name, key)
     base = overrides.pop("preset", None)
     if base is not None and base != RUN_PRESET and base not in PRESETS:
         raise ValueError(f"method {name!r}: unknown preset {base!r}; expected one of {', '.join(PRESETS)}")
@@ -143,11 +161,14 @@ def parse_methods(specs) -> list[Method]:
             methods += parse_methods([ln for ln in lines if ln])
         else:
             methods += parse_spec(spec)
-    seen = set()
-    for m in methods:
-        if m.name in seen:
+    seen, unique = {}, []
+    for m in methods:                      # grids share methods: the same method twice runs once
+        if m.name in seen and seen[m.name] != m:
             raise ValueError(f"method name {m.name!r} appears twice; give each method its own name")
-        seen.add(m.name)
+        if m.name not in seen:
+            seen[m.name] = m
+            unique.append(m)
+    methods = unique
     if not methods:
         raise ValueError("no methods given")
     return methods
