@@ -25,8 +25,10 @@ accepted x, so z_{k+1} below means that answer after the k-th call.
 
 `tol` stops samples whose residual reaches tol: they are frozen (their answer no longer changes,
 their residual reads 0), the others go on, and the loop ends when all have converged. Checking it
-synchronises with the device once per call; with tol=None the loop has no data-dependent Python
-control flow, so it can be compiled (torch.compile(fullgraph=True)) or captured in a CUDA graph.
+synchronises with the device once per call. Without tol the loop has no data-dependent Python
+control flow, so it can be compiled (torch.compile(fullgraph=True)) or captured in a CUDA graph;
+compiled with tol, samples are frozen alike but every one of the `iters` calls runs (the same
+answer, no early exit, no sync).
 
 Gradients (`grad=`); the answer's value is the same in every mode, only its gradient differs:
   - "unrolled" (default): autograd records every call and the averaging, as for any torch code.
@@ -249,7 +251,8 @@ def _plain(call, z0, iters, weights, tol, keep_iterates, paired):
         _check_output(z_next, z0, k)
         r = rms(z_next.detach() - z.detach())
         if tol is not None:
-            _check_finite(r, k)
+            if not torch.compiler.is_compiling():
+                _check_finite(r, k)
             if done is not None:
                 z_next = torch.where(_bmask(done, z), z, z_next)
                 if y_next is not None:
@@ -263,7 +266,7 @@ def _plain(call, z0, iters, weights, tol, keep_iterates, paired):
         avg.add(k, y if paired else z)
         if keep_iterates:
             iterates.append(z)
-        if tol is not None and bool(done.all()):
+        if tol is not None and not torch.compiler.is_compiling() and bool(done.all()):
             break
     return avg.result(y if paired else z, evals), z, torch.stack(residuals), evals, iterates
 
@@ -353,14 +356,15 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust):
             ra = torch.where(move, rc, ra)
         r = torch.where(done, torch.zeros_like(ra), ra)
         if tol is not None:
-            _check_finite(r, k)
+            if not torch.compiler.is_compiling():
+                _check_finite(r, k)
             done = done | (r <= tol)
         residuals.append(r.detach())
         z = ga.reshape(shape).to(z0.dtype)
         avg.add(k, z)
         if keep_iterates:
             iterates.append(z)
-        if tol is not None and bool(done.all()):
+        if tol is not None and not torch.compiler.is_compiling() and bool(done.all()):
             break
         if k < iters - 1:
             reach = torch.where(rate < 1, (1 / (1 - rate).clamp_min(1e-12)).clamp(max=trust), 1.0)

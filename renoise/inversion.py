@@ -354,7 +354,9 @@ def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noi
     iterations for each step's Jacobian norm. compile: None (eager) or a renoise.speed mode
     ("compile", "max-autotune", "cuda-graphs"): each timestep's whole solve and noise correction run
     as one compiled region (renoise.speed.compiled_step; grad="none" only), with one host sync per
-    step for the non-finite check; same values and model calls as eager. Returns an InversionResult.
+    step for the non-finite check; same values and model calls as eager (with the plan's tol: the
+    same values, but each step runs all K + 1 calls, converged samples frozen, where eager stops
+    once all have converged). Returns an InversionResult.
     """
     if grad not in fixed_point.GRAD_MODES:
         raise ValueError(f"unknown grad mode {grad!r}; expected one of {', '.join(map(repr, fixed_point.GRAD_MODES))}")
@@ -370,9 +372,6 @@ def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noi
         if grad != "none" or jacobian_iters:
             raise ValueError("compile= runs the inversion for inference only; use grad='none' and jacobian_iters=0, "
                              "or compile=None")
-        if presets.resolve(plan).tol is not None:
-            raise ValueError("compile= runs each step's calls without host syncs, but the plan's tol stops on the "
-                             "residual after every call; use tol=None (--tol none: a fixed K) or compile=None")
         region = speed.compiled_step(compile, z0.device if isinstance(z0, torch.Tensor) else None)
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
         return _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator, strength, sampler_opts,

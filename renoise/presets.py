@@ -214,9 +214,12 @@ PRESETS = {
                                  guidance_scale=0.0, iters=9, window=(8, 10), first_iters=5, first_window=(0, 5),
                                  lambda_ac=20.0, lambda_kl=0.065, reg_rounds=4, reg_rolls=5,
                                  noise_correction="optimize", nc_steps=10, nc_lr=1.8),
-    # renoise's own demo model (renoise.demo): DDIM, 10 steps, K = 3, the last iterate; chosen by
-    # benchmarks/demo_model.py on held-out scenes (benchmarks/RESULTS.md)
-    "demo": Plan(name="demo", sampler="ddim", num_steps=10, iters=3, window=(3, 4)),
+    # renoise's own demo model (renoise.demo): DDIM, 10 steps; each step warm-started from the previous
+    # step's model output, Anderson mixing (m = 3), stopped at residual 1e-2 or 10 calls: K = 9's
+    # reconstruction at a sixth of its calls on held-out scenes (benchmarks/quality_per_call.py,
+    # benchmarks/RESULTS.md)
+    "demo": Plan(name="demo", sampler="ddim", num_steps=10, iters=9, window=(9, 10), average=False, anderson=3,
+                 tol=1e-2, warm_start="previous"),
 }
 
 

@@ -323,3 +323,17 @@ def test_plan_flags_override_only_what_is_given():
     assert _plan_overrides(args) == {"tol": None, "warm_start": "none", "noise_correction": "none", "anderson": 3,
                                      "window": (3, 4), "weights": (1,)}
     assert _plan_overrides(build_parser().parse_args(base)) == {}
+
+
+def test_compile_flags(tmp_path, capsys):
+    """--compile / --cuda-graphs choose the Editor's compile mode; CUDA graphs off CUDA is refused
+    with the reason, before any work."""
+    from renoise.__main__ import build_parser
+    base = ["edit", "--image", "x.png", "--prompt", "a", "--edit-prompt", "b", "--out", "o"]
+    assert build_parser().parse_args(base).compile is None
+    assert build_parser().parse_args([*base, "--compile"]).compile == "compile"
+    assert build_parser().parse_args([*base, "--cuda-graphs"]).compile == "cuda-graphs"
+    example = Path(__file__).resolve().parents[1] / "examples" / "scene.png"
+    code = main(["reconstruct", "--image", str(example), "--prompt", "a large red circle in the center on a blue "
+                 "background", "--out", str(tmp_path / "out"), "--device", "cpu", "--cuda-graphs"])
+    assert code != 0 and "CUDA graphs need a CUDA device" in capsys.readouterr().err
