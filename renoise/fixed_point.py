@@ -23,8 +23,9 @@ is a ratio test, ρ = (‖f(a)‖ - ‖f(x')‖) / (‖f(a)‖ - ‖f(a) - s·Δ
 Plain steps are always taken, as in plain iteration. Each sample answers g(x) at its last
 accepted x, so z_{k+1} below means that answer after the k-th call.
 
-`tol` stops samples whose residual reaches tol: they are frozen (their answer no longer changes,
-their residual reads 0), the others go on, and the loop ends when all have converged. Checking it
+`tol` (a number, or a 0-d tensor computed in a compiled caller) stops samples whose residual
+reaches tol: they are frozen (their answer no longer changes, their residual reads 0), the others
+go on, and the loop ends when all have converged. Checking it
 synchronises with the device once per call. Without tol the loop has no data-dependent Python
 control flow, so it can be compiled (torch.compile(fullgraph=True)) or captured in a CUDA graph;
 compiled with tol, samples are frozen alike but every one of the `iters` calls runs (the same
@@ -115,7 +116,7 @@ def _validate(g, z0, iters, weights, anderson, tol, readout):
         raise ValueError(f"anderson (the memory m) must be an int >= 0, got {anderson!r}")
     if anderson and readout is not None:
         raise ValueError("anderson mixing cannot be combined with readout; use plain iteration with a readout")
-    if tol is not None and not tol >= 0:
+    if tol is not None and not isinstance(tol, torch.Tensor) and not tol >= 0:    # a 0-d tensor: the caller's
         raise ValueError(f"tol must be >= 0 or None, got {tol!r}")
     if weights is not None:
         weights = [float(w) for w in weights]

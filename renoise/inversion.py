@@ -264,11 +264,13 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
         return (z_next, e) if weights is not None else z_next
 
     z_start = z_prev if e_prev is None else inv(e_prev)
+    # tol applies to the residual in the model's input scale (Euler's x is the latent times √(σ² + 1))
+    tol = None if plan.tol is None else plan.tol / smod.model_input(torch.ones(()), t, schedule)
     if weights is not None:
-        res = fixed_point.iterate(g, z_start, k + 1, weights=weights, indexed=True, tol=plan.tol,
+        res = fixed_point.iterate(g, z_start, k + 1, weights=weights, indexed=True, tol=tol,
                                   readout=lambda e_mean: inv(R(e_mean) if reg else e_mean), grad=grad, **grad_opts)
     else:
-        res = fixed_point.iterate(g, z_start, k + 1, indexed=True, anderson=plan.anderson, tol=plan.tol, grad=grad,
+        res = fixed_point.iterate(g, z_start, k + 1, indexed=True, anderson=plan.anderson, tol=tol, grad=grad,
                                   **grad_opts)
     return res, inv, last["e"]
 

@@ -49,7 +49,8 @@ class Plan:
     noise_correction, nc_steps, nc_lr   "none" | "override" | "optimize" (stochastic samplers only)
     anderson                            m > 0: safeguarded Anderson mixing of the iterates (no averaging)
     tol                                 stop a step's iterations for a sample once its residual (RMS of the
-                                        latent's last change) is <= tol; K + 1 calls at most (None: always K + 1)
+                                        latent's last change, in the model's input scale: Euler's x over
+                                        √(σ² + 1)) is <= tol; K + 1 calls at most (None: always K + 1)
     warm_start                          "none": iterate from z_{t'} (the paper); "previous": from
                                         inverse_step(z_{t'}, e_prev), e_prev the previous step's last model
                                         output (no extra call; the first step starts from z_{t'})

@@ -270,24 +270,31 @@ def test_warm_start_converges_faster(mixture):
     assert err["previous"] < 0.95 * err["none"], err        # measured: 1.64 against 1.89
 
 
-def test_tolerance_stops_each_sample_once_its_residual_is_small(mixture):
-    """tol: a sample stops iterating at its first residual <= tol (its iterate frozen there); the
-    step's calls are those of its slowest sample; tol=0 runs every call."""
+@pytest.mark.parametrize("sampler", ["ddim", "euler_ancestral"])
+def test_tolerance_stops_each_sample_once_its_residual_is_small(sampler, mixture):
+    """tol: a sample stops iterating at its first residual <= tol, measured in the model's input
+    scale (Euler's x is divided by √(σ² + 1)), its iterate frozen there; the step's calls are those
+    of its slowest sample; tol=0 runs every call."""
     gm, x0 = mixture
-    sch, den = setup(gm, "ddim")
-    full = renoise.invert(den, x0, sch, "ddim", STEPS, plan("ddim", iters=30, window=(30, 31), average=False))
-    tol = float(torch.stack([r[3] for r in full.residuals]).median())
-    res = renoise.invert(den, x0, sch, "ddim", STEPS, plan("ddim", iters=30, window=(30, 31), average=False, tol=tol))
+    sch, den = setup(gm, sampler)
+    smod = renoise.samplers.get(sampler)
+    scale = [float(smod.model_input(torch.ones(()), t, sch)) for t, _ in reversed(sch.chain(STEPS, sampler))]
+    kw = dict(iters=30, window=(30, 31), average=False)
+    full = renoise.invert(den, x0, sch, sampler, STEPS, plan(sampler, **kw), generator=torch.Generator().manual_seed(0))
+    tol = float(torch.stack([r[3] * c for r, c in zip(full.residuals, scale)]).median())
+    res = renoise.invert(den, x0, sch, sampler, STEPS, plan(sampler, tol=tol, **kw),
+                         generator=torch.Generator().manual_seed(0))
     assert res.model_calls < full.model_calls
     assert res.model_calls == sum(r.shape[0] for r in res.residuals)
-    for step, r in enumerate(res.residuals):
+    for step, (r, c) in enumerate(zip(res.residuals, scale)):
         for b in range(x0.shape[0]):
-            hit = (r[:, b] <= tol).nonzero()
+            hit = (r[:, b] * c <= tol).nonzero()
             stop = int(hit[0]) if len(hit) else r.shape[0] - 1
-            assert (r[:stop, b] > tol).all() and (r[stop + 1:, b] == 0).all()      # frozen after its first hit
+            assert (r[:stop, b] * c > tol).all() and (r[stop + 1:, b] == 0).all()   # frozen after its first hit
             if step == 0:                                                          # the same iterations till then
                 assert torch.allclose(r[: stop + 1, b], full.residuals[0][: stop + 1, b], rtol=1e-2)
-    zero = renoise.invert(den, x0, sch, "ddim", STEPS, plan("ddim", iters=5, window=(5, 6), average=False, tol=0.0))
+    zero = renoise.invert(den, x0, sch, sampler, STEPS, plan(sampler, iters=5, window=(5, 6), average=False, tol=0.0),
+                          generator=torch.Generator().manual_seed(0))
     assert zero.model_calls == STEPS * 6
 
 
