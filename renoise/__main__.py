@@ -154,7 +154,8 @@ _PLAN_HELP = {
     "nc_steps": "noise correction by optimisation: steps",
     "nc_lr": "noise correction by optimisation: step length",
     "anderson": "Anderson mixing memory, 0: off (needs --average false)",
-    "tol": "stop a step's iterations once the residual (latent RMS change) is <= V (none: run all K+1 calls)",
+    "tol": "stop a step's iterations once the residual (RMS change, in the model's input scale) is <= V "
+           "(none: run all K+1 calls)",
     "warm_start": "none | previous: start each step from the inverse step with the previous step's model output",
 }
 
@@ -166,15 +167,14 @@ def _plan_flags(p):
     """One flag per renoise.presets.Plan field, so every hyperparameter can be overridden."""
     import dataclasses
 
-    from .presets import Plan
+    from .presets import WORD_FIELDS, Plan
     group = p.add_argument_group(
         "plan fields (the preset's unless given; see renoise.presets.Plan)",
         "lists as a,b (e.g. --window 7,10); 'none' for None; true/false for flags")
     for f in dataclasses.fields(Plan):
         if f.name not in _COVERED:
-            word = isinstance(f.default, str)           # "none" is one of its words, not None
-            group.add_argument("--" + f.name.replace("_", "-"), dest="plan_" + f.name, default=_UNSET,
-                               metavar="V", type=str if word else _plan_value, help=_PLAN_HELP.get(f.name))
+            group.add_argument("--" + f.name.replace("_", "-"), dest="plan_" + f.name, default=_UNSET, metavar="V",
+                               type=str if f.name in WORD_FIELDS else _plan_value, help=_PLAN_HELP.get(f.name))
 
 
 def _plan_value(text):

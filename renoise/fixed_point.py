@@ -25,11 +25,10 @@ accepted x, so z_{k+1} below means that answer after the k-th call.
 
 `tol` (a number, or a 0-d tensor computed in a compiled caller) stops samples whose residual
 reaches tol: they are frozen (their answer no longer changes, their residual reads 0), the others
-go on, and the loop ends when all have converged. Checking it
-synchronises with the device once per call. Without tol the loop has no data-dependent Python
-control flow, so it can be compiled (torch.compile(fullgraph=True)) or captured in a CUDA graph;
-compiled with tol, samples are frozen alike but every one of the `iters` calls runs (the same
-answer, no early exit, no sync).
+go on, and the loop ends when all have converged. Checking it synchronises with the device once
+per call. Without tol the loop has no data-dependent Python control flow, so it can be compiled
+(torch.compile(fullgraph=True)) or captured in a CUDA graph; compiled with tol, samples are frozen
+alike but every one of the `iters` calls runs (the same answer, no early exit, no sync).
 
 Gradients (`grad=`); the answer's value is the same in every mode, only its gradient differs:
   - "unrolled" (default): autograd records every call and the averaging, as for any torch code.
@@ -82,12 +81,16 @@ class FixedPointResult:
     backward: list = field(default_factory=list)
 
     def contraction(self) -> torch.Tensor:
-        """Per-sample contraction estimate [B]: the ratio of the last two residuals (NaN with one
-        call; 0/0 = NaN for samples frozen by tol)."""
-        r = self.residuals
-        if r.shape[0] < 2:
-            return torch.full_like(r[0], float("nan"))
-        return r[-1] / r[-2]
+        """contraction(self.residuals)."""
+        return contraction(self.residuals)
+
+
+def contraction(residuals: torch.Tensor) -> torch.Tensor:
+    """Per-sample contraction estimate [B] from residuals [calls, B]: the ratio of the last two
+    (NaN with one call; 0/0 = NaN for samples frozen by tol)."""
+    if residuals.shape[0] < 2:
+        return torch.full_like(residuals[0], float("nan"))
+    return residuals[-1] / residuals[-2]
 
 
 def rms(d: torch.Tensor) -> torch.Tensor:
@@ -135,7 +138,15 @@ def _check_output(z, z0, k):
         raise ValueError(f"g must return a tensor of z's shape {tuple(z0.shape)}, got {shape} at call {k}")
 
 
+def _all_done(tol, done):
+    """Whether tol froze every sample; a host sync, so never inside a compiled region (no early exit)."""
+    return tol is not None and not torch.compiler.is_compiling() and bool(done.all())
+
+
 def _check_finite(r, k):
+    """Raise at non-finite residuals; a host sync, so skipped inside a compiled region."""
+    if torch.compiler.is_compiling():
+        return
     bad = ~torch.isfinite(r)
     if bool(bad.any()):
         raise ValueError(f"g returned non-finite values at call {k} for samples {bad.nonzero().flatten().tolist()}")
@@ -252,8 +263,7 @@ def _plain(call, z0, iters, weights, tol, keep_iterates, paired):
         _check_output(z_next, z0, k)
         r = rms(z_next.detach() - z.detach())
         if tol is not None:
-            if not torch.compiler.is_compiling():
-                _check_finite(r, k)
+            _check_finite(r, k)
             if done is not None:
                 z_next = torch.where(_bmask(done, z), z, z_next)
                 if y_next is not None:
@@ -267,7 +277,7 @@ def _plain(call, z0, iters, weights, tol, keep_iterates, paired):
         avg.add(k, y if paired else z)
         if keep_iterates:
             iterates.append(z)
-        if tol is not None and not torch.compiler.is_compiling() and bool(done.all()):
+        if _all_done(tol, done):
             break
     return avg.result(y if paired else z, evals), z, torch.stack(residuals), evals, iterates
 
@@ -357,15 +367,14 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust):
             ra = torch.where(move, rc, ra)
         r = torch.where(done, torch.zeros_like(ra), ra)
         if tol is not None:
-            if not torch.compiler.is_compiling():
-                _check_finite(r, k)
+            _check_finite(r, k)
             done = done | (r <= tol)
         residuals.append(r.detach())
         z = ga.reshape(shape).to(z0.dtype)
         avg.add(k, z)
         if keep_iterates:
             iterates.append(z)
-        if tol is not None and not torch.compiler.is_compiling() and bool(done.all()):
+        if _all_done(tol, done):
             break
         if k < iters - 1:
             reach = torch.where(rate < 1, (1 / (1 - rate).clamp_min(1e-12)).clamp(max=trust), 1.0)

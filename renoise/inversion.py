@@ -422,7 +422,7 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
                                                               t, tn, noises[i], z_ref, generator, stochastic[i],
                                                               step_index, e_guess)
             calls += evals
-            contraction.append(fixed_point.FixedPointResult(z, res, res.shape[0]).contraction())
+            contraction.append(fixed_point.contraction(res))
         else:
             fp, inv, e_last = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noises[i], z_ref, generator,
                                      grad, grad_opts, e_prev=e_guess)

@@ -215,7 +215,6 @@ class GuidedDenoiser:
             out = uncond_out + self.guidance_scale * (cond_out - uncond_out)
         return out
 
-
     def count_calls(self, n: int) -> None:
         """Add n calls made inside a compiled region (renoise.speed), where __call__ does not count."""
         self.calls += n

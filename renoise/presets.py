@@ -168,6 +168,10 @@ class Plan:
         return cls(**d)
 
 
+# the fields whose values are words, "none" among them (not None): written as they are
+WORD_FIELDS = frozenset(f.name for f in dataclasses.fields(Plan) if isinstance(f.default, str)) - {"name"}
+
+
 def _int(plan, field, low):
     v = getattr(plan, field)
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
