@@ -11,6 +11,9 @@ inversion's. Methods, all at the same number of denoising steps (default 4, trai
     avg-K        the same iterations, the answer from the average of the last min(3, K+1) raw
                  model outputs (as the paper's w8..w10 for K = 9)
     anderson-K   K+1 calls of safeguarded Anderson mixing (memory 3) per step
+    relax2-K     plain iteration over-relaxed, relax = 2 (z + 2·(G(z) - z)), the last iterate
+    warm-anderson-relax2-K   the demo preset's solver without its tolerance: warm start, Anderson
+                 (memory 3) around relax = 2 steps, K+1 calls per step
 
 For each method and budget: median / 10th-percentile PSNR over the samples, how many samples end
 more than 3 dB below plain fixed-point iteration (renoise-K) at the same number of calls (the target
@@ -59,6 +62,9 @@ def methods(max_k):
         yield f"renoise-{k}", k, dict(iters=k, window=(k, k + 1), average=False)
         yield f"avg-{k}", k, dict(iters=k, window=(max(0, k + 1 - 3), k + 1), average=True)
         yield f"anderson-{k}", k, dict(iters=k, window=(k, k + 1), average=False, anderson=3)
+        yield f"relax2-{k}", k, dict(iters=k, window=(k, k + 1), average=False, relax=2.0)
+        yield f"warm-anderson-relax2-{k}", k, dict(iters=k, window=(k, k + 1), average=False, anderson=3, relax=2.0,
+                                                   warm_start="previous")
 
 
 def denoise(den, smod, schedule, z, steps, opts):
@@ -125,12 +131,12 @@ def accuracy(args):
 
 
 def table(result):
-    lines = [f"{'method':<14}{'K':>3}{'calls':>7}{'median dB':>11}{'p10 dB':>9}{'>3dB below plain':>18}"
+    lines = [f"{'method':<26}{'K':>3}{'calls':>7}{'median dB':>11}{'p10 dB':>9}{'>3dB below plain':>18}"
              f"{'z_T std':>9}{'plain K vs K-1':>16}"]
     n = lambda v, total: "-" if v is None else f"{v}/{total}"  # noqa: E731
     for r in result["rows"]:
         total = len(r["psnr"])
-        lines.append(f"{r['name']:<14}{r['K']:>3}{r['calls']:>7}{r['median']:>11.2f}{r['p10']:>9.2f}"
+        lines.append(f"{r['name']:<26}{r['K']:>3}{r['calls']:>7}{r['median']:>11.2f}{r['p10']:>9.2f}"
                      f"{n(r['worse_3db'], total):>18}{r['z_T_std']:>9.3g}{n(r['floor_3db'], total):>16}")
     return "\n".join(lines)
 
@@ -140,7 +146,8 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, style in (("plain", "k-o"), ("renoise", "b-s"), ("avg", "g-^"), ("anderson", "r-d")):
+    for method, style in (("plain", "k-o"), ("renoise", "b-s"), ("avg", "g-^"), ("anderson", "r-d"),
+                          ("relax2", "c-x"), ("warm-anderson-relax2", "m-v")):
         rows = [r for r in result["rows"] if r["method"] == method]
         if rows:
             ax.plot([r["calls"] for r in rows], [r["median"] for r in rows], style, label=method, ms=4)

@@ -6,20 +6,26 @@ Plain iteration calls g `iters` times: z_{k+1} = g(z_k), k = 0..iters-1, and ans
 Σ_k w_k·z_{k+1} / Σ_k w_k with `weights` (ReNoise's averaging of chosen iterates). Every call of g
 sees the whole batch [B, ...]; samples are independent problems that share the calls.
 
+Over-relaxation (`relax=β`, default 1) calls g at c_{k+1} = c_k + β·(g(c_k) - c_k) instead; the
+iterates and the answer are still the g(c_k), the residuals g(c_k) - c_k. Along an eigenvector of
+g's Jacobian with eigenvalue λ < 1 the error shrinks by |1 - β(1 - λ)| a call: β ≈ 2 halves the
+calls where λ is near 1 (ReNoise's slow steps) but makes λ near 0 oscillate (|1 - β|); Anderson's
+safeguard (below) keeps those in check.
+
 Anderson mixing (`anderson=m`) keeps, per sample, the last m accepted steps ΔX_i = x_{i+1} - x_i
 and residual changes ΔF_i = f_{i+1} - f_i (f(x) = g(x) - x) and proposes, from the current point a,
 
-    γ = argmin ‖f(a) - ΔF·γ‖² + λ‖γ‖²,    x' = g(a) - s·(ΔX + ΔF)·γ,    λ = reg·tr(ΔFᵀΔF)/m,
+    γ = argmin ‖f(a) - ΔF·γ‖² + λ‖γ‖²,    x' = a + β·f(a) - s·(ΔX + β·ΔF)·γ,    λ = reg·tr(ΔFᵀΔF)/m,
 
-a trust-region step around the plain step g(a): s ≤ 1 keeps ‖s·(ΔX + ΔF)·γ‖ ≤ Δ·‖f(a)‖ with
-Δ = ω·min(1/(1 - L̂), trust), or Δ = ω where plain steps do not contract. L̂ ≤ 1 is the residual
+a trust-region step around the plain step a + β·f(a) (= g(a) at β = 1): s ≤ 1 keeps
+‖s·(ΔX + β·ΔF)·γ‖ ≤ Δ·‖f(a)‖ with Δ = ω·min(1/(1 - L̂), trust), or Δ = ω where plain steps do not contract. L̂ ≤ 1 is the residual
 ratio of that sample's last plain step, so ‖f(a)‖/(1 - L̂) is how far plain iteration would still
 travel at that rate: mixed points stay near the fixed point plain iteration is heading for instead
 of extrapolating into another basin. Acceptance
 is a ratio test, ρ = (‖f(a)‖ - ‖f(x')‖) / (‖f(a)‖ - ‖f(a) - s·ΔF·γ‖) (actual over predicted decrease):
   - ρ > 1/4: move to x' and keep the history; ω doubles when ρ > 3/4;
   - otherwise (also a non-finite g(x')): stay at a, divide ω by 4 (ω ∈ [1/16, 2], starting at 1/2),
-    drop the history, and take the plain step g(a) next (the rejected call is the price).
+    drop the history, and take the plain step a + β·f(a) next (the rejected call is the price).
 Plain steps are always taken, as in plain iteration. Each sample answers g(x) at its last
 accepted x, so z_{k+1} below means that answer after the k-th call.
 
@@ -153,14 +159,15 @@ def _check_finite(r, k):
 
 
 def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=False, indexed=False,
-            readout=None, anderson_reg=1e-6, anderson_trust=20.0, grad="unrolled", phantom_steps=None,
+            readout=None, anderson_reg=1e-6, anderson_trust=20.0, relax=1.0, grad="unrolled", phantom_steps=None,
             backward_iters=None, backward_tol=None, backward_anderson=None) -> FixedPointResult:
     """Solve z = g(z) from z0 [B, ...] with `iters` calls of g (see the module docstring).
 
     g(z) -> z_next (g(z, k) with indexed=True). With `readout`, g returns (z_next, y) with y
     [B, ...]; `weights` then average the y's and the answer is readout(ȳ) (readout(y_last) without
     weights). anderson=m > 0: safeguarded Anderson mixing with memory m, regularisation
-    `anderson_reg` and largest trust radius `anderson_trust` (in plain-step lengths).
+    `anderson_reg` and largest trust radius `anderson_trust` (in plain-step lengths). relax=β: the
+    step length of the plain (and Anderson's base) step, z + β·(g(z) - z).
     grad: "unrolled" | "implicit" | "phantom" | "none" (module docstring). phantom_steps=k: the
     calls recorded by "phantom" (k >= iters: all of them). backward_iters / backward_tol /
     backward_anderson: the implicit backward's adjoint solve (default: iters, None, anderson).
@@ -169,6 +176,8 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=F
     if not (anderson_reg >= 0 and anderson_trust > 0):
         raise ValueError(f"anderson_reg must be >= 0 and anderson_trust > 0, "
                          f"got {anderson_reg!r} and {anderson_trust!r}")
+    if isinstance(relax, bool) or not isinstance(relax, (int, float)) or not 0 < relax < float("inf"):
+        raise ValueError(f"relax (the step length β, 1: plain iteration) must be a finite number > 0, got {relax!r}")
     adjoint = _validate_grad(grad, phantom_steps, tol, iters, anderson, backward_iters, backward_tol,
                              backward_anderson)
     record = torch.is_grad_enabled() and grad != "none"
@@ -180,10 +189,10 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=F
 
     if anderson:
         value, z_last, residuals, evals, iterates = _anderson(call, z0, iters, weights, anderson, tol, keep_iterates,
-                                                              anderson_reg, anderson_trust)
+                                                              anderson_reg, anderson_trust, relax)
     else:
         value, z_last, residuals, evals, iterates = _plain(call, z0, iters, weights, tol, keep_iterates,
-                                                           readout is not None)
+                                                           readout is not None, relax)
     result = FixedPointResult(value, residuals, evals, iterates)
     with torch.set_grad_enabled(record):
         if grad == "implicit" and record:
@@ -246,13 +255,14 @@ class _Average:
         return (self.acc / sum(self.weights)).to(last.dtype)
 
 
-def _plain(call, z0, iters, weights, tol, keep_iterates, paired):
-    """-> (z̄ or ȳ, last z, residuals [evals, B], evals, iterates)."""
-    z, y, done = z0, None, None
+def _plain(call, z0, iters, weights, tol, keep_iterates, paired, relax=1.0):
+    """-> (z̄ or ȳ, last z, residuals [evals, B], evals, iterates). g is called at c: c_0 = z0,
+    c_{k+1} = c_k + relax·(g(c_k) - c_k) (= g(c_k) when relax = 1); the iterates are the g(c_k)."""
+    z, y, done, c = z0, None, None, z0
     avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
     evals = 0
     for k in range(iters):
-        out = call(z, k)
+        out = call(c, k)
         evals += 1
         if paired:
             if not isinstance(out, tuple) or len(out) != 2:
@@ -261,11 +271,13 @@ def _plain(call, z0, iters, weights, tol, keep_iterates, paired):
         else:
             z_next, y_next = out, None
         _check_output(z_next, z0, k)
-        r = rms(z_next.detach() - z.detach())
+        r = rms(z_next.detach() - c.detach())
+        c_next = z_next if relax == 1 else c + relax * (z_next - c)
         if tol is not None:
             _check_finite(r, k)
             if done is not None:
                 z_next = torch.where(_bmask(done, z), z, z_next)
+                c_next = torch.where(_bmask(done, c), c, c_next)
                 if y_next is not None:
                     y_next = torch.where(_bmask(done, y_next), y, y_next)
                 r = torch.where(done, torch.zeros_like(r), r)
@@ -273,7 +285,7 @@ def _plain(call, z0, iters, weights, tol, keep_iterates, paired):
             else:
                 done = r <= tol
         residuals.append(r)
-        z, y = z_next, y_next
+        z, y, c = z_next, y_next, c_next
         avg.add(k, y if paired else z)
         if keep_iterates:
             iterates.append(z)
@@ -326,7 +338,7 @@ _ETA = 0.25                        # accept a mixed step if it achieves this sha
 _OMEGA = (1 / 16, 1 / 2, 2.0)      # trust scale ω: smallest, initial, largest
 
 
-def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust):
+def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax=1.0):
     """-> (z̄, answer g(a), residuals [evals, B], evals, iterates)."""
     shape, B = z0.shape, z0.shape[0]
     cd = torch.promote_types(z0.dtype, torch.float32)
@@ -379,20 +391,20 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust):
         if k < iters - 1:
             reach = torch.where(rate < 1, (1 / (1 - rate).clamp_min(1e-12)).clamp(max=trust), 1.0)
             radius = omega * reach
-            c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, radius)
+            c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, radius, relax)
             c = torch.where(done[:, None], a, c)
     z = ga.reshape(shape).to(z0.dtype)
     return avg.result(z, evals), z, torch.stack(residuals), evals, iterates
 
 
-def _propose(a, ga, fa, dX, dF, valid, reg, radius):
+def _propose(a, ga, fa, dX, dF, valid, reg, radius, relax=1.0):
     """The Anderson point g(a) - s·(ΔX + ΔF)·γ for every sample ([B, N] tensors), with s ≤ 1 keeping
     the correction within radius·‖f(a)‖, and the linear model's residual there, ‖f(a) - s·ΔF·γ‖."""
     # the least squares is scaled by 1/rms(f) so that the Gram matrix stays O(1) (no denormals)
     unit = 1 / rms(fa).clamp_min(torch.finfo(fa.dtype).tiny ** 0.5)[:, None]
     mask = valid[..., None]                                        # [m, B, 1]
     F = torch.where(mask, torch.stack(dF), 0) * unit               # [m, B, N]
-    G = torch.where(mask, torch.stack(dF) + torch.stack(dX), 0) * unit   # ΔG = ΔX + ΔF
+    G = torch.where(mask, relax * torch.stack(dF) + torch.stack(dX), 0) * unit   # ΔX + β·ΔF
     gram = torch.einsum("ibn,jbn->bij", F, F).double()             # [B, m, m]
     rhs = torch.einsum("ibn,bn->bi", F, fa * unit).double()        # [B, m]
     m = gram.shape[-1]
@@ -405,7 +417,8 @@ def _propose(a, ga, fa, dX, dF, valid, reg, radius):
     corr = torch.einsum("ibn,bi->bn", G, gamma) / unit             # (ΔX + ΔF)·γ
     scale = (radius * rms(fa) / rms(corr).clamp_min(torch.finfo(fa.dtype).tiny)).clamp(max=1.0).detach()
     predicted = rms(fa - scale[:, None] * torch.einsum("ibn,bi->bn", F, gamma) / unit)
-    return ga - scale[:, None] * corr, predicted
+    base = ga if relax == 1 else a + relax * fa
+    return base - scale[:, None] * corr, predicted
 
 
 def spectral_norm(g, z, iters=20, *, seed=0) -> torch.Tensor:

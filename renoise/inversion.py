@@ -268,10 +268,11 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
     tol = None if plan.tol is None else plan.tol / smod.model_input(torch.ones(()), t, schedule)
     if weights is not None:
         res = fixed_point.iterate(g, z_start, k + 1, weights=weights, indexed=True, tol=tol,
-                                  readout=lambda e_mean: inv(R(e_mean) if reg else e_mean), grad=grad, **grad_opts)
-    else:
-        res = fixed_point.iterate(g, z_start, k + 1, indexed=True, anderson=plan.anderson, tol=tol, grad=grad,
+                                  readout=lambda e_mean: inv(R(e_mean) if reg else e_mean), relax=plan.relax, grad=grad,
                                   **grad_opts)
+    else:
+        res = fixed_point.iterate(g, z_start, k + 1, indexed=True, anderson=plan.anderson, relax=plan.relax, tol=tol,
+                                  grad=grad, **grad_opts)
     return res, inv, last["e"]
 
 

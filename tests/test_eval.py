@@ -239,6 +239,14 @@ def test_demo_run_writes_rows_summary_plots_and_resumes(model, tmp_path):
     assert json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["pairs_run"] == 3
     assert evaluate(*base, *STEPS, "--methods", "plain:iters=1") == 2
     assert evaluate(*base, "--steps", "4", "--methods", "plain") == 2
+    # a run made before a Plan field existed: the field counts as its default, so the run resumes
+    settings = json.loads((out / "run.json").read_text())
+    for plan in settings["methods"].values():
+        del plan["relax"]
+    (out / "run.json").write_text(json.dumps(settings))
+    assert evaluate(*base, *STEPS, *METHODS, "K1") == 0
+    assert json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["pairs_run"] == 0
+    assert evaluate(*base, *STEPS, "--methods", "K1:iters=1,average=false,relax=2") == 2
 
 
 def test_torn_rows_are_ignored_then_cut(tmp_path):

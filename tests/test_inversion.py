@@ -270,6 +270,27 @@ def test_warm_start_converges_faster(mixture):
     assert err["previous"] < 0.95 * err["none"], err        # measured: 1.64 against 1.89
 
 
+@pytest.mark.parametrize("kw", [dict(relax=1.5), dict(relax=2.0, anderson=3, warm_start="previous")])
+def test_relaxed_steps_reach_the_same_fixed_points(kw, mixture):
+    """relax: each iteration's model call is at z + β·(G(z) - z); the step's answer is still the last
+    G(z), so the fixed points do not move; Plan.relax reaches fixed_point.iterate."""
+    gm, x0 = mixture
+    sch, den = setup(gm, "ddim")
+    long = dict(iters=60, window=(60, 61), average=False)
+    cold = renoise.invert(den, x0, sch, "ddim", STEPS, plan("ddim", **long))
+    relaxed = renoise.invert(den, x0, sch, "ddim", STEPS, plan("ddim", **long, **kw))
+    done = (torch.stack([r[-1] for r in relaxed.residuals + cold.residuals]) < 1e-5).all(0)
+    assert done.sum() >= x0.shape[0] // 2
+    assert (relaxed.z_T - cold.z_T)[done].abs().max() < 1e-4
+    rec, seen = _recording(den)
+    short = plan("ddim", iters=1, window=(1, 2), average=False, relax=kw["relax"])
+    res = renoise.invert(rec, x0, sch, "ddim", 1, short)       # one step: G at z0, then at z0 + β(G(z0) - z0)
+    smod, (t, tn) = renoise.samplers.get("ddim"), sch.chain(1, "ddim")[0]
+    g0 = smod.inverse_step(x0, seen[0][2], t, tn, sch)
+    assert torch.allclose(seen[1][0], x0 + kw["relax"] * (g0 - x0), atol=1e-6)
+    assert torch.allclose(res.z_T, smod.inverse_step(x0, seen[1][2], t, tn, sch), atol=1e-6)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "euler_ancestral"])
 def test_tolerance_stops_each_sample_once_its_residual_is_small(sampler, mixture):
     """tol: a sample stops iterating at its first residual <= tol, measured in the model's input
@@ -317,6 +338,10 @@ def test_presets_hold_table_1():
     assert (ref.lambda_ac, ref.lambda_kl, ref.reg_rounds, ref.reg_rolls, ref.nc_steps, ref.nc_lr) == \
         (20.0, 0.065, 4, 5, 10, 1.8)
     assert turbo.replace(iters=5, window=(3, 6)).at(999) == (5, (3, 6), [0, 0, 0, 1.0, 1.0, 1.0])
+    demo, demo4 = Plan.preset("demo"), Plan.preset("demo-4")       # ours: benchmarks/quality_per_call.py
+    assert (demo.num_steps, demo.iters, demo.anderson, demo.relax, demo.tol, demo.warm_start) == \
+        (10, 9, 3, 2.0, 1e-2, "previous")
+    assert demo4 == demo.replace(name="demo-4", num_steps=4, tol=2e-2)
     assert dataclasses.replace(turbo, lambda_kl=0.0).lambda_kl == 0.0
 
 
@@ -335,6 +360,9 @@ def test_presets_hold_table_1():
     (dict(tol=-1e-3), "tol must be a finite number >= 0"),
     (dict(tol="small"), "tol must be a finite number >= 0"),
     (dict(warm_start="yes"), "warm_start must be one of none, previous"),
+    (dict(relax=0.0), "relax must be a finite number > 0"),
+    (dict(relax=float("nan")), "relax must be a finite number > 0"),
+    (dict(relax="2"), "relax must be a finite number > 0"),
 ])
 def test_inconsistent_plans_are_refused(kw, match):
     if kw.get("iters") == 3 and "first_iters" in kw:

@@ -81,7 +81,8 @@ def _convergence():
 
 def _per_call():
     """Quality per UNet call (issue 14): plain iteration at K = 1..9, Anderson, warm starts,
-    tolerance stopping and their combinations, beside plain inversion and the run's preset."""
+    tolerance stopping, over-relaxation and their combinations, beside plain inversion and the run's
+    preset."""
     warm = dict(average=False, warm_start="previous")
     grid = [_plain("plain", iters=0), _preset(RUN_PRESET)]
     grid += [_plain(f"K{k}", iters=k, average=False) for k in (1, 2, 3, 5, 9)]
@@ -91,6 +92,12 @@ def _per_call():
     grid += [_plain("warm-tol", iters=9, tol=3e-3, **warm),
              _plain("warm-anderson-tol", iters=9, anderson=3, tol=3e-3, **warm),
              _plain("warm-anderson-tol-1e-2", iters=9, anderson=3, tol=1e-2, **warm)]
+    relaxed = dict(anderson=3, relax=2.0, **warm)
+    grid += [_plain("relax2-K3", iters=3, relax=2.0, average=False),
+             _plain("warm-relax2-tol-1.5e-2", iters=9, relax=2.0, tol=1.5e-2, **warm)]
+    grid += [_plain(f"warm-anderson-relax2-K{k}", iters=k, **relaxed) for k in (2, 3)]
+    grid += [_plain(f"warm-anderson-relax2-tol-{tol}", iters=9, tol=float(tol), **relaxed)
+             for tol in ("1e-2", "1.5e-2", "2e-2", "7e-2")]
     return grid
 
 

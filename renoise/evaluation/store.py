@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from ..presets import Plan
+
 __all__ = ["write_atomic", "write_json", "LineWriter", "RowWriter", "append_line", "read_rows", "check_settings",
            "row_key"]
 
@@ -106,7 +108,9 @@ def read_rows(out) -> dict:
 
 def check_settings(out, settings: dict) -> None:
     """Write out/run.json, or check that the run already there used the same settings. Methods may
-    be added to a run (and images to its data set); a method kept under its name must keep its plan."""
+    be added to a run (and images to its data set); a method kept under its name must keep its plan
+    (a Plan field added since the run was made counts as its default)."""
+    defaults = Plan().to_dict()
     path = Path(out) / SETTINGS
     if not path.is_file():
         write_json(path, settings)
@@ -119,7 +123,7 @@ def check_settings(out, settings: dict) -> None:
             raise ValueError(f"{out} holds an evaluation made with {key} = {old.get(key)!r}, not {value!r}; "
                              "rerun with the same settings to resume it, or pass another --out")
     for name, plan in settings["methods"].items():
-        if name in old["methods"] and old["methods"][name] != plan:
+        if name in old["methods"] and {**defaults, **old["methods"][name]} != plan:
             raise ValueError(f"{out} holds rows of a method {name!r} with another plan; give the changed method "
                              "a new name, or pass another --out")
     if set(settings["methods"]) - set(old["methods"]):
