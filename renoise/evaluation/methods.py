@@ -98,6 +98,7 @@ def _per_call():
     grid += [_plain(f"warm-anderson-relax2-K{k}", iters=k, **relaxed) for k in (2, 3)]
     grid += [_plain(f"warm-anderson-relax2-tol-{tol}", iters=9, tol=float(tol), **relaxed)
              for tol in ("1e-2", "1.5e-2", "2e-2", "7e-2")]
+    grid.append(_plain("warm-anderson-relax2-K2-tol-1e-2", iters=2, tol=1e-2, **relaxed))
     return grid
 
 
