@@ -92,7 +92,7 @@ def _common(p, command):
     inv = p.add_argument_group("inversion")
     inv.add_argument("--preset", default=None,
                      help="ReNoise preset (sd14, sd15, sdxl, sdxl-turbo, lcm-lora, sdxl-turbo-reference, demo, "
-                          "demo-4); default: from the model (demo for the demo model, sdxl-turbo for SDXL with "
+                          "demo-4, demo-euler-4); default: from the model (demo for the demo model, sdxl-turbo for SDXL with "
                           "trailing steps, sdxl, sd15)")
     inv.add_argument("--sampler", choices=("ddim", "euler_ancestral", "lcm"), default=None,
                      help="the preset's unless given")
@@ -158,7 +158,8 @@ _PLAN_HELP = {
     "relax": "step length β: each iteration moves to z + β·(G(z) - z) (1: plain; 2: over-relaxed, with --anderson)",
     "tol": "stop a step's iterations once the residual (RMS change, in the model's input scale) is <= V "
            "(none: run all K+1 calls)",
-    "warm_start": "none | previous: start each step from the inverse step with the previous step's model output",
+    "warm_start": "none | previous | previous-noise: start each step from the inverse step with the previous "
+                  "step's model output (previous-noise: less the step's fresh noise, on stochastic steps)",
 }
 
 

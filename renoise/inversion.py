@@ -6,7 +6,9 @@ the inversion walks it backwards. At (t, t') with the latent z_prev at t' it sol
     z = G_t(z) = sampler.inverse_step(z_prev, R(denoiser(z, t)), t, t', noise=n_t)
 
 with `fixed_point.iterate` from z = z_prev (or, with the plan's warm_start="previous", from
-inverse_step(z_prev, e_prev), e_prev the previous step's last model output: no extra call), as the
+inverse_step(z_prev, e_prev), e_prev the previous step's last model output: no extra call; with
+"previous-noise", from inverse_step(z_prev, e_prev - c·n_t), c = the step's noise coefficient over
+x's noise level at t', which takes the fresh noise of an ancestral step out of the guess), as the
 plan says for t (renoise.presets): K + 1 model calls (K = 0: plain DDIM / Euler inversion; fewer
 per sample once the residual reaches the plan's tol), then either the last iterate or — averaging — one
 inverse step with the weighted mean of the window's *raw* model outputs (regularized when the
@@ -239,7 +241,7 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
     inverse step G_t's last model output goes through, and that last raw model output. at:
     plan.at(t), given when t is a tensor; shifts: the regularizer's shifts, one entry per call of R
     in order (_step_shifts), else drawn from `generator` as R runs. e_prev: a model output to warm
-    start from (the iteration starts at inv(e_prev) instead of z_prev; plan.warm_start)."""
+    start from (the iteration starts at inv(warm_output(e_prev)) instead of z_prev; plan.warm_start)."""
     k, (a, _), weights = plan.at(t) if at is None else at
     reg = plan.regularize
     e_ref, last = [], {}
@@ -263,7 +265,7 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
         z_next = inv(R(e) if _regularized(plan, i, a) else e)
         return (z_next, e) if weights is not None else z_next
 
-    z_start = z_prev if e_prev is None else inv(e_prev)
+    z_start = z_prev if e_prev is None else inv(_warm_output(plan, smod, schedule, opts, e_prev, noise, t, tn))
     # tol applies to the residual in the model's input scale (Euler's x is the latent times √(σ² + 1))
     tol = None if plan.tol is None else plan.tol / smod.model_input(torch.ones(()), t, schedule)
     if weights is not None:
@@ -274,6 +276,19 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
         res = fixed_point.iterate(g, z_start, k + 1, indexed=True, anderson=plan.anderson, relax=plan.relax, tol=tol,
                                   grad=grad, **grad_opts)
     return res, inv, last["e"]
+
+
+def _warm_output(plan, smod, schedule, opts, e_prev, noise, t, tn):
+    """The model output a warm start guesses for step (t, t'): e_prev, or ("previous-noise", on a
+    stochastic step) e_prev - c·n with c = noise_coeff(t, t') / (x's noise level at t'): e_prev was
+    the output at z_prev, whose noise the step's own noise n is part of (Euler-ancestral:
+    c = σ_up / σ_t')."""
+    if plan.warm_start != "previous-noise" or noise is None:
+        return e_prev
+    one = torch.ones((), dtype=torch.float64)
+    level = smod.add_noise(torch.zeros((), dtype=torch.float64), one, tn, schedule)
+    c = smod.noise_coeff(t, tn, schedule, **opts) / level
+    return e_prev - c.to(e_prev.dtype) * noise
 
 
 def _step_shifts(plan, at, like, generator):
@@ -410,7 +425,7 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
 
     z, trajectory, residuals, calls = z0, [z0], [], 0
     contraction, jacobian_norm = [], [] if jacobian_iters else None
-    e_last, warm = None, plan.warm_start == "previous"
+    e_last, warm = None, plan.warm_start != "none"
     for step_index, i in enumerate(reversed(range(len(chain)))):
         t, tn = chain[i]
         z_ref = None

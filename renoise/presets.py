@@ -31,7 +31,7 @@ from . import samplers as _samplers
 
 NOISE_CORRECTIONS = ("none", "override", "optimize")
 REFERENCE_NOISES = ("noised", "clean")
-WARM_STARTS = ("none", "previous")
+WARM_STARTS = ("none", "previous", "previous-noise")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ class Plan:
                                         √(σ² + 1)) is <= tol; K + 1 calls at most (None: always K + 1)
     warm_start                          "none": iterate from z_{t'} (the paper); "previous": from
                                         inverse_step(z_{t'}, e_prev), e_prev the previous step's last model
-                                        output (no extra call; the first step starts from z_{t'})
+                                        output (no extra call; the first step starts from z_{t'});
+                                        "previous-noise": the same with the step's fresh noise taken out
+                                        of e_prev on stochastic steps (renoise.inversion._warm_output)
     """
 
     name: str = "custom"
@@ -229,15 +231,20 @@ PRESETS = {
                                  lambda_ac=20.0, lambda_kl=0.065, reg_rounds=4, reg_rolls=5,
                                  noise_correction="optimize", nc_steps=10, nc_lr=1.8),
     # renoise's own demo model (renoise.demo): DDIM, 10 steps; each step warm-started from the previous
-    # step's model output, Anderson mixing (m = 3) around over-relaxed steps (relax = 2), stopped at
+    # step's model output (less the step's fresh noise, for stochastic samplers), Anderson mixing (m = 3) around over-relaxed steps (relax = 2), stopped at
     # residual 1e-2 or 10 calls: K = 9's reconstruction with 15 calls instead of 100 (51 instead of 500
     # at 50 steps) on held-out scenes (benchmarks/quality_per_call.py, benchmarks/RESULTS.md)
     "demo": Plan(name="demo", sampler="ddim", num_steps=10, iters=9, window=(9, 10), average=False, anderson=3,
-                 relax=2.0, tol=1e-2, warm_start="previous"),
+                 relax=2.0, tol=1e-2, warm_start="previous-noise"),
     # the same at 4 DDIM steps, stopped at residual 2e-2: K = 9's reconstruction with 11 calls instead of 40
     # (a looser tol than demo's loses reconstruction at 50 steps, so it is a preset of its own)
     "demo-4": Plan(name="demo-4", sampler="ddim", num_steps=4, iters=9, window=(9, 10), average=False, anderson=3,
-                   relax=2.0, tol=2e-2, warm_start="previous"),
+                   relax=2.0, tol=2e-2, warm_start="previous-noise"),
+    # and Euler-ancestral at 4 steps with noise correction (SDXL-Turbo's sampler): at most 3 calls a
+    # step; K = 9's reconstruction with 14 calls instead of 43 (noise correction's 3 included)
+    "demo-euler-4": Plan(name="demo-euler-4", sampler="euler_ancestral", num_steps=4, iters=2, window=(2, 3),
+                         average=False, anderson=3, relax=2.0, tol=1e-2, warm_start="previous-noise",
+                         noise_correction="optimize"),
 }
 
 

@@ -258,6 +258,33 @@ def test_warm_start_starts_from_the_previous_model_output(sampler, mixture):
     assert (warm.z_T - cold.z_T)[done].abs().max() < 1e-4
 
 
+def test_warm_start_less_the_fresh_noise(mixture):
+    """warm_start="previous-noise": on an Euler-ancestral step the first call is at
+    inverse_step(z_prev, e_prev - (σ_up / σ_t')·n); on deterministic DDIM steps it is "previous",
+    bit for bit."""
+    gm, x0 = mixture
+    sch, den = setup(gm, "euler_ancestral")
+    p = plan("euler_ancestral", iters=2, window=(2, 3), average=False, warm_start="previous-noise")
+    rec, seen = _recording(den)
+    drawn = torch.randn(STEPS, *x0.shape, generator=torch.Generator().manual_seed(3))
+    res = renoise.invert(rec, x0, sch, "euler_ancestral", STEPS, p, noises=drawn)
+    smod = renoise.samplers.get("euler_ancestral")
+    chain = sch.chain(STEPS, "euler_ancestral")
+    for s in range(1, STEPS):
+        i = len(chain) - 1 - s
+        t, tn = chain[i]
+        e_prev = seen[3 * s - 1][2]
+        sg, sn = float(sch.sig(t)), float(sch.sig(tn))
+        up = (sn**2 * (sg**2 - sn**2) / sg**2) ** 0.5
+        want = smod.inverse_step(res.trajectory[s], e_prev - up / sn * drawn[i], t, tn, sch, noise=drawn[i])
+        assert torch.allclose(seen[3 * s][0], want, atol=1e-5), s
+    sch, den = setup(gm, "ddim")
+    kw = dict(iters=2, window=(2, 3), average=False)
+    a = renoise.invert(den, x0, sch, "ddim", STEPS, plan("ddim", warm_start="previous", **kw))
+    b = renoise.invert(den, x0, sch, "ddim", STEPS, plan("ddim", warm_start="previous-noise", **kw))
+    assert torch.equal(a.z_T, b.z_T) and a.model_calls == b.model_calls
+
+
 def test_warm_start_converges_faster(mixture):
     gm, x0 = mixture
     sch, den = setup(gm, "ddim")
@@ -340,8 +367,10 @@ def test_presets_hold_table_1():
     assert turbo.replace(iters=5, window=(3, 6)).at(999) == (5, (3, 6), [0, 0, 0, 1.0, 1.0, 1.0])
     demo, demo4 = Plan.preset("demo"), Plan.preset("demo-4")       # ours: benchmarks/quality_per_call.py
     assert (demo.num_steps, demo.iters, demo.anderson, demo.relax, demo.tol, demo.warm_start) == \
-        (10, 9, 3, 2.0, 1e-2, "previous")
+        (10, 9, 3, 2.0, 1e-2, "previous-noise")
     assert demo4 == demo.replace(name="demo-4", num_steps=4, tol=2e-2)
+    assert Plan.preset("demo-euler-4") == demo.replace(name="demo-euler-4", sampler="euler_ancestral", num_steps=4,
+                                                       iters=2, window=(2, 3), noise_correction="optimize")
     assert dataclasses.replace(turbo, lambda_kl=0.0).lambda_kl == 0.0
 
 
@@ -359,7 +388,7 @@ def test_presets_hold_table_1():
     (dict(lambda_ac=-1.0), "lambda_ac"),
     (dict(tol=-1e-3), "tol must be a finite number >= 0"),
     (dict(tol="small"), "tol must be a finite number >= 0"),
-    (dict(warm_start="yes"), "warm_start must be one of none, previous"),
+    (dict(warm_start="yes"), "warm_start must be one of none, previous, previous-noise"),
     (dict(relax=0.0), "relax must be a finite number > 0"),
     (dict(relax=float("nan")), "relax must be a finite number > 0"),
     (dict(relax="2"), "relax must be a finite number > 0"),

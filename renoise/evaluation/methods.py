@@ -99,6 +99,11 @@ def _per_call():
     grid += [_plain(f"warm-anderson-relax2-tol-{tol}", iters=9, tol=float(tol), **relaxed)
              for tol in ("1e-2", "1.5e-2", "2e-2", "7e-2")]
     grid.append(_plain("warm-anderson-relax2-K2-tol-1e-2", iters=2, tol=1e-2, **relaxed))
+    noisy = dict(relaxed, warm_start="previous-noise")        # = warm-* on deterministic steps
+    for tol in ("1e-2", "2e-2"):
+        grid += [_plain(f"warmnoise-anderson-relax2-tol-{tol}", iters=9, tol=float(tol), **noisy),
+                 _plain(f"warmnoise-anderson-relax2-K2-tol-{tol}", iters=2, tol=float(tol), **noisy)]
+    grid.append(_plain("warmnoise-K2", iters=2, average=False, warm_start="previous-noise"))
     return grid
 
 
