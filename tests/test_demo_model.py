@@ -121,10 +121,24 @@ def test_shape_edit_turns_circles_into_squares(pipe):
 
 def test_demo_preset_matches_k9_with_a_third_of_its_calls(pipe):
     """Issue 14's goal at the demo preset's 10 DDIM steps: plain K = 9's median reconstruction with
-    at most a third of its UNet calls (warm start, Anderson, tolerance stopping)."""
+    at most a third of its UNet calls (warm start, Anderson, relax, tolerance stopping)."""
     k9 = Plan(name="K9", sampler="ddim", num_steps=10, iters=9, window=(9, 10), average=False)
     a = evaluate.reconstruction(pipe, k9, 8, sampler="ddim", num_steps=10)
     b = evaluate.reconstruction(pipe, "demo", 8)
     assert b["calls"] <= a["calls"] / 3, (a["calls"], b["calls"])       # the batch's calls: its slowest sample's
+    assert b["psnr"].median() >= a["psnr"].median() - 0.1, (a["psnr"], b["psnr"])
+    assert b["latent_psnr"].median() >= a["latent_psnr"].median(), (a["latent_psnr"], b["latent_psnr"])
+
+
+@pytest.mark.parametrize("preset", ["demo-4", "demo-euler-4"])
+def test_four_step_presets_match_k9_with_a_third_of_its_calls(pipe, preset):
+    """The same goal at 4 steps: DDIM (demo-4) and Euler-ancestral with noise correction
+    (demo-euler-4), each image's calls against K = 9's (noise correction's calls included)."""
+    plan = Plan.preset(preset)
+    k9 = plan.replace(name="K9", iters=9, window=(9, 10), anderson=0, relax=1.0, tol=None, warm_start="none")
+    a = evaluate.reconstruction(pipe, k9, 8)
+    b = evaluate.reconstruction(pipe, plan, 8)
+    assert (a["sample_calls"] == a["calls"]).all() and a["calls"] == 40 + 3 * (plan.noise_correction != "none")
+    assert b["sample_calls"].float().median() <= a["calls"] / 3, (a["calls"], b["sample_calls"])
     assert b["psnr"].median() >= a["psnr"].median() - 0.1, (a["psnr"], b["psnr"])
     assert b["latent_psnr"].median() >= a["latent_psnr"].median(), (a["latent_psnr"], b["latent_psnr"])
