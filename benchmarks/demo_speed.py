@@ -1,15 +1,18 @@
 """Seconds per image at equal reconstruction on the demo model: renoise against the official loop.
 
-    python benchmarks/demo_speed.py [--images 16] [--configs ddim:10 ddim:4] [--out benchmarks/out/demo_speed.json]
+    python benchmarks/demo_speed.py [--images 16] [--configs ddim:10 ddim:4 euler_ancestral:4]
+                                    [--out benchmarks/out/demo_speed.json]
 
-The demo model's held-out scenes, one image at a time (the official loop is batch-1), DDIM. The
-official ReNoise algorithm written against diffusers (benchmarks/official_renoise.py) runs on
-diffusers' UNet2DConditionModel loaded from the demo folder with K = 9 (the last iterate, no
-regularizer: the paper's best reconstruction); renoise runs the same plan, its preset for the
-step count (`demo` at 10 steps, `demo-4` at 4: warm start, Anderson m = 3 with relax 2, tolerance
-1e-2 / 2e-2, up to 9 iterations; other step counts: `demo` with their steps), and plain inversion. Every
-method reconstructs with our sampler and UNet; the table gives seconds per inversion (median),
-UNet calls, and median image / latent PSNR of the reconstruction. Prints a table, writes JSON.
+The demo model's held-out scenes, one image at a time (the official loop is batch-1), DDIM, or
+Euler-ancestral with noise correction (optimize) as the paper runs SDXL-Turbo. The official ReNoise
+algorithm written against diffusers (benchmarks/official_renoise.py) runs on diffusers'
+UNet2DConditionModel loaded from the demo folder with K = 9 (the last iterate, no regularizer: the
+paper's best reconstruction); renoise runs the same plan, its preset for the setting (`demo` at 10
+DDIM steps, `demo-4` at 4, `demo-euler-4` for Euler-ancestral at 4; otherwise `demo` with the
+setting's sampler and steps), and plain inversion. Every method reconstructs with our sampler and
+UNet, from its own z_T and noises; the table gives seconds per inversion (median, encoding the
+image and the caption included for every method), UNet calls (noise correction's included), and
+median image / latent PSNR of the reconstruction. Prints a table, writes JSON.
 """
 from __future__ import annotations
 
@@ -34,18 +37,27 @@ from renoise.pipeline import Editor, decode_latents, encode_images, encode_promp
 from renoise.presets import Plan  # noqa: E402
 
 
+PRESETS = {("ddim", 4): "demo-4", ("euler_ancestral", 4): "demo-euler-4"}
+
+
+def gen():
+    """The noises of stochastic steps (renoise draws its own; the official loop's come from its seed)."""
+    return torch.Generator().manual_seed(0)
+
+
 def plans(sampler, steps):
-    preset = "demo-4" if steps == 4 else "demo"
-    base = dict(sampler=sampler, num_steps=steps, average=False)
+    nc = "none" if sampler == "ddim" else "optimize"
+    preset = PRESETS.get((sampler, steps), "demo")
+    base = dict(sampler=sampler, num_steps=steps, average=False, noise_correction=nc)
     return {"plain inversion": Plan(name="plain", **base),
             "ReNoise K=9": Plan(name="K9", iters=9, window=(9, 10), **base),
-            f"preset {preset}": Plan.preset(preset).replace(num_steps=steps)}
+            f"preset {preset}": Plan.preset(preset).replace(sampler=sampler, num_steps=steps, noise_correction=nc)}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=16)
-    p.add_argument("--configs", nargs="+", default=["ddim:10", "ddim:4"])
+    p.add_argument("--configs", nargs="+", default=["ddim:10", "ddim:4", "euler_ancestral:4"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/demo_speed.json"))
     a = p.parse_args(argv)
@@ -68,19 +80,22 @@ def main(argv=None):
                 x = render_tensor([s])
                 with torch.no_grad():
                     if plan is None:
+                        t0 = time.perf_counter()        # encoding included, as in Editor.invert
                         z0 = encode_images(pipe, x, sample=False)
                         cond = encode_prompts(pipe, [s.caption], size=tuple(x.shape[-2:]))
                         net = official.diffusers_net(theirs, cond.context)
-                        t0 = time.perf_counter()
-                        traj, noises, n = official.invert(net, sched, z0, torch.Generator().manual_seed(0), K=9,
-                                                          K_first_max=9, avg_first=(9, 10), avg_main=(9, 10),
-                                                          average=False, reg=None, nc=None)
+                        with torch.enable_grad():       # its noise correction optimises with autograd
+                            traj, noises, n = official.invert(net, sched, z0, torch.Generator().manual_seed(0), K=9,
+                                                              K_first_max=9, avg_first=(9, 10), avg_main=(9, 10),
+                                                              average=False, reg=None,
+                                                              nc=None if sampler == "ddim" else "optimize")
                         secs.append(time.perf_counter() - t0)
-                        inv = editor.invert(x, s.caption, sample_posterior=False)     # for its chain and noises
+                        inv = editor.invert(x, s.caption, sample_posterior=False, generator=gen())     # for its chain
                         inv.result.z_T = traj[-1]
+                        inv.result.noises = [None if v is None else v.to(z0) for v in noises]
                     else:
                         t0 = time.perf_counter()
-                        inv = editor.invert(x, s.caption, sample_posterior=False)
+                        inv = editor.invert(x, s.caption, sample_posterior=False, generator=gen())
                         secs.append(time.perf_counter() - t0)
                         z0, n = inv.z0, inv.result.model_calls
                     z, _ = editor.reconstruct_latents(inv)
