@@ -18,11 +18,11 @@ and residual changes ΔF_i = f_{i+1} - f_i (f(x) = g(x) - x) and proposes, from 
     γ = argmin ‖f(a) - ΔF·γ‖² + λ‖γ‖²,    x' = a + β·f(a) - s·(ΔX + β·ΔF)·γ,    λ = reg·tr(ΔFᵀΔF)/m,
 
 a trust-region step around the plain step a + β·f(a) (= g(a) at β = 1): s ≤ 1 keeps
-‖s·(ΔX + β·ΔF)·γ‖ ≤ Δ·‖f(a)‖ with Δ = ω·min(1/(1 - L̂), trust), or Δ = ω where plain steps do not contract. L̂ ≤ 1 is the residual
-ratio of that sample's last plain step, so ‖f(a)‖/(1 - L̂) is how far plain iteration would still
-travel at that rate: mixed points stay near the fixed point plain iteration is heading for instead
-of extrapolating into another basin. Acceptance
-is a ratio test, ρ = (‖f(a)‖ - ‖f(x')‖) / (‖f(a)‖ - ‖f(a) - s·ΔF·γ‖) (actual over predicted decrease):
+‖s·(ΔX + β·ΔF)·γ‖ ≤ Δ·‖f(a)‖ with Δ = ω·min(1/(1 - L̂), trust), or Δ = ω where plain steps do not
+contract. L̂ ≤ 1 is the residual ratio of that sample's last plain step, so ‖f(a)‖/(1 - L̂) is how
+far plain iteration would still travel at that rate: mixed points stay near the fixed point plain
+iteration is heading for instead of extrapolating into another basin. Acceptance is a ratio
+test, ρ = (‖f(a)‖ - ‖f(x')‖) / (‖f(a)‖ - ‖f(a) - s·ΔF·γ‖) (actual over predicted decrease):
   - ρ > 1/4: move to x' and keep the history; ω doubles when ρ > 3/4;
   - otherwise (also a non-finite g(x')): stay at a, divide ω by 4 (ω ∈ [1/16, 2], starting at 1/2),
     drop the history, and take the plain step a + β·f(a) next (the rejected call is the price).
@@ -398,8 +398,9 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
 
 
 def _propose(a, ga, fa, dX, dF, valid, reg, radius, relax=1.0):
-    """The Anderson point g(a) - s·(ΔX + ΔF)·γ for every sample ([B, N] tensors), with s ≤ 1 keeping
-    the correction within radius·‖f(a)‖, and the linear model's residual there, ‖f(a) - s·ΔF·γ‖."""
+    """The Anderson point a + β·f(a) - s·(ΔX + β·ΔF)·γ (β = relax; g(a) - s·(ΔX + ΔF)·γ at β = 1) for
+    every sample ([B, N] tensors), with s ≤ 1 keeping the correction within radius·‖f(a)‖, and the
+    linear model's residual there, ‖f(a) - s·ΔF·γ‖."""
     # the least squares is scaled by 1/rms(f) so that the Gram matrix stays O(1) (no denormals)
     unit = 1 / rms(fa).clamp_min(torch.finfo(fa.dtype).tiny ** 0.5)[:, None]
     mask = valid[..., None]                                        # [m, B, 1]

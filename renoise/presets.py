@@ -231,9 +231,10 @@ PRESETS = {
                                  lambda_ac=20.0, lambda_kl=0.065, reg_rounds=4, reg_rolls=5,
                                  noise_correction="optimize", nc_steps=10, nc_lr=1.8),
     # renoise's own demo model (renoise.demo): DDIM, 10 steps; each step warm-started from the previous
-    # step's model output (less the step's fresh noise, for stochastic samplers), Anderson mixing (m = 3) around over-relaxed steps (relax = 2), stopped at
-    # residual 1e-2 or 10 calls: K = 9's reconstruction with 15 calls instead of 100 (51 instead of 500
-    # at 50 steps) on held-out scenes (benchmarks/quality_per_call.py, benchmarks/RESULTS.md)
+    # step's model output (less the step's fresh noise, for stochastic samplers), Anderson mixing
+    # (m = 3) around over-relaxed steps (relax = 2), stopped at residual 1e-2 or 10 calls: K = 9's
+    # reconstruction with 15 calls instead of 100 (51 instead of 500 at 50 steps) on held-out scenes
+    # (benchmarks/quality_per_call.py, benchmarks/RESULTS.md)
     "demo": Plan(name="demo", sampler="ddim", num_steps=10, iters=9, window=(9, 10), average=False, anderson=3,
                  relax=2.0, tol=1e-2, warm_start="previous-noise"),
     # the same at 4 DDIM steps, stopped at residual 2e-2: K = 9's reconstruction with 11 calls instead of 40
