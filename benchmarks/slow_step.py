@@ -42,16 +42,6 @@ def flat(z):
     return z.flatten(1)
 
 
-def plain(G, z0, n, beta=1.0):
-    """c_{k+1} = c_k + β(G(c_k) - c_k); answers G(c_k)."""
-    c, out = z0, []
-    for _ in range(n):
-        g = G(c)
-        out.append(g)
-        c = c + beta * (g - c)
-    return out
-
-
 def heavy_ball(G, z0, n, beta=2.5, mu=0.4):
     """c_{k+1} = c_k + β(G(c_k) - c_k) + μ(c_k - c_{k-1})."""
     c, prev, out = z0, z0, []
@@ -149,12 +139,13 @@ def newton_krylov(G, z0, n, inner=3, eps=1e-3):
 
 
 def ours(G, z0, n, **kw):
-    return [iterate(G, z0, k, **kw).z for k in range(1, n + 1)]
+    """renoise.fixed_point.iterate, n calls: its answer after each call."""
+    return iterate(G, z0, n, keep_iterates=True, **kw).iterates
 
 
 SOLVERS = {
-    "plain iteration": lambda G, z, n: plain(G, z, n),
-    "relax 2 (renoise)": lambda G, z, n: plain(G, z, n, 2.0),
+    "plain iteration": lambda G, z, n: ours(G, z, n),
+    "relax 2 (renoise)": lambda G, z, n: ours(G, z, n, relax=2.0),
     "safeguarded Anderson m=3 (renoise)": lambda G, z, n: ours(G, z, n, anderson=3),
     "safeguarded Anderson m=3, relax 2 (renoise)": lambda G, z, n: ours(G, z, n, anderson=3, relax=2.0),
     "textbook Anderson II m=3": lambda G, z, n: anderson_textbook(G, z, n, 3),

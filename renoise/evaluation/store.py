@@ -110,12 +110,12 @@ def check_settings(out, settings: dict) -> None:
     """Write out/run.json, or check that the run already there used the same settings. Methods may
     be added to a run (and images to its data set); a method kept under its name must keep its plan
     (a Plan field added since the run was made counts as its default)."""
-    defaults = Plan().to_dict()
     path = Path(out) / SETTINGS
     if not path.is_file():
         write_json(path, settings)
         return
     old = json.loads(path.read_text())
+    defaults = Plan().to_dict()
     for key, value in settings.items():
         if key == "methods":
             continue
