@@ -12,14 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from renoise.demo import evaluate  # noqa: E402
 from renoise.models import load_pipeline  # noqa: E402

@@ -5,7 +5,7 @@
 
 The demo model's held-out scenes, one image at a time (the official loop is batch-1), DDIM, or
 Euler-ancestral with noise correction (optimize) as the paper runs SDXL-Turbo. The official ReNoise
-algorithm written against diffusers (benchmarks/official_renoise.py) runs on diffusers'
+algorithm written against diffusers (tests/official_renoise.py) runs on diffusers'
 UNet2DConditionModel loaded from the demo folder with K = 9 (the last iterate, no regularizer: the
 paper's best reconstruction); renoise runs the same plan, its preset for the setting (`demo` at 10
 DDIM steps, `demo-4` at 4, `demo-euler-4` for Euler-ancestral at 4; otherwise `demo` with the
@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # test helpers and the official-loop oracle (tests/), not the repo root
 
-from benchmarks import official_renoise as official  # noqa: E402
+import official_renoise as official  # noqa: E402
 from renoise import metrics  # noqa: E402
 from renoise.demo import MODEL_DIR, held_out, render_tensor  # noqa: E402
 from renoise.models import load_pipeline  # noqa: E402

@@ -36,7 +36,7 @@ done
 
 if [ "${1:-}" = "--check" ]; then
     bash -n "$0" || exit 1
-    for s in benchmarks/inversion.py benchmarks/unet.py benchmarks/loading.py benchmarks/kernels.py; do
+    for s in benchmarks/inversion.py benchmarks/unet.py benchmarks/loading.py benchmarks/fused_kernels.py; do
         "$PY" "$s" --help >/dev/null || { echo "gpu.sh --check: $s --help failed" >&2; exit 1; }
     done
     "$PY" -m pytest --collect-only -q tests/test_speed.py -k cuda >/dev/null || { echo "gpu.sh --check: collect failed" >&2; exit 1; }
@@ -80,7 +80,7 @@ step() {   # step NAME LIMIT_SECONDS COMMAND...: runs with the limit cut to the 
 step "CUDA tests" 100 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_speed.py tests/test_kernels.py -k "cuda or test_kernels"
 step "SDXL-Turbo inversion" 230 "$PY" benchmarks/inversion.py --part speed --size sdxl-turbo --device cuda \
     --dtype float16 --compile compile cuda-graphs --repeats 3 --budget 150 --out "$OUT"
-step "kernels" 40 "$PY" benchmarks/kernels.py --json "$OUT/kernels.json"
+step "kernels" 40 "$PY" benchmarks/fused_kernels.py --json "$OUT/kernels.json"
 step "loading" 40 "$PY" benchmarks/loading.py --targets float16:cuda --modes warm --json "$OUT/loading_gpu.json"
 step "UNet pass, eager" 60 "$PY" benchmarks/unet.py --cases sd15-cuda-512 sdxlturbo-cuda-512 --batch 1 2 \
     --dtypes float16 bfloat16 --no-load --reps 20 --json "$OUT/unet_gpu_eager.json"

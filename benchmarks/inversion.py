@@ -27,7 +27,7 @@ z_t is, so reconstruction PSNR would no longer measure the fixed-point solve
 into benchmarks/out/.
 
 Part two (`--part speed`): seconds per image of renoise.invert against the official ReNoise loop
-written against diffusers (benchmarks/official_renoise.py), on one set of random UNet weights loaded
+written against diffusers (tests/official_renoise.py), on one set of random UNet weights loaded
 into both, same conditioning, latent and seeds; with the results' agreement (see `speed`).
 
     python benchmarks/inversion.py                       # DDIM, 64 samples
@@ -217,7 +217,7 @@ def speed(args):
     One set of random UNet weights (tiny SDXL-like, or the SDXL-Turbo config) is saved with
     save_pretrained and loaded into diffusers' UNet2DConditionModel and into renoise's UNet. The same
     conditioning, latent and generator seed go to (a) the official loop on diffusers
-    (benchmarks/official_renoise.py, the reference's SDXL-Turbo defaults), (b) renoise.invert with the
+    (tests/official_renoise.py, the reference's SDXL-Turbo defaults), (b) renoise.invert with the
     sdxl-turbo-reference preset on our UNet (through renoise.pipeline.GuidedDenoiser, as the Editor
     calls it), (c) the same on diffusers' UNet (solver speed alone), (d) with --compile MODE..., every
     inversion step as one compiled region (renoise.speed; compiled in the untimed first run) and
@@ -234,10 +234,9 @@ def speed(args):
 
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()
-    root = Path(__file__).resolve().parents[1]
-    sys.path[:0] = [str(root), str(root / "tests")]
-    from benchmarks import official_renoise as official
-    from benchmarks.unet import exact_rss, peak_since, reset_peak
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # the official-loop oracle
+    import official_renoise as official
+    from unet import exact_rss, peak_since, reset_peak                    # benchmarks/unet.py, a sibling
     from renoise.pipeline import Conditioning, GuidedDenoiser
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

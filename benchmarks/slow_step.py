@@ -22,14 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
 
 from renoise import samplers  # noqa: E402
 from renoise.demo import held_out, render_tensor  # noqa: E402

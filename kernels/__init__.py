@@ -9,6 +9,11 @@ Off by default: a kernel is switched on by default only once a GPU measurement
 (benchmarks/gpu.sh) shows that it beats both eager PyTorch and inductor. Inside torch.compile the
 switch is ignored (inductor fuses these operations itself).
 """
+
+if __name__ != "renoise.kernels":      # imported as a bare `kernels` from a clone's root
+    from renoise._clone_guard import step_aside
+    step_aside(__name__, __file__)
+
 import os
 
 import torch

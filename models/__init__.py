@@ -2,6 +2,11 @@
 
 Imported as `renoise.models`. Names load on first use, so importing the package is cheap.
 """
+
+if __name__ != "renoise.models":      # imported as a bare `models` from a clone's root
+    from renoise._clone_guard import step_aside
+    step_aside(__name__, __file__)
+
 import importlib
 
 _EXPORTS = {

@@ -1,7 +1,7 @@
 """renoise.invert / renoise.sample against a plain loop-by-loop implementation of
 REFERENCE-BEHAVIOUR.md, on a tiny random diffusers UNet with diffusers' own schedulers.
 
-The oracle is benchmarks/official_renoise.py (the official algorithm written against diffusers,
+The oracle is tests/official_renoise.py (the official algorithm written against diffusers,
 also the baseline of benchmarks/inversion.py --part speed), written from the reference description,
 not from renoise: diffusers' scheduler tables with hand-written inverse steps, the reference's
 running mean, a per-channel autograd regularizer loop, and noise correction by torch.optim.SGD.
@@ -13,10 +13,9 @@ import pytest
 import torch
 from tiny_models import make_tiny_unet
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root: `benchmarks` is a package there
 
 import renoise  # noqa: E402
-from benchmarks import official_renoise as official  # noqa: E402
+import official_renoise as official  # noqa: E402
 from renoise.presets import Plan  # noqa: E402
 from renoise.schedules import Schedule  # noqa: E402
 

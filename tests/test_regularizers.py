@@ -1,5 +1,5 @@
 """Edit-enhancement regularizers against plain per-channel loop references (REFERENCE-BEHAVIOUR.md);
-the whole regularizer against the official algorithm's (benchmarks/official_renoise.py)."""
+the whole regularizer against the official algorithm's (tests/official_renoise.py)."""
 import sys
 from pathlib import Path
 
@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from renoise import regularizers as R
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root: `benchmarks` is a package there
-from benchmarks import official_renoise as official  # noqa: E402
+import official_renoise as official  # noqa: E402
 
 
 # ---------------------------------------------------------------- loop references (batch 1, [C, H, W])

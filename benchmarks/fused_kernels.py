@@ -5,7 +5,7 @@ group_norm_silu on the activations of SD 1.5's resnet blocks at 512 px, batch 2 
 error against the fp32 reference, and the verdict: a kernel "wins" only where it beats both eager
 and the compiled reference. Prints a table and writes JSON (benchmarks/out/kernels.json or --json).
 
-    python benchmarks/kernels.py
+    python benchmarks/fused_kernels.py
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py times GPU kernels: no CUDA device here "
+        raise SystemExit("benchmarks/fused_kernels.py times GPU kernels: no CUDA device here "
                          "(the kernels' CPU check is tests/test_kernels.py under TRITON_INTERPRET=1)")
     from renoise.kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
     compiled = torch.compile(group_norm_silu_reference, dynamic=False)
