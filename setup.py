@@ -36,14 +36,14 @@ setup(
     package_dir=package_dir(),
     package_data={"renoise.demo": ["MODEL_CARD.md", "weights/*.json", "weights/*.md", "weights/*.png",
                                    "weights/*/*.json", "weights/*/*.txt", "weights/*/*.safetensors"]},
-    install_requires=[
-        "torch>=2.1",
-        "numpy",
-        "einops",
-        "safetensors",
-        "huggingface-hub",
-        "tqdm",
-        "pillow",
+    install_requires=[          # minimums tested by .ci/minimums (pinned in .ci/minimums.txt)
+        "torch>=2.13",
+        "numpy>=1.26.4",
+        "einops>=0.7",
+        "safetensors>=0.4.3",
+        "huggingface-hub>=0.34.4",
+        "tqdm>=4.66.1",
+        "pillow>=10.1",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "diffusers", "transformers", "peft", "matplotlib",
