@@ -164,6 +164,11 @@ class CLIPTokenizer:
         """Token ids of one text, without BOS/EOS, truncation or padding."""
         if not isinstance(text, str):
             raise TypeError(f"expected a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"prompt {text!r} is not valid text: it holds bytes that are not UTF-8 (lone "
+                             "surrogates); write it in UTF-8") from None
         ids = []
         for raw, special in self._split(text, self._raw_specials):
             if special:
@@ -176,6 +181,18 @@ class CLIPTokenizer:
                     for piece in pretokenize(segment):
                         ids.extend(self._bpe(piece))
         return ids
+
+    def decode(self, ids) -> str:
+        """Text of token ids (special tokens dropped, words separated by one space); `encode`'s
+        inverse up to text cleaning."""
+        if not hasattr(self, "_inverse"):
+            self._inverse = {i: t for t, i in self.vocab.items()}
+            self._byte_of = {c: b for b, c in _BYTE_CHARS.items()}
+        specials = set(self.added.values())
+        chars = "".join(self._inverse.get(int(i), "") for i in ids if int(i) not in specials)
+        words = [bytes(self._byte_of[c] for c in w if c in self._byte_of).decode("utf-8", errors="replace")
+                 for w in chars.split("</w>")]
+        return " ".join(w for w in words if w)
 
     def __call__(self, texts, max_length: int | None = None) -> torch.LongTensor:
         """[B, max_length]: BOS, the first max_length-2 ids, EOS, then padding."""

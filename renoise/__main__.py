@@ -100,7 +100,7 @@ def _common(p, command):
                      help="number of inversion (and denoising) steps (the preset's unless given)")
     inv.add_argument("--guidance", type=float, default=None, metavar="G",
                      help="inversion guidance scale, <= 1: no CFG (the preset's unless given)")
-    inv.add_argument("--strength", type=float, default=1.0, metavar="S",
+    inv.add_argument("--strength", type=float, default=None, metavar="S",
                      help="invert only the last int(S*steps) steps, 0 < S <= 1 (default: 1)")
     inv.add_argument("--eta", type=float, default=None, help="DDIM eta (> 0 makes DDIM stochastic)")
     inv.add_argument("--clip-skip", type=int, default=None, metavar="N", help="skip the last N text-encoder layers")
@@ -260,13 +260,37 @@ class Staging:
         return self.dir / name
 
     def commit(self):
-        self.out.mkdir(parents=True, exist_ok=True)
+        """All or nothing: a new --out is the staged folder renamed; in an existing one each file it
+        replaces is first moved aside, and any failure moves everything back before it is raised."""
         umask = os.umask(0)
         os.umask(umask)
-        for name in self.names:
-            if (self.dir / name).exists():
-                os.chmod(self.dir / name, 0o666 & ~umask)
+        names = [n for n in dict.fromkeys(self.names) if (self.dir / n).exists()]
+        for name in names:
+            os.chmod(self.dir / name, 0o666 & ~umask)
+        if not self.out.exists():
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.dir, 0o777 & ~umask)
+            os.rename(self.dir, self.out)
+            return
+        old = Path(tempfile.mkdtemp(prefix=".renoise-partial-", dir=self.out.parent))
+        aside, moved = [], []
+        try:
+            for name in names:
+                if (self.out / name).exists():
+                    os.replace(self.out / name, old / name)
+                    aside.append(name)
                 os.replace(self.dir / name, self.out / name)
+                moved.append(name)
+        except BaseException:
+            for name in moved:
+                with contextlib.suppress(OSError):
+                    os.replace(self.out / name, self.dir / name)
+            for name in aside:
+                with contextlib.suppress(OSError):
+                    os.replace(old / name, self.out / name)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
 
     def discard(self):
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -352,6 +376,7 @@ def run(args) -> dict:
     # -- check everything that can be checked before loading the model ------------------------
     size = _parse_size(args.size)
     overrides = _plan_overrides(args)
+    _check_values(args)
     for flag, value, low in (("--steps", args.steps, 1), ("--clip-skip", args.clip_skip, 0)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
@@ -373,6 +398,7 @@ def run(args) -> dict:
             raise UsageError(f"--image gives {images.shape[0]} image(s) of {images.shape[2]}x{images.shape[3]} but "
                              f"the inversion holds {loaded.batch} of {loaded.size[0]}x{loaded.size[1]}")
         loaded.check_num_steps(args.steps)
+        _check_against_inversion(args, loaded, overrides, inversion_file)
     lora = args.lora or (loaded.extra.get("lora") if loaded is not None else None)   # as when inverted
     if lora and not Path(lora).exists():
         raise FileNotFoundError(f"LoRA file not found: {lora}")
@@ -414,7 +440,8 @@ def run(args) -> dict:
             from .presets import for_model
             preset = args.preset or for_model(pipe, args.model)
             editor = Editor(pipe, preset, sampler=args.sampler, num_steps=args.steps, guidance_scale=args.guidance,
-                            strength=args.strength, clip_skip=args.clip_skip, plan_overrides=overrides,
+                            strength=1.0 if args.strength is None else args.strength, clip_skip=args.clip_skip,
+                            plan_overrides=overrides,
                             sampler_opts={"eta": args.eta} if args.eta is not None else None, compile=args.compile)
             n = editor.plan.num_steps
             t0 = time.perf_counter()
@@ -482,6 +509,75 @@ def run(args) -> dict:
         stage.discard()
 
 
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)        # what torch.Generator.manual_seed takes
+
+
+def check_seed(seed) -> None:
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UsageError(f"--seed {seed} is out of range; use an integer from 0 to 2**64 - 1 "
+                         f"({SEED_RANGE[1]})")
+
+
+def check_guidance(flag, value) -> None:
+    """--guidance / --edit-guidance: a finite number >= 0 (1: the prompt alone, no guidance)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise UsageError(f"{flag} {value}: use a finite number >= 0 (1: the prompt alone; typical edits use "
+                         "1 to 10; large values overflow to NaN/inf)")
+
+
+def check_text(flag, texts) -> None:
+    """Prompts from the command line must be valid UTF-8 (a shell may pass undecodable bytes)."""
+    for text in [texts] if isinstance(texts, str) else (texts or []):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{flag} {text.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text; "
+                             "pass it in UTF-8 (check the terminal's or file's encoding)") from None
+
+
+def _check_values(args) -> None:
+    """Numbers and texts that argparse lets through."""
+    check_guidance("--guidance", args.guidance)
+    check_guidance("--edit-guidance", getattr(args, "edit_guidance", None))
+    check_seed(args.seed)
+    for flag in ("prompt", "negative_prompt", "edit_prompt"):
+        check_text("--" + flag.replace("_", "-"), getattr(args, flag, None))
+    if args.strength is not None and not (0 < args.strength <= 1):
+        raise UsageError(f"--strength {args.strength}: use a number in (0, 1] (1: invert every step)")
+
+
+def _check_against_inversion(args, loaded, overrides, path) -> None:
+    """With --inversion the inversion's own settings are used: refuse a flag that asks for others."""
+    res = loaded.result
+    made = {"--sampler": res.sampler, "--guidance": loaded.guidance_scale,
+            "--preset": loaded.extra.get("preset", res.plan.name),
+            "--strength": None, "--clip-skip": loaded.clip_skip, "--eta": res.sampler_opts.get("eta"),
+            "--negative-prompt": loaded.negative_prompts}
+    given = {"--sampler": args.sampler, "--guidance": args.guidance, "--preset": args.preset,
+             "--strength": args.strength, "--clip-skip": args.clip_skip, "--eta": args.eta,
+             "--negative-prompt": None if args.negative_prompt is None else
+             as_prompts_or_none(args.negative_prompt, loaded.batch)}
+    if args.strength is not None:               # the inverted part of the chain
+        made["--strength"] = args.strength if res.start == res.num_steps - min(
+            int(res.num_steps * args.strength), res.num_steps) else f"{(res.num_steps - res.start) / res.num_steps:g}"
+    for flag, value in given.items():
+        if value is not None and value != made[flag]:
+            raise UsageError(f"{flag} {value!r} cannot change a saved inversion (it was made with {made[flag]!r}; "
+                             f"{path}); drop {flag}, or invert again with it")
+    plan = res.plan.to_dict()
+    for key, value in overrides.items():
+        if plan.get(key) != (list(value) if isinstance(value, tuple) else value) and \
+                getattr(res.plan, key, None) != value:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} {value!r} cannot change a saved inversion (it was made with "
+                             f"{getattr(res.plan, key, None)!r}; {path}); drop {flag}, or invert again with it")
+
+
+def as_prompts_or_none(prompts, batch):
+    from .pipeline import as_prompts
+    return as_prompts(prompts, batch, "negative prompt")
+
+
 def _metrics(z, z0, out_images, images) -> dict:
     """Latent metrics against the inverted z0; image PSNR/SSIM (LPIPS where local) against the input."""
     from . import metrics
@@ -518,22 +614,60 @@ def summary(report, out) -> str:
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
 
 
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143           # 128 + the signal's number, as a shell reports it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up (finally blocks) runs."""
+
+
+@contextlib.contextmanager
+def _signals(torchrun_worker=False):
+    """SIGTERM raises Terminated in the main thread (not in a torchrun worker: torchrun manages its
+    workers' signals); SIGINT raises KeyboardInterrupt as usual. The old handler comes back after."""
+    import signal
+    import threading
+    if torchrun_worker or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
-    if args.command == "eval":
-        from .evaluation.cli import main as eval_main
-        return eval_main(args)
     try:
-        with _silenced(args.quiet):
+        if args.command == "eval":
+            from .evaluation.cli import main as eval_main
+            from .evaluation.distributed import launched
+            with _signals(torchrun_worker=launched()):
+                return eval_main(args)
+        with _signals(), _silenced(args.quiet):
             report = run(args)
+    except KeyboardInterrupt as e:
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        left = "rerun the same command to resume" if args.command == "eval" else "nothing was written to --out"
+        print(f"renoise {args.command}: {stopped}; {left}", file=sys.stderr)
+        return EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
     except BAD_INPUT as e:
         message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
         print(f"renoise {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:
+        kept = "rerun the same command to resume" if args.command == "eval" else "--out is as it was"
+        print(f"renoise {args.command}: error: {' '.join(str(e).split())}; {kept}", file=sys.stderr)
+        return 1
     if not args.quiet:
         print(summary(report, args.out))
     return 0

@@ -36,6 +36,12 @@ per call. Without tol the loop has no data-dependent Python control flow, so it 
 (torch.compile(fullgraph=True)) or captured in a CUDA graph; compiled with tol, samples are frozen
 alike but every one of the `iters` calls runs (the same answer, no early exit, no sync).
 
+NaN and inf: `NonFiniteError` (a ValueError) names the first call of g (counted from 1) that
+returned them and the samples concerned. With tol it is raised at that call; without tol the loop
+checks once, after its last call, whether the answer is finite (one host sync per solve; skipped
+under torch.compile and while a CUDA graph is captured, where the caller checks). Anderson's
+rejected non-finite proposals are not errors: the answer stays at the last accepted point.
+
 Gradients (`grad=`); the answer's value is the same in every mode, only its gradient differs:
   - "unrolled" (default): autograd records every call and the averaging, as for any torch code.
     Memory grows with the calls; the gradient is that of the truncated iteration. Through
@@ -64,11 +70,21 @@ Gradients (`grad=`); the answer's value is the same in every mode, only its grad
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 GRAD_MODES = ("unrolled", "implicit", "phantom", "none")
+
+
+class NonFiniteError(ValueError):
+    """g returned NaN or inf (or the answer is not finite); `call` is the first bad call of g,
+    counted from 1 (None where only the answer is), `samples` the batch indices concerned."""
+
+    def __init__(self, message, call=None, samples=()):
+        super().__init__(message)
+        self.call, self.samples = call, list(samples)
 
 
 @dataclass
@@ -131,8 +147,8 @@ def _validate(g, z0, iters, weights, anderson, tol, readout):
         weights = [float(w) for w in weights]
         if len(weights) != iters:
             raise ValueError(f"weights must have one entry per call of g ({iters}), got {len(weights)}")
-        if any(not w >= 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+        if any(not (w >= 0 and math.isfinite(w)) for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights must be finite and non-negative with a positive sum, got {weights}")
     if not torch.compiler.is_compiling() and z0.device.type == "cpu" and not bool(torch.isfinite(z0).all()):
         raise ValueError("z0 contains NaN or inf")
     return weights
@@ -141,7 +157,7 @@ def _validate(g, z0, iters, weights, anderson, tol, readout):
 def _check_output(z, z0, k):
     if not isinstance(z, torch.Tensor) or z.shape != z0.shape:
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-        raise ValueError(f"g must return a tensor of z's shape {tuple(z0.shape)}, got {shape} at call {k}")
+        raise ValueError(f"g must return a tensor of z's shape {tuple(z0.shape)}, got {shape} at call {k + 1}")
 
 
 def _all_done(tol, done):
@@ -149,13 +165,40 @@ def _all_done(tol, done):
     return tol is not None and not torch.compiler.is_compiling() and bool(done.all())
 
 
-def _check_finite(r, k):
-    """Raise at non-finite residuals; a host sync, so skipped inside a compiled region."""
+def _syncable() -> bool:
+    """Whether a host sync is allowed here: not inside torch.compile, not while capturing a CUDA graph."""
     if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_finite(r, k):
+    """Raise NonFiniteError at non-finite residuals of call k (0-based); a host sync, so skipped
+    inside a compiled region or a CUDA graph capture."""
+    if not _syncable():
         return
     bad = ~torch.isfinite(r)
     if bool(bad.any()):
-        raise ValueError(f"g returned non-finite values at call {k} for samples {bad.nonzero().flatten().tolist()}")
+        samples = bad.nonzero().flatten().tolist()
+        raise NonFiniteError(f"g returned NaN or inf at call {k + 1} for samples {samples}", k + 1, samples)
+
+
+def _check_answer(value, residuals):
+    """After the loop (no tol): one host sync; NonFiniteError naming the first call whose residual
+    was not finite, where the answer is not finite. Skipped where a sync is not allowed."""
+    if not _syncable() or not isinstance(value, torch.Tensor):
+        return
+    finite = torch.isfinite(value.detach()).reshape(value.shape[0], -1).all(1)
+    if bool(finite.all()):
+        return
+    samples = (~finite).nonzero().flatten().tolist()
+    bad_calls = (~torch.isfinite(residuals[:, samples])).any(1).nonzero().flatten().tolist()
+    if bad_calls:
+        call = bad_calls[0] + 1
+        raise NonFiniteError(f"g returned NaN or inf at call {call} (of {residuals.shape[0]}) for samples {samples}",
+                             call, samples)
+    raise NonFiniteError(f"the answer is NaN or inf for samples {samples} (every call of g returned finite "
+                         "values: the averaging overflowed)", None, samples)
 
 
 def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=False, indexed=False,
@@ -193,6 +236,7 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=F
     else:
         value, z_last, residuals, evals, iterates = _plain(call, z0, iters, weights, tol, keep_iterates,
                                                            readout is not None, relax)
+    _check_answer(value, residuals)
     result = FixedPointResult(value, residuals, evals, iterates)
     with torch.set_grad_enabled(record):
         if grad == "implicit" and record:

@@ -137,11 +137,24 @@ def save_image(image, path) -> None:
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return _sixteen_bit_to_rgb(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (PIL mode I;16* or I, as 16-bit PNGs load) scaled from 0..65535 to
+    0..255 (PIL's own conversion clips at 255: nearly everything would read as white)."""
+    grey = np.asarray(image).astype(np.float64)
+    if grey.size and (grey.min() < 0 or grey.max() > 65535):
+        raise ImageError(f"a {image.mode} image with values outside 0..65535 (from {grey.min():g} to {grey.max():g}) "
+                         "is not a 16-bit image; save it as 8- or 16-bit")
+    eight = np.rint(grey * (255 / 65535)).astype(np.uint8)
+    return Image.fromarray(eight).convert("RGB")
 
 
 def _size(size):

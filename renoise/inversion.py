@@ -125,26 +125,108 @@ class InversionResult:
 
     @classmethod
     def load(cls, path, device="cpu") -> "InversionResult":
+        """Read a file written by `save`. Everything is checked before it is returned, and every
+        error (ValueError; FileNotFoundError) names the file: a folder, an empty, truncated or
+        foreign file, missing or garbled metadata, tensors that disagree with num_steps, NaN/inf."""
+        from pathlib import Path
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, not an inversion file; pass the .safetensors file (e.g. "
+                             f"{path / 'inversion.safetensors'})")
+        if not path.is_file():
+            raise FileNotFoundError(f"inversion file not found: {path}")
+        if path.stat().st_size == 0:
+            raise ValueError(f"inversion file {path} is empty; invert again")
+        try:
+            result = cls._read(path, device)
+        except ValueError as e:
+            message = str(e)
+            raise ValueError(message if str(path) in message else f"inversion file {path}: {message}") from None
+        except Exception as e:  # noqa: BLE001 -- safetensors' own errors for a damaged or foreign file
+            raise ValueError(f"cannot read inversion file {path}: not a complete safetensors file "
+                             f"({' '.join(str(e).split())}); invert again") from None
+        result._check(path)
+        return result
+
+    @classmethod
+    def _read(cls, path, device):
         from safetensors import safe_open
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a renoise inversion file (format {meta.get('format')!r}, "
                                  f"expected {FORMAT!r})")
-            get = f.get_tensor
             keys = set(f.keys())
-            noises = [get(f"noise.{i}") if f"noise.{i}" in keys else None for i in range(int(meta["num_noises"]))]
-            residuals = [get(f"residuals.{k}") for k in range(int(meta["num_residuals"]))]
-            contraction = [get(f"contraction.{k}") for k in range(int(meta.get("num_contraction", 0)))]
+
+            def get(key):
+                if key not in keys:
+                    raise ValueError(f"the tensor {key!r} is missing; the file is damaged, invert again")
+                return f.get_tensor(key)
+
+            def number(key, default=None):
+                value = meta.get(key, default)
+                if value is None:
+                    raise ValueError(f"its metadata has no {key!r}; the file is damaged, invert again")
+                try:
+                    n = int(value)
+                except ValueError:
+                    raise ValueError(f"its metadata's {key!r} is {value!r}, not a number") from None
+                if n < 0:
+                    raise ValueError(f"its metadata's {key!r} is negative ({n})")
+                return n
+
+            def parsed(key, default=None):
+                value = meta.get(key, default)
+                if value is None:
+                    raise ValueError(f"its metadata has no {key!r}; the file is damaged, invert again")
+                try:
+                    return json.loads(value)
+                except json.JSONDecodeError:
+                    raise ValueError(f"its metadata's {key!r} is not valid JSON") from None
+
+            noises = [get(f"noise.{i}") if f"noise.{i}" in keys else None for i in range(number("num_noises"))]
+            residuals = [get(f"residuals.{k}") for k in range(number("num_residuals"))]
+            contraction = [get(f"contraction.{k}") for k in range(number("num_contraction", 0))]
             num_jac = meta.get("num_jacobian_norm", "none")
-            jac = None if num_jac == "none" else [get(f"jacobian_norm.{k}") for k in range(int(num_jac))]
-            schedule = Schedule(get("schedule.alphas_cumprod").cpu(), **json.loads(meta["schedule"]))
-            plan = json.loads(meta["plan"])
-            plan = presets.Plan.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in plan.items()})
-            return cls(get("z_T"), noises, get("trajectory"), residuals, int(meta["model_calls"]), get("timesteps"),
-                       plan, meta["sampler"], json.loads(meta["sampler_opts"]), schedule,
-                       int(meta["num_steps"]), int(meta["start"]), json.loads(meta.get("extra", "{}")),
-                       contraction, jac)
+            jac = None if num_jac == "none" else [get(f"jacobian_norm.{k}") for k in range(number("num_jacobian_norm"))]
+            try:
+                schedule = Schedule(get("schedule.alphas_cumprod").cpu(), **parsed("schedule"))
+                plan = presets.Plan.from_dict({k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in parsed("plan").items()})
+            except (TypeError, AttributeError) as e:
+                raise ValueError(f"its schedule or plan metadata does not fit this renoise ({e})") from None
+            if "sampler" not in meta:
+                raise ValueError("its metadata has no 'sampler'; the file is damaged, invert again")
+            return cls(get("z_T"), noises, get("trajectory"), residuals, number("model_calls"), get("timesteps"),
+                       plan, meta["sampler"], parsed("sampler_opts"), schedule, number("num_steps"),
+                       number("start"), parsed("extra", "{}"), contraction, jac)
+
+    def _check(self, path) -> None:
+        """The loaded tensors agree with num_steps and with each other, and are finite."""
+        def bad(what):
+            return ValueError(f"inversion file {path}: {what}; the file is damaged or was edited, invert again")
+        try:
+            chain = self.chain
+        except (ValueError, KeyError) as e:
+            raise bad(f"num_steps {self.num_steps} / start {self.start} / sampler {self.sampler!r} give no "
+                      f"chain ({e})") from None
+        n = len(chain)
+        if n < 1 or self.timesteps.shape != (n,) or [int(t) for t in self.timesteps] != [int(t) for t, _ in chain]:
+            raise bad(f"its num_steps {self.num_steps} (start {self.start}) give {n} steps, but its timesteps are "
+                      f"{self.timesteps.tolist()}")
+        if self.trajectory.ndim < 2 or self.trajectory.shape[0] != n + 1 or self.trajectory.shape[1:] != self.z_T.shape:
+            raise bad(f"its trajectory has shape {tuple(self.trajectory.shape)}, expected [{n + 1}, "
+                      f"{', '.join(map(str, self.z_T.shape))}] for {n} steps")
+        if len(self.noises) != n or len(self.residuals) != n:
+            raise bad(f"it holds {len(self.noises)} noises and {len(self.residuals)} residuals for {n} steps")
+        if any(x is not None and x.shape != self.z_T.shape for x in self.noises):
+            raise bad("a noise's shape differs from z_T's")
+        named = [("z_T", self.z_T), ("trajectory", self.trajectory)]
+        named += [(f"noise.{i}", x) for i, x in enumerate(self.noises) if x is not None]
+        for name, x in named:
+            if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+                raise bad(f"its tensor {name!r} holds NaN or inf" if x.is_floating_point() else
+                          f"its tensor {name!r} is not floating-point")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -225,7 +307,18 @@ def _finite_or_raise(z, res, t, step_index, what):
     bad = (~torch.isfinite(res)).any(1).nonzero().flatten().tolist() if res is not None else []
     where = f"renoising iteration i={bad[0]} (of i=0..{res.shape[0] - 1})" if bad else what
     raise NonFiniteLatentError(f"non-finite latent at inversion step {step_index} (timestep t={t}), {where}; "
-                               "check the model, its dtype (fp16 overflow) and the plan's iterations")
+                               f"{HINT}")
+
+
+HINT = ("check the model, its dtype (fp16 overflow), the guidance scale (large values overflow) and the plan's "
+        "iterations")
+
+
+def _non_finite_solve(e, t, step_index):
+    """fixed_point's NonFiniteError inside inversion step `step_index` as a NonFiniteLatentError."""
+    where = "the averaged answer" if e.call is None else f"renoising iteration i={e.call - 1}"
+    return NonFiniteLatentError(f"non-finite latent at inversion step {step_index} (timestep t={t}), {where} "
+                                f"(samples {e.samples}); {HINT}")
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -440,8 +533,11 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
             calls += evals
             contraction.append(fixed_point.contraction(res))
         else:
-            fp, inv, e_last = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noises[i], z_ref, generator,
-                                     grad, grad_opts, e_prev=e_guess)
+            try:
+                fp, inv, e_last = _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noises[i], z_ref,
+                                         generator, grad, grad_opts, e_prev=e_guess)
+            except fixed_point.NonFiniteError as e:
+                raise _non_finite_solve(e, t, step_index) from None
             z, res = fp.z, fp.residuals
             calls += fp.evals + fp.graph_evals
             _finite_or_raise(z, res, t, step_index, "the averaged answer")
@@ -496,6 +592,7 @@ def _sample(denoiser, result, z_T, callback, region=None):
     x = result.z_T if z_T is None else z_T
     if x.shape != result.z_T.shape:
         raise ValueError(f"z_T must have the inverted latent's shape {tuple(result.z_T.shape)}, got {tuple(x.shape)}")
+    finite = []
     for i, (t, tn) in enumerate(result.chain):
         if region is None:
             x = _denoise_step(denoiser, smod, result.schedule, result.sampler_opts, x, t, tn, result.noises[i])
@@ -506,4 +603,20 @@ def _sample(denoiser, result, z_T, callback, region=None):
             _count_calls(denoiser, 1)
         if callback is not None:
             callback(i, t, x)
+        finite.append(torch.isfinite(x.detach()).all())
+    _check_sampled(finite, result.chain)
     return x
+
+
+def _check_sampled(finite, chain):
+    """One host sync after sampling: NonFiniteLatentError naming the first denoising step whose
+    output was NaN or inf (skipped under torch.compile and CUDA graph capture)."""
+    if not finite or not fixed_point._syncable():
+        return
+    ok = torch.stack(finite).cpu()
+    if bool(ok.all()):
+        return
+    i = int((~ok).nonzero()[0])
+    raise NonFiniteLatentError(f"non-finite latent at denoising step {i} (timestep t={chain[i][0]}) of "
+                               f"{len(chain)}; check the model, its dtype (fp16 overflow) and the guidance scale "
+                               "(large values overflow)")

@@ -37,6 +37,8 @@ belong to the steps of that chain; invert again with the other count).
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +110,31 @@ def make_time_ids(size, batch: int, *, original_size=None, crop_top_left=(0, 0),
     return ids.expand(batch, 6).clone()
 
 
+_WARNED_LONG = set()     # prompts already warned about (once per prompt and token limit)
+
+
+def warn_if_truncated(tokenizer, prompt: str) -> None:
+    """Warn once per prompt that is longer than the text encoder's window (77 tokens with BOS and
+    EOS for CLIP): how many tokens it has and the text that is dropped. Long-prompt weighting
+    (splitting a prompt into several windows) is not supported."""
+    limit = getattr(tokenizer, "max_length", None)
+    encode = getattr(tokenizer, "encode", None)
+    if limit is None or encode is None or (prompt, limit) in _WARNED_LONG:
+        return
+    ids = encode(prompt)
+    if len(ids) <= limit - 2:
+        return
+    _WARNED_LONG.add((prompt, limit))
+    decode = getattr(tokenizer, "decode", None)
+    dropped = decode(ids[limit - 2:]) if decode is not None else f"{len(ids) - (limit - 2)} tokens"
+    warnings.warn(f"prompt {prompt[:60]!r}... has {len(ids) + 2} tokens with BOS and EOS, more than the text "
+                  f"encoder's {limit}; the text after token {limit - 2} is dropped: {dropped!r}. Long-prompt "
+                  "weighting (several windows) is not supported: shorten the prompt", UserWarning, stacklevel=3)
+
+
 def _ids(tokenizer, prompts, device):
+    for p in prompts:
+        warn_if_truncated(tokenizer, p)
     ids = tokenizer(list(prompts))
     return torch.as_tensor(ids, dtype=torch.long).to(device)
 
@@ -247,7 +273,13 @@ def encode_images(pipe, images: torch.Tensor, generator: torch.Generator | None 
 def decode_latents(pipe, z: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images [B, 3, 8h, 8w] in [-1, 1] (float32)."""
     param = next(pipe.vae.parameters())
-    return pipe.vae.decode_latents(z.to(device=param.device, dtype=param.dtype)).float().clamp(-1, 1)
+    images = pipe.vae.decode_latents(z.to(device=param.device, dtype=param.dtype)).float()
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(images).all()):
+        from .inversion import NonFiniteLatentError
+        where = "the latents were already" if not bool(torch.isfinite(z).all()) else "the VAE decoder made them"
+        raise NonFiniteLatentError(f"decoding gave NaN or inf pixels ({where} non-finite); check the model's dtype "
+                                   "(fp16 overflow; try --dtype float32) and the guidance scale")
+    return images.clamp(-1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,20 +329,23 @@ class Inversion:
     def load(cls, path, device="cpu") -> "Inversion":
         from .inversion import InversionResult
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"inversion file not found: {path}")
-        try:
-            result = InversionResult.load(path, device=device)
-        except ValueError:
-            raise
-        except Exception as e:  # noqa: BLE001 -- safetensors' own errors for a damaged file
-            raise ValueError(f"cannot read inversion file {path}: {e}") from None
+        result = InversionResult.load(path, device=device)       # checked; its errors name the file
         meta = result.extra.get("pipeline")
-        if not isinstance(meta, dict) or set(meta) != set(cls.META):
+        if not isinstance(meta, dict) or set(meta) != set(cls.META) or not _valid_meta(meta, result.z_T.shape[0]):
             raise ValueError(f"{path} holds an inversion but not the pipeline settings (prompts, image size, "
                              "guidance) that renoise.pipeline saves with it; invert the images again")
         meta["size"] = tuple(meta["size"])
         return cls(result=result, **meta)
+
+
+def _valid_meta(meta, batch) -> bool:
+    """The pipeline settings saved with an inversion have the types and lengths they need."""
+    texts = lambda v: isinstance(v, list) and len(v) == batch and all(isinstance(p, str) for p in v)  # noqa: E731
+    size = meta["size"]
+    return (texts(meta["prompts"]) and (meta["negative_prompts"] is None or texts(meta["negative_prompts"]))
+            and isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+            and isinstance(meta["guidance_scale"], (int, float)) and math.isfinite(meta["guidance_scale"])
+            and isinstance(meta["extra"], dict))
 
 
 class Editor:
