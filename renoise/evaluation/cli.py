@@ -5,10 +5,12 @@
 
 Each process takes every world-th pending (image, method) pair and appends its rows as they finish;
 rank 0 then writes rows.jsonl, summary.json, summary.md and the plots. Rerunning the same command
-skips the pairs already done. See docs/eval.md.
+skips the pairs already done and redoes those whose inputs changed. Rank 0 holds out/.lock for the
+whole run (one run at a time). See docs/eval.md.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -128,6 +130,13 @@ def _save_inversion(inv, path):
         tmp.unlink(missing_ok=True)
 
 
+def _inside(out: Path, path: Path) -> Path:
+    """`path`, after checking that it stays inside `out` (ids are checked by data.id_problem too)."""
+    if not path.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"output path {path} would be outside --out {out}")
+    return path
+
+
 def _one_pair(args, editor, item, out, ctx, lpips, keep_images):
     """Measure one pair and save its files; returns the row (status ok, bad_input or failed)."""
     import torch
@@ -150,20 +159,29 @@ def _one_pair(args, editor, item, out, ctx, lpips, keep_images):
     if args.save_images or keep_images:
         for part in ("reconstruction", "edit"):
             if part in images:
-                _save_png(images[part], out / "images" / name / f"{item.id}_{part}.png")
+                _save_png(images[part], _inside(out, out / "images" / name / f"{item.id}_{part}.png"))
     if keep_images:
-        _save_png(x, out / "images" / "input" / f"{item.id}.png")
+        _save_png(x, _inside(out, out / "images" / "input" / f"{item.id}.png"))
     if args.save_inversions:
-        _save_inversion(images["inversion"], out / "inversions" / name / f"{item.id}.safetensors")
+        _save_inversion(images["inversion"], _inside(out, out / "inversions" / name / f"{item.id}.safetensors"))
     return {**base, "status": "ok", **row, "rank": ctx.rank, "world": ctx.world, "device": str(ctx.device)}
 
 
 def _pending(keys, items, done) -> list:
-    """The pairs without a row, and those of bad inputs (checked again: the file may have been fixed)."""
+    """The pairs without a current row, and those of bad inputs (checked again: the file may have
+    been fixed)."""
     def finished(key):
         row = done.get((items[key[0]].id, key[1]))
         return row is not None and row["status"] != "bad_input"
     return [k for k in keys if not finished(k)]
+
+
+def _fingerprints(items, settings) -> dict:
+    """{(image id, method): input_sha256} of every pair (rank 0 reads each file once)."""
+    from . import data, store
+    per_item = {it.id: data.fingerprint(it) for it in items}
+    return {(i, n): store.pair_fingerprint(fp, plan) for n, plan in settings["methods"].items()
+            for i, fp in per_item.items()}
 
 
 def _progress(args, ctx, done, total, row):
@@ -177,12 +195,12 @@ def _progress(args, ctx, done, total, row):
               file=sys.stderr, flush=True)
 
 
-def _finish(args, out, items, plans, info, ctx, started, ran, skipped):
+def _finish(args, out, items, plans, info, ctx, started, ran, skipped, fingerprints, changed):
     """Rank 0: merge the rows, write rows.jsonl, the summaries, the plots and a line in runs.jsonl."""
     import json
 
     from . import plots, store, summary
-    rows = store.read_rows(out)
+    rows = store.read_rows(out, fingerprints)
     names = list(plans)
     merged = [rows[(it.id, n)] for n in names for it in items if (it.id, n) in rows]
     store.write_atomic(out / "rows.jsonl", "".join(json.dumps(r) + "\n" for r in merged).encode())
@@ -197,30 +215,41 @@ def _finish(args, out, items, plans, info, ctx, started, ran, skipped):
         print(f"renoise eval: note: {note}", file=sys.stderr)
     wall = time.perf_counter() - started
     log = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": ctx.world, "device": str(ctx.device),
-           "pairs_run": ran, "pairs_skipped": skipped, "wall_seconds": wall}
+           "pairs_run": ran, "pairs_skipped": skipped, "pairs_changed": len(changed), "wall_seconds": wall}
     store.append_line(out / "runs.jsonl", log)
     if not args.quiet:
         print(summary.markdown(s).split("\n## ")[0].rstrip())
+    if changed:
+        listed = ", ".join(f"{i} ({m})" for i, m in changed[:10]) + (", ..." if len(changed) > 10 else "")
+        print(f"renoise eval: {len(changed)} pair(s) redone because their inputs (image, mask, prompts or plan) "
+              f"changed since their rows were made: {listed}", file=sys.stderr)
+    if not args.quiet:
         print(f"renoise eval: {ran} pairs run, {skipped} already done, {wall:.1f} s on {ctx.world} process(es); "
               f"wrote rows.jsonl, summary.json, summary.md{''.join(', ' + w for w in written)} to {out}",
               file=sys.stderr)
     return s
 
 
-def _pending_on_rank0(ctx, out, settings, keys, items) -> list:
-    """Rank 0 checks run.json and reads the rows; every rank gets the same list of pending pairs."""
+def _pending_on_rank0(ctx, out, settings, keys, items) -> tuple:
+    """Rank 0 reads (and checks) the rows, then checks run.json; every rank gets the same pending
+    pairs [(index, method, input_sha256)], the fingerprints and the pairs redone for changed inputs."""
     from . import store
-    pending = None
+    answer = None
     if ctx.rank == 0:
         try:
+            fingerprints = _fingerprints(items, settings)
+            stale = set()
+            rows = store.read_rows(out, fingerprints, stale)      # foreign lines refused before any write
             store.check_settings(out, settings)
-            pending = _pending(keys, items, store.read_rows(out))
+            pending = [(i, n, fingerprints[(items[i].id, n)]) for i, n in _pending(keys, items, rows)]
+            changed = [(items[i].id, n) for i, n, _ in pending if (items[i].id, n) in stale]
+            answer = (pending, fingerprints, changed)
         except (ValueError, OSError) as e:
-            pending = e                                  # raised on every rank, not only here
-    pending = ctx.broadcast(pending)
-    if isinstance(pending, Exception):
-        raise pending
-    return pending
+            answer = e                                   # raised on every rank, not only here
+    answer = ctx.broadcast(answer)
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 def _work(args, ctx, pipe, plans, items, mine, out):
@@ -233,10 +262,10 @@ def _work(args, ctx, pipe, plans, items, mine, out):
     grid_ids = {it.id for it in items[:args.grid]} if args.plots else set()
     writer = store.RowWriter(out, ctx.rank)
     try:
-        for i, (index, name) in enumerate(mine, 1):
+        for i, (index, name, input_sha256) in enumerate(mine, 1):
             item = items[index]
             row = _one_pair(args, editors[name], item, out, ctx, lpips, item.id in grid_ids)
-            writer.write(_clean(row))
+            writer.write(_clean({**row, "input_sha256": input_sha256}))
             _progress(args, ctx, i, len(mine), row)
     finally:
         writer.close()
@@ -244,46 +273,64 @@ def _work(args, ctx, pipe, plans, items, mine, out):
 
 
 def run(args) -> dict | None:
-    """Run the evaluation; returns the summary on rank 0 (None on the other ranks)."""
+    """Run the evaluation; returns the summary on rank 0 (None on the other ranks). Everything that
+    can be checked without the model is checked before --out is created or touched."""
     import torch
 
-    from .. import devices, images
-    from ..models import load_pipeline
-    from . import distributed, methods, plots
+    from .. import images
+    from ..__main__ import check_guidance, check_seed, check_text
+    from . import distributed, methods, store
 
     started = time.perf_counter()
+    check_guidance("--guidance", args.guidance)
+    check_guidance("--edit-guidance", args.edit_guidance)
+    check_seed(args.seed)
+    check_text("--prompt", args.prompt)
+    check_text("--edit-prompt", args.edit_prompt)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: use a number of CPU threads >= 1")
+    if args.grid < 0:
+        raise ValueError(f"--grid must be >= 0, got {args.grid}")
     method_list = methods.parse_methods(args.methods)
     items, source = _items(args)
     args.size_hw = images.parse_size(args.size)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if args.grid < 0:
-        raise ValueError(f"--grid must be >= 0, got {args.grid}")
+    store.check_folder(out)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = distributed.setup(args.device)
     try:
-        dtype = devices.resolve_dtype(args.dtype, ctx.device, devices.model_dtype(args.model))
-        pipe = load_pipeline(args.model, dtype=dtype, device=ctx.device, variant=args.variant)
-        preset, plans = _plans(args, pipe, method_list)
-        settings = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "data": source,
-                    "preset": preset, "seed": args.seed, "posterior": args.posterior,
-                    "edit_guidance": args.edit_guidance, "size": args.size, "fit": args.fit,
-                    "methods": {n: p.to_dict() for n, p in plans.items()}}
-        keys = [(i, n) for n in plans for i in range(len(items))]    # method-major: each rank gets every method
-        pending = _pending_on_rank0(ctx, out, settings, keys, items)
-        lpips = _work(args, ctx, pipe, plans, items, pending[ctx.rank::ctx.world], out)
-        ctx.barrier()
-        if ctx.rank != 0:
-            return None
-        notes = [n for n in (lpips.note and f"LPIPS not measured: {lpips.note}",
-                             plots.MISSING_NOTE if args.plots and not _has_matplotlib() else None) if n]
-        info = {k: v for k, v in settings.items() if k != "methods"}
-        info.update(sampler=next(iter(plans.values())).sampler, plans=settings["methods"], notes=notes)
-        return _finish(args, out, items, plans, info, ctx, started, len(pending), len(keys) - len(pending))
+        with store.locked(out, args.quiet) if ctx.rank == 0 else contextlib.nullcontext():
+            return _run(args, ctx, method_list, items, source, out, started)
     finally:
         ctx.close()
+
+
+def _run(args, ctx, method_list, items, source, out, started):
+    """The run once rank 0 holds the folder's lock."""
+    from .. import devices
+    from ..models import load_pipeline
+    from . import plots
+    dtype = devices.resolve_dtype(args.dtype, ctx.device, devices.model_dtype(args.model))
+    pipe = load_pipeline(args.model, dtype=dtype, device=ctx.device, variant=args.variant)
+    preset, plans = _plans(args, pipe, method_list)
+    settings = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "data": source,
+                "preset": preset, "seed": args.seed, "posterior": args.posterior,
+                "edit_guidance": args.edit_guidance, "size": args.size, "fit": args.fit,
+                "methods": {n: p.to_dict() for n, p in plans.items()}}
+    keys = [(i, n) for n in plans for i in range(len(items))]    # method-major: each rank gets every method
+    pending, fingerprints, changed = _pending_on_rank0(ctx, out, settings, keys, items)
+    lpips = _work(args, ctx, pipe, plans, items, pending[ctx.rank::ctx.world], out)
+    ctx.barrier()
+    if ctx.rank != 0:
+        return None
+    notes = [n for n in (lpips.note and f"LPIPS not measured: {lpips.note}",
+                         plots.MISSING_NOTE if args.plots and not _has_matplotlib() else None) if n]
+    info = {k: v for k, v in settings.items() if k != "methods"}
+    info.update(sampler=next(iter(plans.values())).sampler, plans=settings["methods"], notes=notes,
+                inputs_changed=[{"image": i, "method": m} for i, m in changed])
+    return _finish(args, out, items, plans, info, ctx, started, len(pending), len(keys) - len(pending),
+                   fingerprints, changed)
 
 
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)

@@ -7,12 +7,18 @@
 Captions: one JSON object a line, or a CSV with a header, with the fields `image` (a path relative
 to the folder), `prompt`, and optionally `edit_prompt`, `mask` (an image file: white marks the
 region the edit may change) and `id`. Without a captions file every image in the folder is used
-with `--prompt`. A problem with one image (missing caption or file, unreadable, odd size) is not
-an error: the item carries it in `problem`, and the evaluation reports and skips it.
+with `--prompt`. A problem with one image (missing caption or file, unreadable, odd size, a field
+of the wrong type, an id that is not a plain relative name) is not an error: the item carries it
+in `problem`, and the evaluation reports and skips it. A file that is not a captions file at all
+(not UTF-8, invalid JSON, a line that is not an object, a CSV without an `image` column or rows)
+is an error that names the file and the line. `fingerprint(item)` hashes what a pair's numbers
+depend on (image and mask bytes, prompts) so that a rerun redoes a pair whose inputs changed.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -21,7 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Item", "from_folder", "from_demo", "load", "demo_scene", "as_numpy01", "IMAGE_SUFFIXES", "CAPTION_FILES"]
+__all__ = ["Item", "from_folder", "from_demo", "load", "demo_scene", "as_numpy01", "IMAGE_SUFFIXES", "CAPTION_FILES",
+           "fingerprint", "read_utf8", "id_problem"]
+
+FIELDS = ("image", "prompt", "edit_prompt", "mask", "id")      # each a string when given
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
@@ -54,54 +63,112 @@ def from_folder(folder, *, captions=None, prompt=None, edit_prompt=None) -> list
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-        records = [{"image": p.name} for p in files]
+        records = [(i + 1, {"image": p.name}) for i, p in enumerate(files)]
     else:
         records = _read_captions(Path(captions))
-    items = [_item(folder, r, i, prompt, edit_prompt) for i, r in enumerate(records)]
+    items = [_item(folder, r, n, prompt, edit_prompt) for n, r in records]
     _check_unique(items)
     return items
 
 
-def _read_captions(path: Path) -> list[dict]:
+def read_utf8(path, what="file") -> str:
+    """A text file's contents (a UTF-8 byte-order mark dropped); not UTF-8: an error naming the line."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{what} {path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as "
+                         "UTF-8") from None
+
+
+def _read_captions(path: Path) -> list[tuple[int, dict]]:
+    """[(line number, record)]; a record's fields are checked later, per item."""
     if not path.is_file():
         raise FileNotFoundError(f"captions file not found: {path}")
+    text = read_utf8(path, "captions file")
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if rows and "image" not in rows[0]:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            rows = [(reader.line_num, r) for r in reader]
+        except csv.Error as e:
+            raise ValueError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+        header = [h.strip() for h in reader.fieldnames or []]
+        if "image" not in header:
             raise ValueError(f"{path}: the CSV header needs an 'image' column (and 'prompt', optionally "
-                             "'edit_prompt', 'mask', 'id')")
-        return [{k: v for k, v in r.items() if v not in (None, "")} for r in rows]
+                             f"'edit_prompt', 'mask', 'id'); its header is {header}")
+        if not rows:
+            raise ValueError(f"{path} lists no images: it has a header but no rows")
+        return [(n, {k.strip(): v for k, v in r.items() if k is not None and v not in (None, "")}) for n, r in rows]
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
-        if not isinstance(r, dict) or not isinstance(r.get("image"), str):
+        if not isinstance(r, dict):
             raise ValueError(f"{path}, line {n}: expected an object with an 'image' path, got {line.strip()[:80]}")
-        records.append(r)
+        records.append((n, r))
     if not records:
         raise ValueError(f"{path} lists no images")
     return records
 
 
-def _item(folder, r, index, prompt, edit_prompt) -> Item:
-    image = folder / r["image"]
-    item_id = str(r.get("id") or Path(r["image"]).with_suffix("").as_posix().replace("/", "__"))
-    text = r.get("prompt", prompt)
+def id_problem(item_id: str) -> str | None:
+    """Why an id cannot name output files (None if it can): ids are plain relative names."""
+    parts = item_id.split("/")
+    if (not item_id or item_id.startswith("/") or "\\" in item_id or "\0" in item_id or ":" in parts[0]
+            or any(p in ("", ".", "..") for p in parts)):
+        return (f"id {item_id!r} is not a plain relative name (it names the output files): no '..', no absolute "
+                "path, no backslash; give the image another 'id'")
+    return None
+
+
+def _item(folder, r, line, prompt, edit_prompt) -> Item:
+    """One record as an Item; a record with a wrong field carries the reason in `problem`."""
+    wrong = [k for k in FIELDS if r.get(k) is not None and not isinstance(r[k], str)]
+    image_name = r.get("image") if isinstance(r.get("image"), str) else None
+    if isinstance(r.get("id"), str) and r["id"]:
+        item_id = r["id"]
+    elif image_name and "id" not in wrong:
+        item_id = Path(image_name).with_suffix("").as_posix().replace("/", "__")
+    else:
+        item_id = f"line-{line}"
+    text = r.get("prompt", prompt) if "prompt" not in wrong else None
+    edit = r.get("edit_prompt", edit_prompt) if "edit_prompt" not in wrong else None
+    mask = r.get("mask") if "mask" not in wrong else None
+    image = None if image_name is None else folder / image_name
     problem = None
-    if not isinstance(text, str):
+    if wrong:
+        problem = "; ".join(f"field {k!r} must be a string, got {type(r[k]).__name__} {json.dumps(r[k])[:40]}"
+                            for k in wrong) + f" (captions line {line})"
+    elif image_name is None:
+        problem = f"no 'image' field (captions line {line})"
+    elif id_problem(item_id):
+        problem = id_problem(item_id)
+    elif not isinstance(text, str):
         problem, text = "no caption (no 'prompt' in the captions file and no --prompt)", None
+    elif not _text_ok(text) or (edit is not None and not _text_ok(edit)):
+        problem = f"a prompt of captions line {line} is not valid UTF-8 text"
     elif not image.is_file():
         problem = f"image file not found: {image}"
-    mask = r.get("mask")
     if problem is None and mask is not None and not (folder / mask).is_file():
         problem = f"mask file not found: {folder / mask}"
-    return Item(item_id, text, r.get("edit_prompt", edit_prompt), str(image),
+    return Item(item_id, text, edit, None if image is None else str(image),
                 None if mask is None else str(folder / mask), problem=problem)
+
+
+def _text_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _check_unique(items):
@@ -146,6 +213,32 @@ def load(item: Item, *, size=None, fit="none") -> tuple[torch.Tensor, torch.Tens
     if m.shape != x.shape:
         raise ValueError(f"mask {item.mask} is {m.shape[2]}x{m.shape[3]} but its image is {x.shape[2]}x{x.shape[3]}")
     return x, ((m[0].mean(0) + 1) / 2).clamp(0, 1)
+
+
+def fingerprint(item: Item) -> str:
+    """sha256 (hex) of what an item's numbers depend on: image and mask bytes (or the demo scene),
+    prompt, edit prompt (each field length-prefixed, so no two inputs share a digest)."""
+    h = hashlib.sha256()
+
+    def field(name, value):
+        data = value if isinstance(value, bytes) else json.dumps(value, ensure_ascii=False).encode("utf-8", "replace")
+        h.update(f"{name}:{len(data)}:".encode())
+        h.update(data)
+
+    field("prompt", item.prompt)
+    field("edit_prompt", item.edit_prompt)
+    field("problem", item.problem)
+    if item.demo is not None:
+        field("demo", [item.demo, item.demo_shapes, item.target_colour])
+    for name, path in (("image", item.path), ("mask", item.mask)):
+        if path is None:
+            field(name, None)
+            continue
+        try:
+            field(name, Path(path).read_bytes())
+        except OSError as e:
+            field(name, f"unreadable: {type(e).__name__}")
+    return h.hexdigest()
 
 
 def demo_scene(item: Item):

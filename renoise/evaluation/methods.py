@@ -162,7 +162,8 @@ def parse_methods(specs) -> list[Method]:
             path = Path(spec[1:])
             if not path.is_file():
                 raise FileNotFoundError(f"methods file not found: {path}")
-            lines = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
+            from .data import read_utf8
+            lines = [ln.split("#", 1)[0].strip() for ln in read_utf8(path, "methods file").splitlines()]
             methods += parse_methods([ln for ln in lines if ln])
         else:
             methods += parse_spec(spec)

@@ -92,6 +92,10 @@ def markdown(s: dict) -> str:
         lines += ["", "## Skipped", ""]
         lines += [f"- bad input {b['image']}: {b['error']}" for b in s["bad_inputs"]]
         lines += [f"- {name} failed on {f['image']}: {f['error']}" for name, f in problems]
+    changed = s.get("inputs_changed") or []
+    if changed:
+        lines += ["", "## Redone in this run: inputs changed", ""]
+        lines += [f"- {c['image']} ({c['method']})" for c in changed]
     notes = s.get("notes") or []
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
