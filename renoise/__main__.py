@@ -481,7 +481,7 @@ def run(args) -> dict:
         stems = _stems(inv.extra.get("images") or [f"image{i}" for i in range(batch)])
         for part in parts:
             t0 = time.perf_counter()
-            with _bar(part, len(res.timesteps), quiet) as bar:
+            with _bar(part, len(res.timesteps), quiet) as bar, _naming_guidance(part, inv, args):
                 if part == "reconstruction":
                     z, den = editor.reconstruct_latents(inv, callback=lambda *_: bar.update())
                 else:
@@ -576,6 +576,17 @@ def _check_against_inversion(args, loaded, overrides, path) -> None:
 def as_prompts_or_none(prompts, batch):
     from .pipeline import as_prompts
     return as_prompts(prompts, batch, "negative prompt")
+
+
+@contextlib.contextmanager
+def _naming_guidance(part, inv, args):
+    """A non-finite denoising names the part and the guidance flag it ran with."""
+    from .inversion import NonFiniteLatentError
+    try:
+        yield
+    except NonFiniteLatentError as e:
+        flag = f"--edit-guidance {args.edit_guidance:g}" if part == "edit" else f"guidance {inv.guidance_scale:g}"
+        raise NonFiniteLatentError(f"the {part} (with {flag}): {e}") from None
 
 
 def _metrics(z, z0, out_images, images) -> dict:
