@@ -168,12 +168,9 @@ def _one_pair(args, editor, item, out, ctx, lpips, keep_images):
 
 
 def _pending(keys, items, done) -> list:
-    """The pairs without a current row, and those of bad inputs (checked again: the file may have
-    been fixed)."""
-    def finished(key):
-        row = done.get((items[key[0]].id, key[1]))
-        return row is not None and row["status"] != "bad_input"
-    return [k for k in keys if not finished(k)]
+    """The pairs without a current row (`done` holds only rows of the current inputs: a fixed
+    file, caption or mask changes the fingerprint, so a bad input that was fixed is run again)."""
+    return [k for k in keys if (items[k[0]].id, k[1]) not in done]
 
 
 def _fingerprints(items, settings) -> dict:
