@@ -180,7 +180,8 @@ def _check_finite(r, k):
     bad = ~torch.isfinite(r)
     if bool(bad.any()):
         samples = bad.nonzero().flatten().tolist()
-        raise NonFiniteError(f"g returned non-finite values (NaN or inf) at call {k + 1} for samples {samples}", k + 1, samples)
+        raise NonFiniteError(f"g returned non-finite values (NaN or inf) at call {k + 1} for samples {samples}",
+                             k + 1, samples)
 
 
 def _check_answer(value, residuals):
@@ -195,8 +196,8 @@ def _check_answer(value, residuals):
     bad_calls = (~torch.isfinite(residuals[:, samples])).any(1).nonzero().flatten().tolist()
     if bad_calls:
         call = bad_calls[0] + 1
-        raise NonFiniteError(f"g returned non-finite values (NaN or inf) at call {call} (of {residuals.shape[0]}) for samples {samples}",
-                             call, samples)
+        raise NonFiniteError(f"g returned non-finite values (NaN or inf) at call {call} (of {residuals.shape[0]}) "
+                             f"for samples {samples}", call, samples)
     raise NonFiniteError(f"the answer is NaN or inf for samples {samples} (every call of g returned finite "
                          "values: the averaging overflowed)", None, samples)
 
