@@ -127,6 +127,7 @@ def warn_if_truncated(tokenizer, prompt: str) -> None:
     _WARNED_LONG.add((prompt, limit))
     decode = getattr(tokenizer, "decode", None)
     dropped = decode(ids[limit - 2:]) if decode is not None else f"{len(ids) - (limit - 2)} tokens"
+    dropped = dropped if len(dropped) <= 200 else dropped[:200] + "..."
     warnings.warn(f"prompt {prompt[:60]!r}... has {len(ids) + 2} tokens with BOS and EOS, more than the text "
                   f"encoder's {limit}; the text after token {limit - 2} is dropped: {dropped!r}. Long-prompt "
                   "weighting (several windows) is not supported: shorten the prompt", UserWarning, stacklevel=3)

@@ -227,13 +227,14 @@ def test_edit_refuses_bad_numbers_and_texts(flag, value, model, tmp_path, capsys
 def test_huge_guidance_is_a_one_line_error_with_a_hint(model, tmp_path, capsys):
     image = picture(tmp_path / "x.png")
     before = sorted(os.listdir(tmp_path))
-    code = cli("edit", "--model", model, "--image", image, *STEPS, "--guidance", "1e38", "--prompt", "a",
+    code = cli("edit", "--model", model, "--image", image, *STEPS, "--guidance", "1e30", "--prompt", "a",
                "--edit-prompt", "b", "--out", tmp_path / "out")
     refused(capsys, code, "non-finite", "guidance", where=tmp_path, before=before)
 
 
 @pytest.mark.parametrize("flag,value", [("--sampler", "euler_ancestral"), ("--preset", "sdxl-turbo"),
-                                        ("--strength", "0.5"), ("--guidance", "3"), ("--iters", "4")])
+                                        ("--strength", "0.5"), ("--guidance", "3"), ("--iters", "4"),
+                                        ("--eta", "0.5"), ("--clip-skip", "1"), ("--negative-prompt", "x")])
 def test_edit_from_an_inversion_refuses_flags_it_would_drop(flag, value, model, inversion, tmp_path, capsys):
     before = sorted(os.listdir(tmp_path))
     code = cli("edit", "--model", model, "--inversion", inversion, "--edit-prompt", "b", flag, value,

@@ -212,7 +212,8 @@ def test_ids_cannot_leave_the_output_folder(model, tmp_path):
     outside = tmp_path / "outside"
     records = [{"image": "a.png", "prompt": "x", "id": "../../../outside/x"},
                {"image": "a.png", "prompt": "x", "id": str(outside / "y")},
-               {"image": "b.png", "prompt": "x", "id": "sub/ok"}]
+               {"image": "b.png", "prompt": "x", "id": "sub/ok"},
+               {"prompt": "no image", "id": "c"}, {"image": "a.png", "prompt": "bad \udcff text", "id": "d"}]
     data = dataset(tmp_path / "data", records)
     out = tmp_path / "deep" / "out"
     assert evaluate(*command(model, data, out, "plain"), "--save-images", "--save-inversions") == 0
@@ -220,6 +221,7 @@ def test_ids_cannot_leave_the_output_folder(model, tmp_path):
     for bad in ("../../../outside/x", str(outside / "y")):
         assert rows[(bad, "plain")]["status"] == "bad_input" and "plain relative name" in rows[(bad, "plain")]["error"]
     assert rows[("sub/ok", "plain")]["status"] == "ok"
+    assert "no 'image' field" in rows[("c", "plain")]["error"] and "UTF-8" in rows[("d", "plain")]["error"]
     assert (out / "images" / "plain" / "sub" / "ok_reconstruction.png").is_file()
     assert not outside.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "deep"]
@@ -278,3 +280,39 @@ def test_a_folder_that_is_not_an_eval_run_is_refused(model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "did not write" in err and "summary.json" in err
     assert snapshot(out) == before and sorted(os.listdir(out)) == ["rows.jsonl", "summary.json"]
+
+
+def test_a_settings_file_that_is_not_an_eval_and_a_failed_start_leave_things_as_they_were(model, tmp_path, capsys):
+    data = dataset(tmp_path / "data", GOOD)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text("[1, 2]")
+    assert evaluate(*command(model, data, out, "plain")) == 2
+    assert "not the settings file of a renoise eval run" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".lock", "run.json"] and (out / "run.json").read_text() == "[1, 2]"
+    new = tmp_path / "new"
+    assert evaluate("--model", tmp_path / "no-model", "--images", data, "--methods", "plain", "--out", new) == 2
+    assert not new.exists()                                     # the folder it made for its lock is gone
+
+
+def test_ctrl_c_exits_130_and_the_rerun_resumes(model, tmp_path, capsys, monkeypatch):
+    from renoise.evaluation import measure
+    data = dataset(tmp_path / "data", GOOD)
+    out = tmp_path / "out"
+    real, calls = measure.measure, []
+
+    def measure_then_interrupt(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(measure, "measure", measure_then_interrupt)
+    assert evaluate(*command(model, data, out, "plain")) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "renoise eval: interrupted; rerun the same command to resume"
+    assert len(all_rows(out)) == 1
+    monkeypatch.setattr(measure, "measure", real)
+    assert evaluate(*command(model, data, out, "plain")) == 0
+    assert_each_pair_once_and_current(out, [("a", "plain"), ("b", "plain")], data)
+    assert len(all_rows(out)) == 2
