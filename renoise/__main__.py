@@ -514,8 +514,8 @@ SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)        # what torch.Generator.manual_seed t
 
 def check_seed(seed) -> None:
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise UsageError(f"--seed {seed} is out of range; use an integer from 0 to 2**64 - 1 "
-                         f"({SEED_RANGE[1]})")
+        raise UsageError(f"--seed {seed} is out of range; use an integer from 0 to 2**64 - 1 ({SEED_RANGE[1]}) "
+                         "(negative seeds down to -2**63 also work)")
 
 
 def check_guidance(flag, value) -> None:
@@ -549,17 +549,18 @@ def _check_values(args) -> None:
 def _check_against_inversion(args, loaded, overrides, path) -> None:
     """With --inversion the inversion's own settings are used: refuse a flag that asks for others."""
     res = loaded.result
+    from .pipeline import as_prompts
     made = {"--sampler": res.sampler, "--guidance": loaded.guidance_scale,
-            "--preset": loaded.extra.get("preset", res.plan.name),
-            "--strength": None, "--clip-skip": loaded.clip_skip, "--eta": res.sampler_opts.get("eta"),
-            "--negative-prompt": loaded.negative_prompts}
+            "--preset": loaded.extra.get("preset", res.plan.name), "--clip-skip": loaded.clip_skip,
+            "--eta": res.sampler_opts.get("eta"), "--negative-prompt": loaded.negative_prompts}
     given = {"--sampler": args.sampler, "--guidance": args.guidance, "--preset": args.preset,
-             "--strength": args.strength, "--clip-skip": args.clip_skip, "--eta": args.eta,
+             "--clip-skip": args.clip_skip, "--eta": args.eta,
              "--negative-prompt": None if args.negative_prompt is None else
-             as_prompts_or_none(args.negative_prompt, loaded.batch)}
-    if args.strength is not None:               # the inverted part of the chain
-        made["--strength"] = args.strength if res.start == res.num_steps - min(
-            int(res.num_steps * args.strength), res.num_steps) else f"{(res.num_steps - res.start) / res.num_steps:g}"
+             as_prompts(args.negative_prompt, loaded.batch, "negative prompt")}
+    inverted = res.num_steps - res.start                  # the steps --strength chose when it was made
+    if args.strength is not None and min(int(res.num_steps * args.strength), res.num_steps) != inverted:
+        raise UsageError(f"--strength {args.strength} cannot change a saved inversion (it inverted {inverted} of "
+                         f"its {res.num_steps} steps; {path}); drop --strength, or invert again with it")
     for flag, value in given.items():
         if value is not None and value != made[flag]:
             raise UsageError(f"{flag} {value!r} cannot change a saved inversion (it was made with {made[flag]!r}; "
@@ -571,11 +572,6 @@ def _check_against_inversion(args, loaded, overrides, path) -> None:
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} {value!r} cannot change a saved inversion (it was made with "
                              f"{getattr(res.plan, key, None)!r}; {path}); drop {flag}, or invert again with it")
-
-
-def as_prompts_or_none(prompts, batch):
-    from .pipeline import as_prompts
-    return as_prompts(prompts, batch, "negative prompt")
 
 
 @contextlib.contextmanager
