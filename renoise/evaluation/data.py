@@ -122,7 +122,7 @@ def _read_captions(path: Path) -> list[tuple[int, dict]]:
 def id_problem(item_id: str) -> str | None:
     """Why an id cannot name output files (None if it can): ids are plain relative names."""
     parts = item_id.split("/")
-    if (not item_id or item_id.startswith("/") or "\\" in item_id or "\0" in item_id or ":" in parts[0]
+    if (not item_id or item_id.startswith("/") or "\\" in item_id or "\0" in item_id
             or any(p in ("", ".", "..") for p in parts)):
         return (f"id {item_id!r} is not a plain relative name (it names the output files): no '..', no absolute "
                 "path, no backslash; give the image another 'id'")
