@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,14 @@ def eval_process(argv, worker=False, kill=False):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def has_open(pid, path) -> bool:
+    """Whether process `pid` has `path` open (Linux /proc)."""
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
 def torchrun(argv):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("EVAL_KILL_RANK", None)
@@ -118,10 +127,22 @@ def torchrun(argv):
 def test_two_concurrent_runs_do_each_pair_once_and_keep_both_plans(model, tmp_path):
     """Two runs started together into one folder: the second waits for the first's lock, then runs
     only what is missing. run.json keeps both runs' methods; a changed plan is still refused."""
+    import fcntl
     data = dataset(tmp_path / "data", GOOD)
     out = tmp_path / "out"
+    out.mkdir()
+    lock = os.open(out / store.LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)                     # held here until both runs wait on it: they contend
     first = eval_process(command(model, data, out, "plain"))
     second = eval_process(command(model, data, out, "plain", "K2:iters=2,average=false"))
+    deadline = time.monotonic() + 240
+    while not all(has_open(p.pid, out / store.LOCK) for p in (first, second)):
+        assert time.monotonic() < deadline and first.poll() is None and second.poll() is None
+        time.sleep(0.1)
+    time.sleep(1.5)                                      # they wait: nothing written while the lock is held
+    assert not (out / "run.json").exists() and not (out / "rows").exists()
+    assert first.poll() is None and second.poll() is None
+    os.close(lock)
     for p in (first, second):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
@@ -129,9 +150,9 @@ def test_two_concurrent_runs_do_each_pair_once_and_keep_both_plans(model, tmp_pa
     pairs = [(i, m) for i in ("a", "b") for m in ("plain", "K2")]
     assert sorted((r["image"], r["method"]) for r in lines) == sorted(pairs)          # each pair once
     assert set(json.loads((out / "run.json").read_text())["methods"]) == {"plain", "K2"}
-    assert_each_pair_once_and_current(out, pairs, data)
     assert evaluate(*command(model, data, out, "plain", "K2:iters=2,average=false")) == 0
     assert json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["pairs_run"] == 0
+    assert_each_pair_once_and_current(out, pairs, data)         # rows.jsonl: the last run's methods, all 4
     assert evaluate(*command(model, data, out, "K2:iters=3,average=false")) == 2       # same name, other plan
     assert len(all_rows(out)) == 4
 
