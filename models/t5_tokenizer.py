@@ -11,8 +11,9 @@ Special tokens written literally (`</s>`, `<extra_id_0>`, ...) are matched as th
 Why the `tokenizers` package, not our own code: the normalization step is SentencePiece's
 precompiled charsmap, which `tokenizers` (and so transformers) applies per extended grapheme cluster
 (Unicode UAX #29: a whole cluster is looked up first, then its characters one by one). Python's
-standard library has no grapheme segmentation, and a pure-Python Unigram that skips it was found to
-differ from T5TokenizerFast on combining marks, emoji sequences and other multi-codepoint clusters.
+standard library has no grapheme segmentation (and an earlier pure-Python Unigram in this project
+was reported to differ from T5TokenizerFast on multi-codepoint clusters and Metaspace details), so
+exact equality would need our own UAX #29 segmenter and its data tables, for no gain.
 `tokenizers` is the engine T5TokenizerFast itself runs, so the ids are the same by construction;
 it is a small binary wheel, kept out of the core install as the optional extra `renoise[t5]`.
 
