@@ -308,12 +308,16 @@ def load_t5_encoder(source, *, dtype=torch.float32, device="cpu", subfolder: str
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
-    root = Path(source) if not loading.is_hub_id(source) else None
-    if root is not None and subfolder is None:
-        if not (root / "config.json").is_file():
-            raise FileNotFoundError(f"no T5 config.json in {root}; for a diffusers pipeline folder pass "
+    hub_id = loading.is_hub_id(source)
+    if hub_id and subfolder is None:     # a transformers repo: config.json and the weights at its root
+        folder = loading._download(source, None, variants=loading.weight_variants(variant, dtype), allow_pickle=False,
+                                   base="model", cache_dir=hub.get("cache_dir"), revision=hub.get("revision"),
+                                   local_files_only=hub.get("local_files_only"))
+    elif subfolder is None:
+        folder = Path(source)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"no T5 config.json in {folder}; for a diffusers pipeline folder pass "
                                     "subfolder='text_encoder_3' (SD3) or 'text_encoder_2' (FLUX.1)")
-        folder = root
     else:
         folder = loading.resolve_folder(source, subfolder, class_name="T5EncoderModel", what="T5 encoder",
                                         variant=variant, base="model", dtype=dtype, **hub)

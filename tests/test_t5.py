@@ -121,3 +121,21 @@ def test_pipeline_subfolder_and_xxl_layout(tmp_path):
     b = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     assert a == b
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+def test_hub_ids_fetch_only_what_is_read(tmp_path, monkeypatch):
+    from tiny_models import FakeHub
+    ref, folder = _tiny(tmp_path, shards=False)
+    pipe = tmp_path / "pipe"
+    ref.save_pretrained(pipe / "text_encoder_2")
+    half = transformers.T5EncoderModel.from_pretrained(folder, dtype=torch.float16)
+    half.save_pretrained(pipe / "text_encoder_2", variant="fp16")
+    (pipe / "text_encoder_2" / "pytorch_model.bin").write_bytes(b"not read")
+    hub = FakeHub({"org/t5": folder, "org/flux": pipe}, tmp_path / "cache").install(monkeypatch)
+    ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert rel(load_t5_encoder("org/t5")(ids), ref(input_ids=ids).last_hidden_state) < 1e-5
+        enc = load_t5_encoder("org/flux", subfolder="text_encoder_2", dtype=torch.float16)
+    assert sorted(hub.fetched) == ["config.json", "model.safetensors", "text_encoder_2/config.json",
+                                   "text_encoder_2/model.fp16.safetensors"]
+    assert enc.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32

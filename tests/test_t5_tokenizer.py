@@ -113,3 +113,18 @@ def test_missing_tokenizers_names_the_extra():
             "try:\n    import renoise.models.t5_tokenizer\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install renoise[t5]" in out.stdout, out.stdout + out.stderr
+
+
+def test_hub_id_fetches_only_the_tokenizer_files(folders, tmp_path, monkeypatch):
+    from tiny_models import FakeHub
+    pipe = tmp_path / "pipe"
+    (pipe / "tokenizer_2").mkdir(parents=True)
+    for f in folders[0].iterdir():
+        (pipe / "tokenizer_2" / f.name).write_text(f.read_text())
+    (pipe / "tokenizer_2" / "spiece.model").write_bytes(b"not read")
+    hub = FakeHub({"org/flux": pipe}, tmp_path / "cache").install(monkeypatch)
+    tok = load_t5_tokenizer("org/flux", subfolder="tokenizer_2")
+    assert sorted(hub.fetched) == ["tokenizer_2/tokenizer.json", "tokenizer_2/tokenizer_config.json"]
+    ref = transformers.T5TokenizerFast.from_pretrained(folders[0])
+    texts = _strings(50, seed=3)
+    assert tok(texts, 512).tolist() == ref(texts, padding="max_length", max_length=512, truncation=True).input_ids
