@@ -465,7 +465,8 @@ class FlowSchedule:
         if t is None:
             return 0.0
         if _is_number(t):
-            if not 0 <= t <= self.num_train_timesteps:
+            # float32 shifting can put σ_max a rounding error above 1, as in diffusers
+            if not 0 <= t <= self.num_train_timesteps * (1 + 1e-6):
                 raise ValueError(f"timestep {t} is outside [0, {self.num_train_timesteps}]")
             return float(t) / self.num_train_timesteps
         if not isinstance(t, torch.Tensor):

@@ -154,3 +154,23 @@ def test_from_config_sources_and_errors(tmp_path):
     with pytest.raises(ValueError, match="num_steps"):
         FlowSchedule().sigmas(0)
     assert FlowSchedule(**FlowSchedule.from_config(SD3).to_dict()) == FlowSchedule.from_config(SD3)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(shift=st.floats(0.5, 6.0), dynamic=st.booleans(), seq_len=st.integers(16, 8192), n=st.integers(1, 60),
+       spacing=st.sampled_from(["default", "flux"]), pick=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_identity_property(shift, dynamic, seq_len, n, spacing, pick, seed):
+    """inverse_step ∘ step = step ∘ inverse_step = id (float64, fixed v), on any schedule and step."""
+    s = FlowSchedule(shift=shift, use_dynamic_shifting=dynamic, spacing=spacing).for_image(seq_len)
+    chain = s.chain(n)
+    t, tn = chain[min(int(pick * n), n - 1)]
+    gen = torch.Generator().manual_seed(seed)
+    x, v = (torch.randn(2, 3, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    assert torch.allclose(flow_euler.inverse_step(flow_euler.step(x, v, t, tn, s), v, t, tn, s), x, rtol=0, atol=1e-13)
+    assert torch.allclose(flow_euler.step(flow_euler.inverse_step(x, v, t, tn, s), v, t, tn, s), x, rtol=0, atol=1e-13)
+    sig = s.sigmas(n)
+    assert bool((sig[:-1] > sig[1:]).all()) and sig[-1] == 0 and float(sig[0]) <= 1 + 1e-6
