@@ -120,6 +120,8 @@ def test_add_noise_equals_scale_noise():
 
 def test_registered_and_refuses_discrete_schedules():
     assert "flow_euler" in samplers.NAMES and samplers.get("flow_euler") is flow_euler
+    import renoise
+    assert renoise.FlowSchedule is FlowSchedule
     disc = Schedule.create()
     with pytest.raises(ValueError, match="FlowSchedule"):
         flow_euler.step(torch.zeros(1, 1), torch.zeros(1, 1), 500, 400, disc)
