@@ -21,6 +21,9 @@ _EXPORTS = {
     "Pipeline": "pipeline", "load_pipeline": "pipeline",
     "load_single_file": "single_file",
     "merge_lora": "lora", "load_lora": "lora",
+    # T5 v1.1 encoder (SD3, FLUX.1) and its tokenizer (the tokenizer needs renoise[t5])
+    "T5Config": "t5", "T5EncoderModel": "t5", "load_t5_encoder": "t5",
+    "T5Tokenizer": "t5_tokenizer", "load_t5_tokenizer": "t5_tokenizer",
 }
 
 

@@ -272,3 +272,13 @@ def read_config(path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+# The 16-channel VAE of the flow models (SD3 / SD3.5 and FLUX.1; FACTS-FLOW.md §VAE): SDXL's VAE
+# layout with 16 latent channels, no quant convs, scaled = (raw - shift_factor) · scaling_factor.
+_VAE_SD3 = dataclasses.replace(_VAE_XL, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                               use_quant_conv=False, use_post_quant_conv=False)
+_VAE_FLUX = dataclasses.replace(_VAE_SD3, scaling_factor=0.3611, shift_factor=0.1159)
+VAE_CONFIGS.update({
+    "sd3": _VAE_SD3, "sd3-medium": _VAE_SD3, "sd35-large": _VAE_SD3, "sd35-large-turbo": _VAE_SD3,
+    "sd35-medium": _VAE_SD3, "flux": _VAE_FLUX, "flux-dev": _VAE_FLUX, "flux-schnell": _VAE_FLUX,
+})

@@ -19,6 +19,7 @@ _SUBMODULES = {
     "noise_correction", "pipeline", "images", "metrics", "models", "kernels", "diagnostics", "speed",
 }
 _ATTRIBUTES = {"invert": "inversion", "sample": "inversion", "Schedule": "schedules", "accelerate": "speed"}
+_ATTRIBUTES["FlowSchedule"] = "schedules"      # rectified-flow schedules (SD3 / FLUX.1), sampler "flow_euler"
 
 
 def __getattr__(name):

@@ -59,7 +59,7 @@ import torch
 
 from . import fixed_point, noise_correction, presets, regularizers
 from . import samplers as _samplers
-from .schedules import Schedule
+from .schedules import FlowSchedule, Schedule
 
 FORMAT = "renoise.inversion/1"
 
@@ -81,7 +81,7 @@ class InversionResult:
     plan: presets.Plan
     sampler: str
     sampler_opts: dict
-    schedule: Schedule
+    schedule: Schedule | FlowSchedule
     num_steps: int
     start: int = 0                         # index of the first chain step run (strength < 1: > 0)
     extra: dict = field(default_factory=dict)   # caller's JSON-able settings, saved in the file's metadata
@@ -103,10 +103,14 @@ class InversionResult:
                                self.start, dict(self.extra), on(self.contraction), on(self.jacobian_norm))
 
     def save(self, path) -> None:
-        """One safetensors file: the tensors, and the plan, sampler, schedule and `extra` as metadata."""
+        """One safetensors file: the tensors, and the plan, sampler, schedule and `extra` as metadata.
+        A discrete Schedule is stored as its ᾱ table and fields; a FlowSchedule (schedule_kind "flow")
+        as its fields (μ included), from which it is rebuilt exactly."""
         from safetensors.torch import save_file
-        t = {"z_T": self.z_T, "trajectory": self.trajectory, "timesteps": self.timesteps,
-             "schedule.alphas_cumprod": self.schedule.alphas_cumprod}
+        flow = isinstance(self.schedule, FlowSchedule)
+        t = {"z_T": self.z_T, "trajectory": self.trajectory, "timesteps": self.timesteps}
+        if not flow:
+            t["schedule.alphas_cumprod"] = self.schedule.alphas_cumprod
         t.update({f"noise.{i}": n for i, n in enumerate(self.noises) if n is not None})
         t.update({f"residuals.{k}": r for k, r in enumerate(self.residuals)})
         t.update({f"contraction.{k}": r for k, r in enumerate(self.contraction)})
@@ -114,7 +118,8 @@ class InversionResult:
         t = {k: v.detach().to("cpu").contiguous().clone() for k, v in t.items()}
         sched = {f.name: getattr(self.schedule, f.name) for f in fields(self.schedule)
                  if f.init and f.name != "alphas_cumprod"}
-        meta = {"format": FORMAT, "plan": json.dumps(self.plan.to_dict()), "sampler": self.sampler,
+        meta = {"format": FORMAT, "schedule_kind": "flow" if flow else "discrete",
+                "plan": json.dumps(self.plan.to_dict()), "sampler": self.sampler,
                 "sampler_opts": json.dumps(self.sampler_opts), "schedule": json.dumps(sched),
                 "model_calls": str(self.model_calls), "num_steps": str(self.num_steps), "start": str(self.start),
                 "num_noises": str(len(self.noises)), "num_residuals": str(len(self.residuals)),
@@ -190,7 +195,14 @@ class InversionResult:
             num_jac = meta.get("num_jacobian_norm", "none")
             jac = None if num_jac == "none" else [get(f"jacobian_norm.{k}") for k in range(number("num_jacobian_norm"))]
             try:
-                schedule = Schedule(get("schedule.alphas_cumprod").cpu(), **parsed("schedule"))
+                kind = meta.get("schedule_kind", "discrete")
+                if kind == "flow":
+                    schedule = FlowSchedule(**parsed("schedule"))
+                elif kind == "discrete":
+                    schedule = Schedule(get("schedule.alphas_cumprod").cpu(), **parsed("schedule"))
+                else:
+                    raise ValueError(f"its schedule_kind is {kind!r} (expected 'discrete' or 'flow'); "
+                                     "was it written by a newer renoise?")
                 plan = presets.Plan.from_dict({k: tuple(v) if isinstance(v, list) else v
                                                for k, v in parsed("plan").items()})
             except (TypeError, AttributeError) as e:

@@ -17,7 +17,7 @@ eager mode, constants under `torch.compile`); tensors give 0-d float64 tensors o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields as _fields
 
 import numpy as np
 import torch
@@ -134,6 +134,10 @@ class Schedule:
         """
         if not isinstance(cfg, dict):
             raise ValueError(f"from_config expects a dict (a scheduler_config.json), got {type(cfg).__name__}")
+        if _is_flow_config(cfg):
+            raise ValueError(f"this is a flow-matching scheduler config ({cfg.get('_class_name', 'shift, no betas')}), "
+                             "not a discrete noise schedule; use renoise.schedules.FlowSchedule.from_config(cfg) "
+                             "and the 'flow_euler' sampler")
         for key in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
             if cfg.get(key):
                 raise ValueError(f"scheduler config has {key}=true, which renoise does not support; set it to false")
@@ -194,6 +198,9 @@ class Schedule:
         return list(zip(ts, ts[1:] + [None]))
 
     def _check_steps(self, num_steps, sampler):
+        if sampler == "flow_euler":
+            raise ValueError("the 'flow_euler' sampler needs a FlowSchedule (renoise.schedules.FlowSchedule), "
+                             "not a discrete Schedule")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
         if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= self.num_train_timesteps:
@@ -264,3 +271,212 @@ class Schedule:
         return (f"Schedule(T={self.num_train_timesteps}, prediction_type={self.prediction_type!r}, "
                 f"final_alpha_cumprod={self.final_alpha_cumprod:.6g}, timestep_spacing={self.timestep_spacing!r}, "
                 f"steps_offset={self.steps_offset})")
+
+
+# ============================================================================ flow matching
+
+FLOW_SPACINGS = ("default", "flux")
+TIME_SHIFT_TYPES = ("exponential", "linear")
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+# config switches of diffusers' flow scheduler that renoise does not implement (value -> refused)
+_FLOW_UNSUPPORTED = ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                     "stochastic_sampling")
+
+
+def _is_flow_config(cfg: dict) -> bool:
+    name = str(cfg.get("_class_name", ""))
+    return name.startswith("FlowMatch") or ("shift" in cfg and "beta_start" not in cfg and "trained_betas" not in cfg)
+
+
+def _read_config(source) -> dict:
+    """A scheduler config: a dict, a scheduler_config.json path, or a folder holding one
+    (directly or in `scheduler/`)."""
+    if isinstance(source, dict):
+        return source
+    import json
+    from pathlib import Path
+    p = Path(source)
+    for cand in (p, p / "scheduler_config.json", p / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            try:
+                return json.loads(cand.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cand} is not valid JSON: {e}") from None
+    raise FileNotFoundError(f"no scheduler_config.json at {p} (nor in {p / 'scheduler'})")
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """A rectified-flow schedule (SD3 / SD3.5 / FLUX.1), equal to diffusers' FlowMatchEulerDiscreteScheduler.
+
+    The sample at noise level σ ∈ [0, 1] is x_σ = (1 - σ)·x0 + σ·ε; the model predicts the velocity
+    v = ε - x0 (prediction_type "flow"); the timestep the model sees is t = σ·T (T = 1000), so
+    σ(t) = t / T.
+
+    Sigmas for n steps (`sigmas(n)`, n + 1 values ending in 0, float32 as diffusers):
+      spacing "default" (SD3's pipeline):  s = linspace(σ_max·T, σ_min·T, n) / T, with σ_max, σ_min the
+                                            ends of the (statically shifted) 1000-step training grid
+      spacing "flux" (FluxPipeline):      s = linspace(1, 1/n, n), in float32
+    then the shift — static: s ← shift·s / (1 + (shift - 1)·s); dynamic (use_dynamic_shifting):
+    s ← e^μ / (e^μ + (1/s - 1)) ("exponential") or μ / (μ + (1/s - 1)) ("linear"), where μ comes from
+    the image's token count L by `mu(L)` = base_shift + (L - base_image_seq_len)·(max_shift -
+    base_shift)/(max_image_seq_len - base_image_seq_len) — then, with shift_terminal, the stretch
+    s ← 1 - (1 - s)/((1 - s[-1])/(1 - shift_terminal)) so that the last sigma is shift_terminal.
+
+    A dynamic schedule needs μ before it can give sigmas: `for_image(seq_len)` or `with_mu(mu)`
+    return a copy that carries it.
+    """
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    shift_terminal: float | None = None
+    time_shift_type: str = "exponential"
+    spacing: str = "default"
+    mu: float | None = None
+
+    prediction_type = "flow"     # class constant: what the model outputs (velocity ε - x0)
+
+    def __post_init__(self):
+        if isinstance(self.num_train_timesteps, bool) or int(self.num_train_timesteps) < 2:
+            raise ValueError(f"num_train_timesteps must be an int >= 2, got {self.num_train_timesteps!r}")
+        if self.spacing not in FLOW_SPACINGS:
+            raise ValueError(f"unknown flow spacing {self.spacing!r}; expected one of {', '.join(FLOW_SPACINGS)} "
+                             "('flux' = FluxPipeline's sigmas linspace(1, 1/n, n))")
+        if self.time_shift_type not in TIME_SHIFT_TYPES:
+            raise ValueError(f"time_shift_type must be one of {', '.join(TIME_SHIFT_TYPES)}, got {self.time_shift_type!r}")
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in [0, 1) or None, got {self.shift_terminal}")
+        if self.use_dynamic_shifting and self.base_image_seq_len == self.max_image_seq_len:
+            raise ValueError("base_image_seq_len and max_image_seq_len must differ for dynamic shifting")
+        object.__setattr__(self, "num_train_timesteps", int(self.num_train_timesteps))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config, *, spacing: str = "default", mu: float | None = None) -> "FlowSchedule":
+        """From a diffusers FlowMatchEulerDiscreteScheduler config: a dict, a `scheduler_config.json`
+        path, or a pipeline folder. Missing keys take diffusers' defaults. `spacing="flux"` for FLUX.1
+        models (FluxPipeline passes its own sigmas; a config with `use_flow_sigmas` keeps "default").
+        Karras/exponential/beta sigmas, inverted sigmas and stochastic sampling are refused."""
+        cfg = _read_config(config)
+        name = cfg.get("_class_name", FLOW_SCHEDULER)
+        if name != FLOW_SCHEDULER:
+            raise ValueError(f"FlowSchedule reads a {FLOW_SCHEDULER} config, got {name!r}"
+                             + ("; use renoise.schedules.Schedule.from_config for it" if not _is_flow_config(cfg) else ""))
+        for key in _FLOW_UNSUPPORTED:
+            if cfg.get(key):
+                raise ValueError(f"flow scheduler config has {key}=true, which renoise does not support; set it to false")
+        if cfg.get("use_flow_sigmas"):
+            spacing = "default"
+        kw = {k: cfg[k] for k in ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+                                  "base_image_seq_len", "max_image_seq_len", "shift_terminal", "time_shift_type")
+              if cfg.get(k) is not None}
+        return cls(spacing=spacing, mu=mu, **kw)
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-able dict (`FlowSchedule(**d)` rebuilds it)."""
+        return {f.name: getattr(self, f.name) for f in _fields(self)}
+
+    def calculate_mu(self, image_seq_len: int) -> float:
+        """μ for an image of `image_seq_len` transformer tokens (FLUX: (H/16)·(W/16); SD3: (H/16)·(W/16)
+        with H, W in pixels, i.e. latent size over the patch size), linear in the token count."""
+        m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        b = self.base_shift - m * self.base_image_seq_len
+        return image_seq_len * m + b
+
+    def for_image(self, image_seq_len: int) -> "FlowSchedule":
+        """A copy with μ = calculate_mu(image_seq_len) (used only when use_dynamic_shifting)."""
+        return self.with_mu(self.calculate_mu(image_seq_len))
+
+    def with_mu(self, mu: float) -> "FlowSchedule":
+        from dataclasses import replace
+        return replace(self, mu=float(mu))
+
+    # ------------------------------------------------------------------ sigmas and timesteps
+    def _grid_ends(self):
+        """(σ_max, σ_min): the ends of diffusers' 1000-step training grid, shifted in float32 when static."""
+        T = self.num_train_timesteps
+        s = torch.tensor([float(T), 1.0], dtype=torch.float32) / T
+        if not self.use_dynamic_shifting:
+            s = self.shift * s / (1 + (self.shift - 1) * s)
+        return s[0].item(), s[1].item()
+
+    def _time_shift(self, s):
+        mu = self.mu
+        if self.time_shift_type == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
+        return mu / (mu + (1 / s - 1) ** 1.0)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """float32 [n + 1]: the shifted sigmas of n steps and a final 0 (diffusers' `scheduler.sigmas`
+        after `set_timesteps`, with the spacing's pipeline arguments)."""
+        n, T = self._check_steps(num_steps), self.num_train_timesteps
+        if self.use_dynamic_shifting and self.mu is None:
+            raise ValueError("this flow schedule shifts by the image size (use_dynamic_shifting): call "
+                             ".for_image(image_seq_len) or .with_mu(mu) first")
+        if self.spacing == "flux":
+            s = np.array(np.linspace(1.0, 1 / n, n)).astype(np.float32)
+        else:
+            hi, lo = self._grid_ends()
+            s = np.linspace(hi * T, lo * T, n) / T
+        if self.use_dynamic_shifting:
+            s = self._time_shift(s)
+        else:
+            s = self.shift * s / (1 + (self.shift - 1) * s)
+        if self.shift_terminal:
+            one_minus = 1 - s
+            if one_minus[-1] == 0:
+                raise ValueError(f"shift_terminal stretches the sigmas by 1 - σ_last, which is 0 here ({n} step): "
+                                 "use more steps or a config without shift_terminal")
+            s = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        s = torch.from_numpy(np.asarray(s)).to(torch.float32)
+        return torch.cat([s, torch.zeros(1)])
+
+    def timesteps(self, num_steps: int, sampler: str = "flow_euler") -> torch.Tensor:
+        """float32 [n]: σ·T for the n sigmas (diffusers' `scheduler.timesteps`), descending."""
+        self._check_sampler(sampler)
+        return self.sigmas(num_steps)[:-1] * self.num_train_timesteps
+
+    def chain(self, num_steps: int, sampler: str = "flow_euler") -> list:
+        """The denoising chain [(t, t_next), ...] of timesteps as Python floats; t_next is None at the
+        end (σ = 0)."""
+        ts = self.timesteps(num_steps, sampler).tolist()
+        return list(zip(ts, ts[1:] + [None]))
+
+    def _check_steps(self, num_steps):
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= self.num_train_timesteps:
+            raise ValueError(f"num_steps must be an int in [1, {self.num_train_timesteps}], got {num_steps!r}")
+        return int(num_steps)
+
+    @staticmethod
+    def _check_sampler(sampler):
+        if sampler != "flow_euler":
+            raise ValueError(f"a FlowSchedule (flow-matching model) runs with the 'flow_euler' sampler, not {sampler!r}")
+
+    # ------------------------------------------------------------------ σ(t)
+    def sig(self, t):
+        """σ(t) = t / T as a Python float (t a number), a float64 tensor (t a tensor), 0 for None."""
+        if t is None:
+            return 0.0
+        if _is_number(t):
+            # float32 shifting can put σ_max a rounding error above 1, as in diffusers
+            if not 0 <= t <= self.num_train_timesteps * (1 + 1e-6):
+                raise ValueError(f"timestep {t} is outside [0, {self.num_train_timesteps}]")
+            return float(t) / self.num_train_timesteps
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"timestep must be a number, a tensor or None, got {type(t).__name__}")
+        return t.to(torch.float64) / self.num_train_timesteps
+
+    def sigma(self, t) -> torch.Tensor:
+        """σ(t) as a float64 tensor (0-d for a number or None)."""
+        return torch.as_tensor(self.sig(t), dtype=torch.float64)
+
+    def table(self, device) -> tuple:
+        """Nothing to cache (σ(t) = t / T is computed); kept so that code written for `Schedule` runs."""
+        return ()
