@@ -21,6 +21,9 @@ _EXPORTS = {
     "Pipeline": "pipeline", "load_pipeline": "pipeline",
     "load_single_file": "single_file",
     "merge_lora": "lora", "load_lora": "lora",
+    # flow-matching transformers
+    "SD3Config": "mmdit", "SD3Transformer": "mmdit", "sd3_config": "mmdit",
+    "FluxConfig": "flux", "FluxTransformer": "flux", "flux_config": "flux",
 }
 
 
