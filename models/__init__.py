@@ -24,6 +24,8 @@ _EXPORTS = {
     # flow-matching transformers
     "SD3Config": "mmdit", "SD3Transformer": "mmdit", "sd3_config": "mmdit",
     "FluxConfig": "flux", "FluxTransformer": "flux", "flux_config": "flux",
+    "load_transformer": "transformer_loading", "load_sd3_transformer": "transformer_loading",
+    "load_flux_transformer": "transformer_loading",
 }
 
 
