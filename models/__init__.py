@@ -26,6 +26,7 @@ _EXPORTS = {
     "FluxConfig": "flux", "FluxTransformer": "flux", "flux_config": "flux",
     "load_transformer": "transformer_loading", "load_sd3_transformer": "transformer_loading",
     "load_flux_transformer": "transformer_loading",
+    "enable_offload": "offload",
 }
 
 
