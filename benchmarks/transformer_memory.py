@@ -7,6 +7,10 @@ then runs in a fresh subprocess (file pages warm in the kernel's cache) and repo
 and after `touch` (every weight read once), the peak RSS above the post-import baseline (VmHWM)
 against the weights' size. The target is at most 1.2× the weights.
 
+--layouts bfl writes the same shapes as one Black Forest Labs-layout bf16 file (fused qkv and
+`linear1`, as flux1-dev.safetensors), streamed to disk one tensor at a time, and loads it through
+the single-file path (ours: load_transformer(file); diffusers: from_single_file with the local config).
+
     python benchmarks/transformer_memory.py                   # writes benchmarks/out/transformer_memory.json
     python benchmarks/transformer_memory.py --targets float16:cpu --loaders renoise
 """
@@ -42,8 +46,12 @@ if device == 'cuda':
 base = kib('VmRSS') * 1024
 sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 t0 = time.perf_counter()
+import os
+single = folder.endswith('.safetensors')
 if who == 'renoise':
     m = tl.load_transformer(folder, dtype=dtype, device=device)
+elif single:
+    m = FluxTransformer2DModel.from_single_file(folder, config=os.path.dirname(folder), torch_dtype=dtype).to(device)
 else:
     m = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype).to(device)
 sync()
@@ -85,8 +93,51 @@ def write_checkpoint(folder: Path, seed: int = 0):
     return total
 
 
+def bfl_shapes(cfg: dict) -> dict:
+    """{name: shape} of a BFL-layout FLUX.1 file with FLUX.1's width and `cfg`'s block counts."""
+    D, hd = 3072, 128
+    shapes = {"img_in.weight": (D, 64), "txt_in.weight": (D, 4096), "final_layer.linear.weight": (64, D),
+              "final_layer.adaLN_modulation.1.weight": (2 * D, D)}
+    for emb, din in (("time_in", 256), ("vector_in", 768)) + ((("guidance_in", 256),) if cfg["guidance_embeds"] else ()):
+        shapes |= {f"{emb}.in_layer.weight": (D, din), f"{emb}.out_layer.weight": (D, D)}
+    for i in range(cfg["num_layers"]):
+        for s in ("img", "txt"):
+            b = f"double_blocks.{i}.{s}_"
+            shapes |= {b + "mod.lin.weight": (6 * D, D), b + "attn.qkv.weight": (3 * D, D),
+                       b + "attn.proj.weight": (D, D), b + "mlp.0.weight": (4 * D, D), b + "mlp.2.weight": (D, 4 * D),
+                       b + "attn.norm.query_norm.scale": (hd,), b + "attn.norm.key_norm.scale": (hd,)}
+    for i in range(cfg["num_single_layers"]):
+        b = f"single_blocks.{i}."
+        shapes |= {b + "modulation.lin.weight": (3 * D, D), b + "linear1.weight": (7 * D, D),
+                   b + "linear2.weight": (D, 5 * D), b + "norm.query_norm.scale": (hd,), b + "norm.key_norm.scale": (hd,)}
+    for k in [k for k in shapes if k.endswith(".weight") and len(shapes[k]) == 2]:
+        shapes[k.replace(".weight", ".bias")] = (shapes[k][0],)
+    return shapes
+
+
+def write_bfl(path: Path, seed: int = 0) -> int:
+    """One bf16 safetensors file in BFL's layout, written by hand one tensor at a time (header, then data)."""
+    import math
+    shapes = bfl_shapes(CONFIG)
+    header, offset = {}, 0
+    for k, shape in shapes.items():
+        n = 2 * math.prod(shape)
+        header[k] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 16)            # data starts 16-byte aligned (8-byte length + header)
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k, shape in shapes.items():
+            t = (0.02 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+            f.write(t.view(torch.int16).numpy().tobytes())
+    return offset
+
+
 def run_child(who, folder, dtype, device):
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", CHILD, who, str(folder), dtype, device], capture_output=True,
                          text=True, env=env)
     if out.returncode:
@@ -99,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--targets", nargs="*", default=None,
                     help="dtype:device pairs (default: float16:cpu bfloat16:cpu, and float16:cuda with CUDA)")
     ap.add_argument("--loaders", nargs="*", choices=("renoise", "diffusers"), default=["renoise", "diffusers"])
+    ap.add_argument("--layouts", nargs="*", choices=("diffusers", "bfl"), default=["diffusers", "bfl"],
+                    help="sharded diffusers folder (fp16) and/or one BFL-layout file (bf16)")
     ap.add_argument("--folder", type=Path, default=None, help="reuse a checkpoint folder (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "out" / "transformer_memory.json")
     a = ap.parse_args(argv)
@@ -106,17 +159,34 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         folder = a.folder or Path(tmp)
-        if not (folder / INDEX).is_file():
+        for layout in a.layouts:
             t0 = time.perf_counter()
-            size = write_checkpoint(folder)
-            print(f"wrote {folder} ({size / 2**30:.2f} GiB fp16) in {time.perf_counter() - t0:.0f} s")
-        for target in targets:
-            dtype, device = target.split(":")
-            for who in a.loaders:
-                r = dict(loader=who, dtype=dtype, device=device, **run_child(who, folder, dtype, device))
-                r["touch_peak_ratio"] = r["touch_peak_bytes"] / r["weights_bytes"]
-                rows.append(r)
-                print_row(r)
+            if layout == "diffusers" and not (folder / INDEX).is_file():
+                size = write_checkpoint(folder)
+                print(f"wrote {folder} ({size / 2**30:.2f} GiB fp16) in {time.perf_counter() - t0:.0f} s")
+            source = folder
+            if layout == "bfl":
+                source = folder / "bfl" / "flux.safetensors"
+                if not source.is_file():
+                    source.parent.mkdir(exist_ok=True)
+                    from diffusers import FluxTransformer2DModel
+                    with torch.device("meta"):
+                        FluxTransformer2DModel(**CONFIG).save_config(source.parent)
+                    size = write_bfl(source)
+                    print(f"wrote {source} ({size / 2**30:.2f} GiB bf16) in {time.perf_counter() - t0:.0f} s")
+            for target in targets:
+                dtype, device = target.split(":")
+                for who in a.loaders:
+                    try:
+                        r = dict(layout=layout, loader=who, dtype=dtype, device=device,
+                                 **run_child(who, str(source), dtype, device))
+                    except RuntimeError as e:
+                        print(f"{layout} {who} {dtype} {device}: failed: {str(e).strip().splitlines()[-1][:200]}")
+                        rows.append(dict(layout=layout, loader=who, dtype=dtype, device=device, error=str(e)[-500:]))
+                        continue
+                    r["touch_peak_ratio"] = r["touch_peak_bytes"] / r["weights_bytes"]
+                    rows.append(r)
+                    print_row(r)
     result = dict(env=dict(torch=torch.__version__, cpu=platform.processor(), cpus=os.cpu_count(),
                            cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                            date=time.strftime("%Y-%m-%d"), config=CONFIG), rows=rows)
@@ -128,7 +198,7 @@ def main(argv=None):
 
 def print_row(r):
     gib = 2 ** 30
-    print(f"{r['loader']:9} {r['dtype']:8} {r['device']:5}  {r['params'] / 1e9:.2f} B params, weights "
+    print(f"{r['layout']:9} {r['loader']:9} {r['dtype']:8} {r['device']:5}  {r['params'] / 1e9:.2f} B params, weights "
           f"{r['weights_bytes'] / gib:.2f} GiB | load {r['load_s']:6.1f} s, peak +{r['load_peak_bytes'] / gib:5.2f} GiB"
           f" | after touch {r['touch_s']:6.1f} s, peak +{r['touch_peak_bytes'] / gib:5.2f} GiB"
           f" = {r['touch_peak_ratio']:.2f}x weights")

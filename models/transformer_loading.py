@@ -259,7 +259,8 @@ def load_single_file_transformer(path, *, dtype=torch.float32, device="cpu", con
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     converted = {n: s for names_, _, ss in plan.values() for n, s in zip(names_, ss)}
     check_keys(expected, converted, path, f"{cls.__name__} ({kind} single file)")
-    tensors = read_safetensors(path, dtype=dtype, device=device, keys=list(names), rename=names.get)
+    rebuilt = {old for old, new in names.items() if plan[new][1] is not None}     # split or swapped
+    tensors = read_safetensors(path, dtype=dtype, device=device, keys=list(names), rename=names.get, fresh=rebuilt)
     model.load_state_dict(convert(tensors, plan), strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
