@@ -302,3 +302,26 @@ def test_bad_single_files(tmp_path):
     with pytest.raises(CheckpointError, match="missing"):
         load_transformer(d,
                          config=FluxConfig(**{**tiny_flux_config("schnell"), "num_layers": 3}))
+
+
+def test_readme_flux_flow(tmp_path):
+    """The README's FLUX.1 snippet on a tiny BFL file: bf16 load, a LoRA merged, offload, a forward."""
+    from renoise.models import enable_offload, merge_lora
+    from renoise.models.flux import latent_image_ids, pack_latents, text_ids
+    theirs = make_tiny_flux("dev", attention_head_dim=128, num_attention_heads=1, axes_dims_rope=(16, 56, 56),
+                            num_layers=1, num_single_layers=1, in_channels=64)
+    f = _write(tmp_path / "flux1-dev.safetensors", flux_original(theirs.state_dict(), 1, 1))
+    flux = load_transformer(f, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    lora = {"transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight": torch.randn(2, 128, generator=g),
+            "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight": torch.randn(512, 2, generator=g)}
+    save_file(lora, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    before = flux.single_transformer_blocks[0].proj_mlp.weight.clone()
+    merge_lora(flux, tmp_path / "pytorch_lora_weights.safetensors")
+    assert not torch.equal(flux.single_transformer_blocks[0].proj_mlp.weight, before)
+    handle = enable_offload(flux, "cpu")
+    latents = torch.randn(1, 16, 4, 6, generator=g).bfloat16()
+    t5_tokens, clip_pooled = torch.randn(1, 5, 12).bfloat16(), torch.randn(1, 10).bfloat16()
+    v = flux(pack_latents(latents), 0.7, t5_tokens, clip_pooled, latent_image_ids(4, 6), text_ids(5), guidance=3.5)
+    assert v.shape == (1, 6, 64) and v.dtype == torch.bfloat16 and torch.isfinite(v).all()
+    assert handle.transfers == 2
