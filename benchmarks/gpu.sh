@@ -9,11 +9,15 @@
 #      diffusers' for B = 1 and 2, fp16 and bf16; then compiled and CUDA-graphed (an explicit capture of
 #      the compiled module), fp16 B = 1, as far as the time allows; TFLOP/s against 0.80 (SD 1.5) and
 #      1.59 (SDXL) TFLOP per pass
+#   5. the flow transformers (issue 22), one forward in bf16 at 1024 px with random full-size weights:
+#      SD 3.5 medium and FLUX.1-dev (guidance embedding), ours against diffusers' on the same tensors,
+#      eager, compiled and CUDA-graphed (as far as the time allows)
 # Each step has its own time limit, cut to what is left of the 8 minutes; JSON and a log go to $OUT
 # (default benchmarks/out). Without CUDA it stops at once with exit code 2.
 #
 #   bash benchmarks/gpu.sh            # on the GPU machine, from anywhere
 #   bash benchmarks/gpu.sh --check    # anywhere: syntax and every script's arguments, no GPU needed
+#   bash benchmarks/gpu.sh --transformers   # only step 5 (SD3 / Flux rows)
 #
 # Python: the first of $PYTHON, python3, python that imports torch. Missing packages (diffusers is
 # not on every image) can come as wheels in .whl/ at the repository root: they are installed with
@@ -36,7 +40,8 @@ done
 
 if [ "${1:-}" = "--check" ]; then
     bash -n "$0" || exit 1
-    for s in benchmarks/inversion.py benchmarks/unet.py benchmarks/loading.py benchmarks/fused_kernels.py; do
+    for s in benchmarks/inversion.py benchmarks/unet.py benchmarks/loading.py benchmarks/fused_kernels.py \
+             benchmarks/transformer.py benchmarks/transformer_memory.py; do
         "$PY" "$s" --help >/dev/null || { echo "gpu.sh --check: $s --help failed" >&2; exit 1; }
     done
     "$PY" -m pytest --collect-only -q tests/test_speed.py -k cuda >/dev/null || { echo "gpu.sh --check: collect failed" >&2; exit 1; }
@@ -76,6 +81,22 @@ step() {   # step NAME LIMIT_SECONDS COMMAND...: runs with the limit cut to the 
     echo "== $name: exit $?, $((SECONDS - START))s since start"
 }
 
+ONLY=""
+[ "${1:-}" = "--transformers" ] && ONLY=transformers
+
+transformers() {
+step "SD3 / Flux transformer pass, bf16 eager" 90 "$PY" benchmarks/transformer.py \
+    --cases sd35m-cuda-1024 flux-dev-cuda-1024 --dtypes bfloat16 --reps 10 --json "$OUT/transformer_gpu_eager.json"
+step "SD3 / Flux transformer pass, compiled and graphed" 240 "$PY" benchmarks/transformer.py \
+    --cases sd35m-cuda-1024 flux-dev-cuda-1024 --dtypes bfloat16 --compile --graphs --reps 10 --budget 150 \
+    --json "$OUT/transformer_gpu_compiled.json"
+}
+
+if [ "$ONLY" = transformers ]; then
+    { transformers; echo "gpu.sh: done in $((SECONDS - START))s"; } 2>&1 | tee "$OUT/gpu_transformers.log"
+    exit 0
+fi
+
 {
 step "CUDA tests" 100 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_speed.py tests/test_kernels.py -k "cuda or test_kernels"
 step "SDXL-Turbo inversion" 230 "$PY" benchmarks/inversion.py --part speed --size sdxl-turbo --device cuda \
@@ -86,5 +107,6 @@ step "UNet pass, eager" 60 "$PY" benchmarks/unet.py --cases sd15-cuda-512 sdxltu
     --dtypes float16 bfloat16 --no-load --reps 20 --json "$OUT/unet_gpu_eager.json"
 step "UNet pass, compiled and graphed" 150 "$PY" benchmarks/unet.py --cases sd15-cuda-512 sdxlturbo-cuda-512 \
     --batch 1 --dtypes float16 --compile --graphs --no-load --reps 20 --budget 90 --json "$OUT/unet_gpu_compiled.json"
+transformers
 echo "gpu.sh: done in $((SECONDS - START))s"
 } 2>&1 | tee "$OUT/gpu.log"

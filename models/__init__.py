@@ -24,6 +24,12 @@ _EXPORTS = {
     # T5 v1.1 encoder (SD3, FLUX.1) and its tokenizer (the tokenizer needs renoise[t5])
     "T5Config": "t5", "T5EncoderModel": "t5", "load_t5_encoder": "t5",
     "T5Tokenizer": "t5_tokenizer", "load_t5_tokenizer": "t5_tokenizer",
+    # flow-matching transformers
+    "SD3Config": "mmdit", "SD3Transformer": "mmdit", "sd3_config": "mmdit",
+    "FluxConfig": "flux", "FluxTransformer": "flux", "flux_config": "flux",
+    "load_transformer": "transformer_loading", "load_sd3_transformer": "transformer_loading",
+    "load_flux_transformer": "transformer_loading",
+    "enable_offload": "offload",
 }
 
 

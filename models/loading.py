@@ -111,8 +111,11 @@ def _header(path: Path) -> tuple[dict, int]:
 ALIGN = 16
 
 
-def read_safetensors(path, *, dtype=None, device="cpu", keys=None, rename=None) -> dict[str, torch.Tensor]:
+def read_safetensors(path, *, dtype=None, device="cpu", keys=None, rename=None, fresh=()) -> dict[str, torch.Tensor]:
     """Read tensors (all, or `keys`) into `dtype` (floating tensors only) on `device`.
+
+    `fresh`: names always read into their own memory, the map's pages released (for tensors the
+    caller will split or rebuild: a view would keep the pages resident after the parts are copied).
 
     The file is memory-mapped, privately (copy-on-write: writing to a tensor never changes the file).
     A tensor that keeps its dtype on the CPU is a view of the map (when aligned, see ALIGN), as
@@ -137,16 +140,19 @@ def read_safetensors(path, *, dtype=None, device="cpu", keys=None, rename=None) 
         lo, hi = offset + info["data_offsets"][0], offset + info["data_offsets"][1]
         src = _ST_DTYPES[info["dtype"]]
         want = dtype if (dtype is not None and src.is_floating_point) else src
-        keep = want == src and device.type == "cpu"            # a view of the map, if aligned
+        keep = want == src and device.type == "cpu" and name not in fresh   # a view of the map, if aligned
+        mapped = False
         if hi == lo:
             t = torch.empty(0, dtype=src)
         elif lo % (ALIGN if keep else src.itemsize):           # a fresh buffer is aligned
             t = torch.frombuffer(mm, dtype=torch.uint8, count=hi - lo, offset=lo).clone().view(src)
         else:                        # its own storage on the map: tensors never share one (save_file, compile)
-            t = torch.frombuffer(mm, dtype=src, count=(hi - lo) // src.itemsize, offset=lo)
+            t, mapped = torch.frombuffer(mm, dtype=src, count=(hi - lo) // src.itemsize, offset=lo), True
         t = t.reshape(info["shape"])
         if not keep:
             t = t.to(device).to(want)
+            if mapped and t.device.type == "cpu" and t.dtype == src:
+                t = t.clone()                                  # still the map's bytes (a `fresh` name): copy them out
             _release(mm, lo, hi)
         out[rename(name) if rename else name] = t
         if bar is not None:

@@ -9,6 +9,8 @@ Unmerging subtracts the same term.
 
 Key formats understood (one file may mix components):
     diffusers / peft   unet.<module>.lora_A.weight, .lora_B.weight [, unet.<module>.alpha]
+                       transformer.<module>... for the SD3 / Flux transformers; alpha also from the
+                       safetensors metadata diffusers writes ("lora_adapter_metadata": lora_alpha)
                        (also lora.down/up, lora_linear_layer.down/up, lora_down/up, and the legacy
                        attention-processor names <block>.processor.to_q_lora.down.weight);
                        text_encoder. / text_encoder_2. for the encoders
@@ -37,8 +39,8 @@ class LoraError(ValueError):
 
 _PAIRS = (("lora_A.weight", "lora_B.weight"), ("lora_down.weight", "lora_up.weight"),
           ("lora.down.weight", "lora.up.weight"), ("lora_linear_layer.down.weight", "lora_linear_layer.up.weight"))
-_PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
-                  "base_model.model.": "unet"}
+_PEFT_PREFIXES = {"unet.": "unet", "transformer.": "transformer", "text_encoder.": "text_encoder",
+                  "text_encoder_2.": "text_encoder_2", "base_model.model.": None}   # None: the default component
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                    "lora_te2_": "text_encoder_2"}
 # legacy attention processors: <attn>.processor.to_out_lora.down.weight → <attn>.to_out.0
@@ -66,11 +68,40 @@ def load_lora(source, *, weight_name: str | None = None, allow_pickle: bool = Fa
             path = files[0]
         elif not path.exists():
             raise FileNotFoundError(f"LoRA {source!r} is neither a file, a folder, nor a hub id 'org/name'")
-    return load_state_dict(path, allow_pickle=allow_pickle)
+    sd = load_state_dict(path, allow_pickle=allow_pickle)
+    return _with_metadata_alphas(sd, path) if path.suffix == ".safetensors" else sd
 
 
-def parse_lora(state_dict: dict) -> dict[tuple[str, str], dict]:
+def _with_metadata_alphas(sd: dict, path) -> dict:
+    """Add `<prefix><module>.alpha` keys from diffusers' "lora_adapter_metadata" (PEFT's LoraConfig as
+    JSON, keys "transformer.lora_alpha" etc., or unprefixed) for modules whose file has no alpha."""
+    import json
+
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return sd
+    meta = json.loads(raw)
+    out = dict(sd)
+    for key in sd:
+        if not key.endswith(("lora_A.weight", "lora_down.weight")):
+            continue
+        module = key.rsplit(".", 2)[0]
+        prefix = next((p for p in _PEFT_PREFIXES if module.startswith(p)), "")
+        alpha = meta.get(f"{prefix}lora_alpha", meta.get("lora_alpha"))
+        pattern = meta.get(f"{prefix}alpha_pattern", meta.get("alpha_pattern"))
+        if pattern:
+            raise LoraError(f"{Path(path).name}: per-module alphas (alpha_pattern {pattern}) are not supported")
+        if alpha is not None and f"{module}.alpha" not in sd:
+            out[f"{module}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def parse_lora(state_dict: dict, default: str = "unet") -> dict[tuple[str, str], dict]:
     """Group LoRA keys by (component, raw module name): {"down", "up", "alpha"}.
+
+    Keys without a component prefix belong to `default` ("unet", or "transformer" for SD3 / Flux).
 
     The raw name is what the file says (dotted for diffusers/peft keys, kohya's underscored name
     for kohya keys); `merge_lora` resolves it against the model.
@@ -78,7 +109,7 @@ def parse_lora(state_dict: dict) -> dict[tuple[str, str], dict]:
     groups: dict[tuple[str, str], dict] = {}
     unknown = []
     for key, value in state_dict.items():
-        comp, name, part = _split_key(key)
+        comp, name, part = _split_key(key, default)
         if comp is None:
             unknown.append(key)
             continue
@@ -94,7 +125,7 @@ def parse_lora(state_dict: dict) -> dict[tuple[str, str], dict]:
     return groups
 
 
-def _split_key(key: str):
+def _split_key(key: str, default: str = "unet"):
     """(component, raw module name, "down" | "up" | "alpha") or (None, None, None)."""
     for prefix, comp in _KOHYA_PREFIXES.items():
         if key.startswith(prefix):
@@ -107,7 +138,7 @@ def _split_key(key: str):
         if key.startswith(prefix):
             comp, key = c, key[len(prefix):]
             break
-    comp = comp or "unet"
+    comp = comp or default
     m = _PROCESSOR.match(key)
     if m:
         return comp, f"{m.group(1)}.{'to_out.0' if m.group(2) == 'to_out' else m.group(2)}", m.group(3)
@@ -149,6 +180,12 @@ def _name_map(component: str, module: nn.Module) -> dict[str, str]:
     return out
 
 
+def _is_transformer(module) -> bool:
+    from .flux import FluxTransformer
+    from .mmdit import SD3Transformer
+    return isinstance(module, (SD3Transformer, FluxTransformer))
+
+
 def _targets(target) -> dict[str, nn.Module]:
     """{component: module} from a Pipeline, a dict, a UNet or a text encoder."""
     if isinstance(target, dict):
@@ -156,9 +193,11 @@ def _targets(target) -> dict[str, nn.Module]:
     if hasattr(target, "modules") and hasattr(target, "unet") and callable(target.modules):
         return {k: v for k, v in target.modules().items() if k != "vae"}
     if isinstance(target, nn.Module):
+        if _is_transformer(target):
+            return {"transformer": target}
         is_text = hasattr(target, "text_model")
         return {"text_encoder" if is_text else "unet": target}
-    raise TypeError(f"merge_lora target must be a Pipeline, a dict of modules, a UNet or a text encoder; "
+    raise TypeError(f"merge_lora target must be a Pipeline, a dict of modules, a UNet, a transformer or a text encoder; "
                     f"got {type(target).__name__}")
 
 
@@ -181,7 +220,9 @@ def merge_lora(target, lora, scale: float = 1.0, *, unmerge: bool = False, inpla
     """Merge (or with `unmerge=True` subtract) a LoRA into `target`'s weights.
 
     target: a `Pipeline` (UNet and text encoders), a dict {"unet": ..., "text_encoder": ...,
-    "text_encoder_2": ...}, or a single UNet / text encoder. lora: a state dict or a file path.
+    "text_encoder_2": ..., "transformer": ...}, or a single UNet / SD3 or Flux transformer / text
+    encoder. lora: a state dict or a file path (keys without a component prefix go to the UNet, or
+    to the transformer when the target has one and no UNet).
     Every LoRA key must land on a module of the target (else LoraError listing the misses).
     `inplace=False` leaves `target` untouched and returns a merged copy (of the same kind).
     Returns the merged target.
@@ -189,9 +230,9 @@ def merge_lora(target, lora, scale: float = 1.0, *, unmerge: bool = False, inpla
     state_dict = load_lora(lora, allow_pickle=allow_pickle) if isinstance(lora, (str, Path)) else lora
     if not state_dict:
         raise LoraError("the LoRA state dict is empty")
-    groups = parse_lora(state_dict)
     result = target if inplace else _copy(target)
     modules = _targets(result)
+    groups = parse_lora(state_dict, "transformer" if "transformer" in modules and "unet" not in modules else "unet")
 
     maps = {comp: _name_map(comp, m) for comp, m in modules.items()}
     plan, missing = [], []
@@ -231,7 +272,7 @@ def _copy(target):
     if isinstance(target, nn.Module):
         return copy.deepcopy(target)
     fresh = copy.copy(target)   # a Pipeline: new networks, shared tokenizers and configs
-    for name in ("unet", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "text_encoder", "text_encoder_2"):
         if getattr(fresh, name, None) is not None:
             setattr(fresh, name, copy.deepcopy(getattr(fresh, name)))
     return fresh
