@@ -47,6 +47,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "diffusers", "transformers", "peft", "matplotlib",
+                 "scikit-image",                                    # the 'photos' evaluation set
                  "triton; platform_system == 'Linux'"],     # triton: the kernels' interpreter tests
         "gpu": ["triton"],
     },
