@@ -26,8 +26,12 @@ test, ρ = (‖f(a)‖ - ‖f(x')‖) / (‖f(a)‖ - ‖f(a) - s·ΔF·γ‖) (
   - ρ > 1/4: move to x' and keep the history; ω doubles when ρ > 3/4;
   - otherwise (also a non-finite g(x')): stay at a, divide ω by 4 (ω ∈ [1/16, 2], starting at 1/2),
     drop the history, and take the plain step a + β·f(a) next (the rejected call is the price).
-Plain steps are always taken, as in plain iteration. Each sample answers g(x) at its last
-accepted x, so z_{k+1} below means that answer after the k-th call.
+Plain steps are always taken, as in plain iteration, with one exception (the relax guard): a
+relaxed plain step (β ≠ 1) that does not shrink the residual is rejected like a mixed one, and
+from then on that sample's steps are un-relaxed (β = 1, Anderson around plain iteration). Off the
+map's home ground its Jacobian can have eigenvalues near 0 or below, where β = 2 gives
+|1 - β(1 - λ)| ≥ 1: without the guard the relaxed fallback itself diverged there. Each sample
+answers g(x) at its last accepted x, so z_{k+1} below means that answer after the k-th call.
 
 `tol` (a number, or a 0-d tensor computed in a compiled caller) stops samples whose residual
 reaches tol: they are frozen (their answer no longer changes, their residual reads 0), the others
@@ -336,6 +340,7 @@ def _implicit(g, z_star, index, paired, value, opts, log):
 
 _ETA = 0.25                        # accept a mixed step if it achieves this share of the predicted decrease
 _OMEGA = (1 / 16, 1 / 2, 2.0)      # trust scale ω: smallest, initial, largest
+_GROW = 1.0                        # a relaxed plain step must shrink the residual below this share
 
 
 def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax=1.0):
@@ -351,6 +356,7 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
     done = torch.zeros(B, dtype=torch.bool, device=c.device)
     omega = torch.full((B,), _OMEGA[1], dtype=cd, device=c.device)   # trust scale ω
     rate = torch.ones(B, dtype=cd, device=c.device)                  # L̂: last plain step's ratio ≤ 1
+    beta = torch.full((B,), float(relax), dtype=cd, device=c.device)  # each sample's step length
     avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
     evals = 0
     for k in range(iters):
@@ -363,9 +369,13 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
         if k == 0:
             a, ga, fa, ra = c, gc, fc, rc
         else:
-            plain = ~valid.any(0)                      # c was the plain step g(a)
+            plain = ~valid.any(0)                      # c was the plain step a + β·f(a)
             rho = (ra - rc) / (ra - predicted).clamp_min(torch.finfo(cd).tiny)
-            move = (plain | (rho > _ETA)) & ~done      # NaN residuals compare false: rejected
+            # a relaxed plain step that did not shrink the residual (NaN: neither) is rejected, and
+            # that sample's steps are un-relaxed (β = 1) for the rest of the solve: plain iteration
+            grew = plain & (beta != 1) & ~(rc < _GROW * ra) & ~done
+            move = ((plain & ~grew) | (rho > _ETA)) & ~done      # NaN residuals compare false: rejected
+            beta = torch.where(grew, torch.ones_like(beta), beta)
             mixed = ~plain & ~done
             grown = torch.where(rho > 0.75, omega * 2, torch.where(rho < 0.25, omega / 4, omega))
             omega = torch.where(mixed, grown.clamp(*_OMEGA[::2]), omega)
@@ -391,7 +401,7 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
         if k < iters - 1:
             reach = torch.where(rate < 1, (1 / (1 - rate).clamp_min(1e-12)).clamp(max=trust), 1.0)
             radius = omega * reach
-            c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, radius, relax)
+            c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, radius, beta if relax != 1 else 1.0)
             c = torch.where(done[:, None], a, c)
     z = ga.reshape(shape).to(z0.dtype)
     return avg.result(z, evals), z, torch.stack(residuals), evals, iterates
@@ -405,6 +415,8 @@ def _propose(a, ga, fa, dX, dF, valid, reg, radius, relax=1.0):
     unit = 1 / rms(fa).clamp_min(torch.finfo(fa.dtype).tiny ** 0.5)[:, None]
     mask = valid[..., None]                                        # [m, B, 1]
     F = torch.where(mask, torch.stack(dF), 0) * unit               # [m, B, N]
+    if isinstance(relax, torch.Tensor):
+        relax = relax[:, None]                                     # per sample: [B, 1]
     G = torch.where(mask, relax * torch.stack(dF) + torch.stack(dX), 0) * unit   # ΔX + β·ΔF
     gram = torch.einsum("ibn,jbn->bij", F, F).double()             # [B, m, m]
     rhs = torch.einsum("ibn,bn->bi", F, fa * unit).double()        # [B, m]
@@ -418,7 +430,7 @@ def _propose(a, ga, fa, dX, dF, valid, reg, radius, relax=1.0):
     corr = torch.einsum("ibn,bi->bn", G, gamma) / unit             # (ΔX + ΔF)·γ
     scale = (radius * rms(fa) / rms(corr).clamp_min(torch.finfo(fa.dtype).tiny)).clamp(max=1.0).detach()
     predicted = rms(fa - scale[:, None] * torch.einsum("ibn,bi->bn", F, gamma) / unit)
-    base = ga if relax == 1 else a + relax * fa
+    base = ga if not isinstance(relax, torch.Tensor) and relax == 1 else a + relax * fa
     return base - scale[:, None] * corr, predicted
 
 
