@@ -21,6 +21,7 @@ Each set is deterministic in (n, seed): the same images and captions every time.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -169,6 +170,7 @@ def _photo(name):
     return np.asarray(img, np.float32).transpose(2, 0, 1) / 255
 
 
+@functools.lru_cache(maxsize=None)
 def _photos_available():
     """The names of PHOTOS that this scikit-image ships in its wheel (no download)."""
     try:
@@ -184,7 +186,7 @@ def _photos_available():
             continue
     if not out:
         raise ValueError("scikit-image ships none of the photographs of the 'photos' set in this installation")
-    return out
+    return tuple(out)
 
 
 def _jpeg(img, quality):
