@@ -356,7 +356,8 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
     done = torch.zeros(B, dtype=torch.bool, device=c.device)
     omega = torch.full((B,), _OMEGA[1], dtype=cd, device=c.device)   # trust scale ω
     rate = torch.ones(B, dtype=cd, device=c.device)                  # L̂: last plain step's ratio ≤ 1
-    beta = torch.full((B,), float(relax), dtype=cd, device=c.device)  # each sample's step length
+    beta = torch.full((B,), min(float(relax), 1.0), dtype=cd, device=c.device)   # each sample's step length
+    measured = torch.zeros(B, dtype=torch.bool, device=c.device)      # whether β was set from a plain step
     avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
     evals = 0
     for k in range(iters):
@@ -380,6 +381,11 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
             grown = torch.where(rho > 0.75, omega * 2, torch.where(rho < 0.25, omega / 4, omega))
             omega = torch.where(mixed, grown.clamp(*_OMEGA[::2]), omega)
             rate = torch.where(plain & move, (rc / ra.clamp_min(torch.finfo(cd).tiny)).clamp(max=1.0), rate)
+            if relax > 1:              # β from the first (un-relaxed) plain step's ratio L̂: 2/(2 - L̂) ≤ relax
+                first = plain & move & ~measured
+                adapt = (2 / (2 - rate)).clamp(min=1.0, max=float(relax))
+                beta = torch.where(first, torch.where(rate < 1, adapt, torch.ones_like(beta)), beta)
+                measured = measured | first
             valid = valid & move[None]                 # a rejected proposal restarts the history
             s, col = (k - 1) % m, move[:, None]
             dX[s] = torch.where(col, c - a, dX[s])

@@ -78,22 +78,24 @@ def _latent_psnr_and_calls(pipe, plan, x, captions):
 
 @pytest.mark.parametrize("name", list(sets.SETS))
 def test_presets_are_never_worse_than_plain_iteration_at_equal_calls(pipe, name):
-    """Each demo preset at its own sampler and steps (`demo` at 4 steps here, for time), on three
+    """Each demo preset at its own sampler (`demo` at 4 steps here, for time, like the others), on two
     images of the set, against plain iteration (anderson=0, relax=1, tol=None, warm_start none) at
-    the same calls: K = 0, 1, 2, 3, 5, 9 interpolated linearly in calls, per image."""
-    entries = sets.images(name, 3)
+    the same calls: K = 0, 1, 2, 3, 5, 9 interpolated linearly in calls, per image; no image may be
+    more than 0.5 dB (latent PSNR) below it."""
+    entries = sets.images(name, 2)
     x = torch.from_numpy(np.stack([e[1] for e in entries])) * 2 - 1
     captions = [e[2] for e in entries]
+    curves = {}
     for preset in ("demo", "demo-4", "demo-euler-4"):
         plan = resolve(preset, num_steps=4)
         lat, calls = _latent_psnr_and_calls(pipe, plan, x, captions)
-        curve = []
-        for k in PLAIN_K:
+        curve = curves.setdefault((plan.sampler, plan.noise_correction), [])
+        for k in PLAIN_K[len(curve):]:
+            if curve and curve[-1][1].min() >= calls.max():
+                break
             plain = Plan(name=f"K{k}", sampler=plan.sampler, num_steps=4, iters=k, window=(k, k + 1), average=False,
                          noise_correction=plan.noise_correction)
             curve.append(_latent_psnr_and_calls(pipe, plain, x, captions))
-            if curve[-1][1].min() >= calls.max():
-                break
         assert curve[-1][1].min() >= calls.max(), "plain iteration must reach the preset's calls"
         pc, pv = np.stack([c for _, c in curve]), np.stack([v for v, _ in curve])
         at_equal = np.array([np.interp(calls[i], pc[:, i], pv[:, i]) for i in range(len(lat))])
@@ -153,17 +155,18 @@ def test_cli_summary_and_report_name_stalled_steps():
 
 
 def test_eval_set_runs_and_rows_report_stalls(tmp_path, capsys):
-    """`renoise eval --set NAME` builds the set into OUT/data/NAME and runs it; a method built to stall
+    """`renoise eval --set NAME` builds the set into OUT/data/NAME and runs it (its first image, an
+    unknown-words caption); a method built to stall
     (one renoising iteration, tol 1e-9) has every step in its rows' not_converged, and the summary says so."""
     from renoise.__main__ import main
     out = tmp_path / "run"
-    rc = main(["eval", "--set", "unknown-words", "--set-size", "2", "--steps", "2", "--methods", "plain",
+    rc = main(["eval", "--set", "unknown-words", "--set-size", "1", "--steps", "2", "--methods", "plain",
                "stall:iters=1,average=false,tol=1e-9", "--out", str(out), "--quiet", "--no-plots", "--threads", "1"])
     assert rc == 0
     assert sorted(p.name for p in (out / "data" / "unknown-words").iterdir()) == [
-        "captions.jsonl", "unknown-0000.png", "unknown-0001.png"]
+        "captions.jsonl", "unknown-0000.png"]
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     for r in rows:
         if r["method"] == "stall":
             assert [c["step"] for c in r["not_converged"]] == [0, 1] and r["budget_used"] == 1.0
@@ -171,8 +174,8 @@ def test_eval_set_runs_and_rows_report_stalls(tmp_path, capsys):
         else:
             assert r["not_converged"] == [] and r["budget_used"] == 1.0
     s = json.loads((out / "summary.json").read_text())
-    assert s["data"] == {"set": "unknown-words"} and len(s["methods"]["stall"]["not_converged"]) == 4
+    assert s["data"] == {"set": "unknown-words"} and len(s["methods"]["stall"]["not_converged"]) == 2
     md = (out / "summary.md").read_text()
-    assert "## Not converged" in md and "stall on unknown-0001: step 1" in md
+    assert "## Not converged" in md and "stall on unknown-0000: step 1" in md
     rc = main(["eval", "--set", "photos", "--demo", "2", "--out", str(tmp_path / "x"), "--quiet"])
     assert rc == 2 and "one of --images" in capsys.readouterr().err
