@@ -10,7 +10,10 @@ Over-relaxation (`relax=β`, default 1) calls g at c_{k+1} = c_k + β·(g(c_k) -
 iterates and the answer are still the g(c_k), the residuals g(c_k) - c_k. Along an eigenvector of
 g's Jacobian with eigenvalue λ < 1 the error shrinks by |1 - β(1 - λ)| a call: β ≈ 2 halves the
 calls where λ is near 1 (ReNoise's slow steps) but makes λ near 0 oscillate (|1 - β|); Anderson's
-safeguard (below) keeps those in check.
+safeguard (below) keeps those in check. Under Anderson, β > 1 is adaptive, per sample, with `relax`
+its upper bound: the first plain step is un-relaxed, and its residual ratio L̂ sets β = 2/(2 - L̂)
+(≤ relax; 1 where L̂ ≥ 1), the best fixed step length for eigenvalues in [0, L̂]: ≈ 1 on fast steps,
+where relaxing only oscillates, up to 2 on slow ones.
 
 Anderson mixing (`anderson=m`) keeps, per sample, the last m accepted steps ΔX_i = x_{i+1} - x_i
 and residual changes ΔF_i = f_{i+1} - f_i (f(x) = g(x) - x) and proposes, from the current point a,
@@ -171,7 +174,8 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=F
     [B, ...]; `weights` then average the y's and the answer is readout(ȳ) (readout(y_last) without
     weights). anderson=m > 0: safeguarded Anderson mixing with memory m, regularisation
     `anderson_reg` and largest trust radius `anderson_trust` (in plain-step lengths). relax=β: the
-    step length of the plain (and Anderson's base) step, z + β·(g(z) - z).
+    step length of the plain (and Anderson's base) step, z + β·(g(z) - z); with Anderson and β > 1,
+    the largest step length of the adaptive one (module docstring).
     grad: "unrolled" | "implicit" | "phantom" | "none" (module docstring). phantom_steps=k: the
     calls recorded by "phantom" (k >= iters: all of them). backward_iters / backward_tol /
     backward_anderson: the implicit backward's adjoint solve (default: iters, None, anderson).
