@@ -77,7 +77,7 @@ def _latent_psnr_and_calls(pipe, plan, x, captions):
 
 
 EULER_GAP = ("issue 20, not met: demo-euler-4 (Euler-ancestral 4 + noise correction, <= 3 calls a step) loses up to "
-             "3.6 dB latent PSNR to plain iteration at equal calls off home ground; benchmarks/RESULTS.md")
+             "4.1 dB latent PSNR to plain iteration at equal calls off home ground; benchmarks/RESULTS.md")
 
 
 @pytest.mark.parametrize("presets", [("demo", "demo-4"),
