@@ -47,6 +47,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "diffusers", "transformers", "peft", "matplotlib",
+                 "scikit-image",                                    # the 'photos' evaluation set
                  "triton; platform_system == 'Linux'",      # triton: the kernels' interpreter tests
                  "tokenizers", "sentencepiece", "protobuf"],  # the T5 tokenizer and its oracle's training
         "t5": ["tokenizers"],          # the T5 tokenizer of SD3 / FLUX.1 (renoise.models.t5_tokenizer)

@@ -473,6 +473,7 @@ def run(args) -> dict:
                               "sampler_opts": res.sampler_opts, "plan": res.plan.to_dict()}
         if command == "edit":
             report["settings"].update(edit_prompts=edit_prompts, edit_guidance_scale=args.edit_guidance)
+        report["convergence"] = res.convergence()
         report["residuals"] = {"final_per_step": [r[-1] for r in res.residuals],
                                "per_iteration": res.residuals,
                                "contraction_per_step": list(getattr(res, "contraction", []) or [])}
@@ -612,6 +613,14 @@ def summary(report, out) -> str:
         values = image["psnr"] if image else rec["latent"]["psnr"]
         what = "image" if image else "latent (no --image given)"
         lines.append(f"reconstruction PSNR: {', '.join(f'{v:.2f}' for v in values)} dB ({what})")
+    conv = report.get("convergence")
+    if conv:
+        lines.append("budget used per image: " + ", ".join(f"{b:.0%}" for b in conv["budget"]))
+        for s in conv["not_converged"]:
+            lines.append(f"warning: image {s['sample']}, inversion step {s['step']} (t={s['timestep']}) stopped above "
+                         f"its tolerance: residual {s['residual']:.2g} > tol {s['tol']:.2g} after {s['calls']} calls")
+        if conv["advice"]:
+            lines.append(f"what to do: {conv['advice']}")
     calls = report["model_calls"]
     lines.append("model calls: " + ", ".join(f"{k} {v}" for k, v in calls.items()) + f" (total {sum(calls.values())})")
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()))

@@ -10,7 +10,10 @@ Over-relaxation (`relax=β`, default 1) calls g at c_{k+1} = c_k + β·(g(c_k) -
 iterates and the answer are still the g(c_k), the residuals g(c_k) - c_k. Along an eigenvector of
 g's Jacobian with eigenvalue λ < 1 the error shrinks by |1 - β(1 - λ)| a call: β ≈ 2 halves the
 calls where λ is near 1 (ReNoise's slow steps) but makes λ near 0 oscillate (|1 - β|); Anderson's
-safeguard (below) keeps those in check.
+safeguard (below) keeps those in check. Under Anderson, β > 1 is adaptive, per sample, with `relax`
+its upper bound: the first plain step is un-relaxed, and its residual ratio L̂ sets β = 2/(2 - L̂)
+(≤ relax; 1 where L̂ ≥ 1), the best fixed step length for eigenvalues in [0, L̂]: ≈ 1 on fast steps,
+where relaxing only oscillates, up to 2 on slow ones.
 
 Anderson mixing (`anderson=m`) keeps, per sample, the last m accepted steps ΔX_i = x_{i+1} - x_i
 and residual changes ΔF_i = f_{i+1} - f_i (f(x) = g(x) - x) and proposes, from the current point a,
@@ -26,8 +29,12 @@ test, ρ = (‖f(a)‖ - ‖f(x')‖) / (‖f(a)‖ - ‖f(a) - s·ΔF·γ‖) (
   - ρ > 1/4: move to x' and keep the history; ω doubles when ρ > 3/4;
   - otherwise (also a non-finite g(x')): stay at a, divide ω by 4 (ω ∈ [1/16, 2], starting at 1/2),
     drop the history, and take the plain step a + β·f(a) next (the rejected call is the price).
-Plain steps are always taken, as in plain iteration. Each sample answers g(x) at its last
-accepted x, so z_{k+1} below means that answer after the k-th call.
+Plain steps are always taken, as in plain iteration, with one exception (the relax guard): a
+relaxed plain step (β ≠ 1) that does not shrink the residual is rejected like a mixed one, and
+from then on that sample's steps are un-relaxed (β = 1, Anderson around plain iteration). Off the
+map's home ground its Jacobian can have eigenvalues near 0 or below, where β = 2 gives
+|1 - β(1 - λ)| ≥ 1: without the guard the relaxed fallback itself diverged there. Each sample
+answers g(x) at its last accepted x, so z_{k+1} below means that answer after the k-th call.
 
 `tol` (a number, or a 0-d tensor computed in a compiled caller) stops samples whose residual
 reaches tol: they are frozen (their answer no longer changes, their residual reads 0), the others
@@ -211,7 +218,8 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=F
     [B, ...]; `weights` then average the y's and the answer is readout(ȳ) (readout(y_last) without
     weights). anderson=m > 0: safeguarded Anderson mixing with memory m, regularisation
     `anderson_reg` and largest trust radius `anderson_trust` (in plain-step lengths). relax=β: the
-    step length of the plain (and Anderson's base) step, z + β·(g(z) - z).
+    step length of the plain (and Anderson's base) step, z + β·(g(z) - z); with Anderson and β > 1,
+    the largest step length of the adaptive one (module docstring).
     grad: "unrolled" | "implicit" | "phantom" | "none" (module docstring). phantom_steps=k: the
     calls recorded by "phantom" (k >= iters: all of them). backward_iters / backward_tol /
     backward_anderson: the implicit backward's adjoint solve (default: iters, None, anderson).
@@ -381,6 +389,7 @@ def _implicit(g, z_star, index, paired, value, opts, log):
 
 _ETA = 0.25                        # accept a mixed step if it achieves this share of the predicted decrease
 _OMEGA = (1 / 16, 1 / 2, 2.0)      # trust scale ω: smallest, initial, largest
+_GROW = 1.0                        # a relaxed plain step must shrink the residual below this share
 
 
 def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax=1.0):
@@ -396,6 +405,8 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
     done = torch.zeros(B, dtype=torch.bool, device=c.device)
     omega = torch.full((B,), _OMEGA[1], dtype=cd, device=c.device)   # trust scale ω
     rate = torch.ones(B, dtype=cd, device=c.device)                  # L̂: last plain step's ratio ≤ 1
+    beta = torch.full((B,), min(float(relax), 1.0), dtype=cd, device=c.device)   # each sample's step length
+    measured = torch.zeros(B, dtype=torch.bool, device=c.device)      # whether β was set from a plain step
     avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
     evals = 0
     for k in range(iters):
@@ -408,13 +419,22 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
         if k == 0:
             a, ga, fa, ra = c, gc, fc, rc
         else:
-            plain = ~valid.any(0)                      # c was the plain step g(a)
+            plain = ~valid.any(0)                      # c was the plain step a + β·f(a)
             rho = (ra - rc) / (ra - predicted).clamp_min(torch.finfo(cd).tiny)
-            move = (plain | (rho > _ETA)) & ~done      # NaN residuals compare false: rejected
+            # a relaxed plain step that did not shrink the residual (NaN: neither) is rejected, and
+            # that sample's steps are un-relaxed (β = 1) for the rest of the solve: plain iteration
+            grew = plain & (beta != 1) & ~(rc < _GROW * ra) & ~done
+            move = ((plain & ~grew) | (rho > _ETA)) & ~done      # NaN residuals compare false: rejected
+            beta = torch.where(grew, torch.ones_like(beta), beta)
             mixed = ~plain & ~done
             grown = torch.where(rho > 0.75, omega * 2, torch.where(rho < 0.25, omega / 4, omega))
             omega = torch.where(mixed, grown.clamp(*_OMEGA[::2]), omega)
             rate = torch.where(plain & move, (rc / ra.clamp_min(torch.finfo(cd).tiny)).clamp(max=1.0), rate)
+            if relax > 1:              # β from the first (un-relaxed) plain step's ratio L̂: 2/(2 - L̂) ≤ relax
+                first = plain & move & ~measured
+                adapt = (2 / (2 - rate)).clamp(min=1.0, max=float(relax))
+                beta = torch.where(first, torch.where(rate < 1, adapt, torch.ones_like(beta)), beta)
+                measured = measured | first
             valid = valid & move[None]                 # a rejected proposal restarts the history
             s, col = (k - 1) % m, move[:, None]
             dX[s] = torch.where(col, c - a, dX[s])
@@ -436,7 +456,7 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
         if k < iters - 1:
             reach = torch.where(rate < 1, (1 / (1 - rate).clamp_min(1e-12)).clamp(max=trust), 1.0)
             radius = omega * reach
-            c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, radius, relax)
+            c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, radius, beta if relax != 1 else 1.0)
             c = torch.where(done[:, None], a, c)
     z = ga.reshape(shape).to(z0.dtype)
     return avg.result(z, evals), z, torch.stack(residuals), evals, iterates
@@ -450,6 +470,8 @@ def _propose(a, ga, fa, dX, dF, valid, reg, radius, relax=1.0):
     unit = 1 / rms(fa).clamp_min(torch.finfo(fa.dtype).tiny ** 0.5)[:, None]
     mask = valid[..., None]                                        # [m, B, 1]
     F = torch.where(mask, torch.stack(dF), 0) * unit               # [m, B, N]
+    if isinstance(relax, torch.Tensor):
+        relax = relax[:, None]                                     # per sample: [B, 1]
     G = torch.where(mask, relax * torch.stack(dF) + torch.stack(dX), 0) * unit   # ΔX + β·ΔF
     gram = torch.einsum("ibn,jbn->bij", F, F).double()             # [B, m, m]
     rhs = torch.einsum("ibn,bn->bi", F, fa * unit).double()        # [B, m]
@@ -463,7 +485,7 @@ def _propose(a, ga, fa, dX, dF, valid, reg, radius, relax=1.0):
     corr = torch.einsum("ibn,bi->bn", G, gamma) / unit             # (ΔX + ΔF)·γ
     scale = (radius * rms(fa) / rms(corr).clamp_min(torch.finfo(fa.dtype).tiny)).clamp(max=1.0).detach()
     predicted = rms(fa - scale[:, None] * torch.einsum("ibn,bi->bn", F, gamma) / unit)
-    base = ga if relax == 1 else a + relax * fa
+    base = ga if not isinstance(relax, torch.Tensor) and relax == 1 else a + relax * fa
     return base - scale[:, None] * corr, predicted
 
 

@@ -88,6 +88,35 @@ class InversionResult:
     contraction: list = field(default_factory=list)   # one [B] per step: ratio of the last two residuals
     jacobian_norm: list | None = None      # one [B] per step: ‖∂G_t/∂z‖₂ at z_t (jacobian_iters > 0), else None
 
+    def convergence(self) -> dict:
+        """How each sample's solves ended (a sample is an image of the batch):
+
+        calls [B]: the model calls each sample used (a sample frozen by the plan's tol stops
+        counting; noise correction and other per-step calls count for all); budget [B]: calls over
+        the most the plan allows (K + 1 a step, plus those extra calls); not_converged: one entry per
+        (step, sample) that stopped above the plan's tol, {"step": index in inversion order,
+        "timestep", "sample", "residual" (the last, in the model's input scale like tol), "tol",
+        "calls"}, empty without a tol; advice: what to do about them (None when there are none)."""
+        smod = _sampler(self.sampler)
+        res = [r.detach().float().cpu() for r in self.residuals]
+        other = self.model_calls - sum(r.shape[0] for r in res)
+        calls = sum((r > 0).sum(0) for r in res) + other
+        allowed = other + sum(self.plan.at(t)[0] + 1 for t in self.timesteps.flip(0).tolist())
+        stalled = []
+        if self.plan.tol is not None:
+            for i, (t, r) in enumerate(zip(self.timesteps.flip(0).tolist(), res)):
+                scale = float(smod.model_input(torch.ones((), dtype=torch.float64), t, self.schedule))
+                for b in (r * scale > self.plan.tol).all(0).nonzero().flatten().tolist():
+                    stalled.append({"step": i, "timestep": t, "sample": b, "residual": float(r[-1, b] * scale),
+                                    "tol": self.plan.tol, "calls": int((r[:, b] > 0).sum())})
+        advice = None
+        if stalled:
+            advice = (f"{len(stalled)} solve(s) used all their calls and stopped above tol = {self.plan.tol:g}: "
+                      "allow more calls (the plan's iters, --iters), or use another preset (plain iteration, "
+                      "K = 9 without tolerance stopping, converges where this solver stalls)")
+        return {"calls": calls.tolist(), "budget": (calls.double() / max(allowed, 1)).tolist(),
+                "not_converged": stalled, "advice": advice}
+
     @property
     def chain(self) -> list:
         """The denoising chain [(t, t_next), ...] that `sample` runs."""

@@ -130,15 +130,25 @@ def test_demo_preset_matches_k9_with_a_third_of_its_calls(pipe):
     assert b["latent_psnr"].median() >= a["latent_psnr"].median(), (a["latent_psnr"], b["latent_psnr"])
 
 
-@pytest.mark.parametrize("preset", ["demo-4", "demo-euler-4"])
+EULER_HOME = ("issue 20 regression: adaptive relaxation (renoise.fixed_point: the first plain step un-relaxed) "
+              "costs demo-euler-4 (<= 3 calls a step) its home latent PSNR lead over K = 9: median 56.3 against "
+              "59.3 dB; starting relaxed keeps it but loses 1.3 dB to plain iteration on a degraded scene "
+              "(benchmarks/RESULTS.md)")
+
+
+@pytest.mark.parametrize("preset", ["demo-4", pytest.param("demo-euler-4", marks=pytest.mark.xfail(
+    reason=EULER_HOME, strict=True))])
 def test_four_step_presets_match_k9_with_a_third_of_its_calls(pipe, preset):
     """The same goal at 4 steps: DDIM (demo-4) and Euler-ancestral with noise correction
-    (demo-euler-4), each image's calls against K = 9's (noise correction's calls included)."""
+    (demo-euler-4), each image's calls against K = 9's (noise correction's calls included). demo-4
+    trades some of it for issue 20's rule off home ground (never 0.5 dB below plain iteration at equal
+    calls; its tol went from 2e-2 to 1.5e-2): at most 40 % of K = 9's calls here, not a third."""
     plan = Plan.preset(preset)
     k9 = plan.replace(name="K9", iters=9, window=(9, 10), anderson=0, relax=1.0, tol=None, warm_start="none")
     a = evaluate.reconstruction(pipe, k9, 8)
     b = evaluate.reconstruction(pipe, plan, 8)
     assert (a["sample_calls"] == a["calls"]).all() and a["calls"] == 40 + 3 * (plan.noise_correction != "none")
-    assert b["sample_calls"].float().median() <= a["calls"] / 3, (a["calls"], b["sample_calls"])
+    share = 0.4 if preset == "demo-4" else 1 / 3
+    assert b["sample_calls"].float().median() <= a["calls"] * share, (a["calls"], b["sample_calls"])
     assert b["psnr"].median() >= a["psnr"].median() - 0.1, (a["psnr"], b["psnr"])
     assert b["latent_psnr"].median() >= a["latent_psnr"].median(), (a["latent_psnr"], b["latent_psnr"])

@@ -25,7 +25,7 @@ def add_parser(sub):
     p = sub.add_parser("eval", help=text, description=text,
                        epilog="methods: NAME:field=value,... (a Plan override), a preset name, 'preset', "
                               "a grid (paper-grid, ablation, convergence, per-call), or @FILE; see docs/eval.md")
-    data = p.add_argument_group("data (one of --images or --demo)")
+    data = p.add_argument_group("data (one of --images, --demo or --set)")
     data.add_argument("--images", metavar="DIR", help="folder of images with captions.jsonl or captions.csv")
     data.add_argument("--captions", metavar="FILE", help="captions file (default: DIR/captions.jsonl or .csv)")
     data.add_argument("--prompt", metavar="TEXT", help="prompt for images without a caption (all, without a file)")
@@ -33,6 +33,11 @@ def add_parser(sub):
     data.add_argument("--demo", type=int, metavar="N", help="N held-out demo scenes with colour-swap edits and masks")
     data.add_argument("--demo-first", type=int, default=0, metavar="K", help="first held-out scene (default: 0)")
     data.add_argument("--demo-shapes", type=int, default=1, choices=(1, 2, 3), help="most shapes per scene (default: 1)")
+    data.add_argument("--set", metavar="NAME", choices=sorted(_set_names()),
+                      help="a built-in set off the demo model's home ground, built into OUT/data/NAME: "
+                           "other-renderer, unknown-words, photos (scikit-image's), degraded (see docs/eval.md)")
+    data.add_argument("--set-size", type=int, default=16, metavar="N",
+                      help="images of --set (default: 16; photos: at most the photographs scikit-image ships)")
     data.add_argument("--size", metavar="HxW", help="scale to cover HxW and centre-crop first")
     data.add_argument("--fit", choices=("none", "crop", "resize"), default="none",
                       help="sides not multiples of 8: skip the image (none, the default), crop or resize")
@@ -73,10 +78,22 @@ def add_parser(sub):
     return p
 
 
+def _set_names():
+    from .sets import SETS
+    return SETS
+
+
 def _items(args):
     from . import data
-    if (args.images is None) == (args.demo is None):
-        raise ValueError("give the images with --images DIR (with captions) or --demo N, not both or neither")
+    given = [x for x in (args.images, args.demo, getattr(args, "set", None)) if x is not None]
+    if len(given) != 1:
+        raise ValueError("give the images with one of --images DIR (with captions), --demo N or --set NAME")
+    if getattr(args, "set", None) is not None:
+        if args.captions or args.prompt or args.edit_prompt:
+            raise ValueError("--set images bring their own captions; drop --captions/--prompt/--edit-prompt")
+        from . import sets
+        folder = sets.build(args.set, Path(args.out) / "data", n=args.set_size, seed=args.seed)
+        return data.from_folder(folder), {"set": args.set}      # prefix-stable: a larger --set-size adds images
     if args.demo is not None:
         if args.captions or args.prompt or args.edit_prompt:
             raise ValueError("--demo scenes bring their own captions and edits; drop --captions/--prompt/--edit-prompt")

@@ -20,7 +20,8 @@ METRICS = {                                   # row key -> label (the tables' or
     "psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS",
     "latent_psnr": "latent PSNR (dB)", "latent_ssim": "latent SSIM",
     "edit_success": "edit success", "edit_background_psnr": "edit background PSNR (dB)",
-    "calls_invert": "UNet calls (inversion)", "seconds_invert": "seconds (inversion)",
+    "calls_invert": "UNet calls (inversion)", "budget_used": "share of the call budget used",
+    "seconds_invert": "seconds (inversion)",
     "seconds_total": "seconds (all)", "peak_memory_mib": "peak memory (MiB)",
 }
 
@@ -38,7 +39,7 @@ def summarize(rows: dict, methods: list[str], items: list, info: dict) -> dict:
     ids = [it.id for it in items]
     bad, per_method = {}, {}
     for name in methods:
-        ok, failed, missing = [], [], []
+        ok, failed, missing, stalled = [], [], [], []
         for image in ids:
             row = rows.get((image, name))
             if row is None:
@@ -49,12 +50,15 @@ def summarize(rows: dict, methods: list[str], items: list, info: dict) -> dict:
                 failed.append({"image": image, "error": row["error"]})
             else:
                 ok.append(row)
+                for c in row.get("not_converged") or []:
+                    stalled.append({"image": image, **c})
         metrics = {}
         for key in METRICS:
             values = [float(r[key]) for r in ok if r.get(key) is not None]
             if values:
                 metrics[key] = _stats(values)
-        per_method[name] = {"images": len(ok), "failed": failed, "missing": missing, "metrics": metrics}
+        per_method[name] = {"images": len(ok), "failed": failed, "missing": missing, "metrics": metrics,
+                            "not_converged": stalled}
     return {**info, "images": len(ids), "bad_inputs": [{"image": k, "error": v} for k, v in bad.items()],
             "methods": per_method}
 
@@ -80,7 +84,8 @@ def markdown(s: dict) -> str:
     for key, label in METRICS.items():
         if not any(key in m["metrics"] for m in s["methods"].values()):
             continue
-        digits = 3 if key in ("ssim", "lpips", "latent_ssim", "edit_success", "seconds_invert", "seconds_total") else 2
+        digits = 3 if key in ("ssim", "lpips", "latent_ssim", "edit_success", "seconds_invert", "seconds_total",
+                              "budget_used") else 2
         lines += ["", f"## {label}", "", "| method | n | median | p10 | p90 | mean ± 95% CI |", "|---|---|---|---|---|---|"]
         for name, m in s["methods"].items():
             st = m["metrics"].get(key)
@@ -96,6 +101,14 @@ def markdown(s: dict) -> str:
     if changed:
         lines += ["", "## Redone in this run: inputs changed", ""]
         lines += [f"- {c['image']} ({c['method']})" for c in changed]
+    stalled = [(name, c) for name, m in s["methods"].items() for c in m.get("not_converged", [])]
+    if stalled:
+        lines += ["", "## Not converged", "",
+                  "Inversion steps that used all their calls and stopped above the plan's tolerance (residual in "
+                  "the model's input scale). What to do: allow more calls (the plan's `iters`), or use another "
+                  "preset (plain iteration without tolerance stopping converges where a solver stalls).", ""]
+        lines += [f"- {name} on {c['image']}: step {c['step']} (t={c['timestep']}), residual {c['residual']:.2g} > "
+                  f"tol {c['tol']:.2g} after {c['calls']} calls" for name, c in stalled]
     notes = s.get("notes") or []
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
