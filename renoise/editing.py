@@ -300,7 +300,8 @@ def _positions(tokenizer, src_ids, edit_ids, control, edit_prompts):
 
 @torch.no_grad()
 def run_pair(editor, inv, edit_prompts, control: EditControl, *, edit_guidance_scale=1.0, callback=None) -> EditResult:
-    """Denoise [source; edit] from inv's z_T with its stored noises under `control`."""
+    """Denoise [source; edit] from inv's z_T with its stored noises under `control`.
+    callback(step_index, t, x_edit, x_source) after each step (and its blending)."""
     from . import samplers as _samplers
     from .models.attention_hook import attention_hook
     from .pipeline import Conditioning, GuidedDenoiser, as_prompts, encode_prompts, negative_conditioning
@@ -357,7 +358,7 @@ def run_pair(editor, inv, edit_prompts, control: EditControl, *, edit_guidance_s
             if mask is not None:
                 x = torch.cat([x[:B], torch.lerp(x[:B], x[B:], mask.to(x.dtype))])
             if callback is not None:
-                callback(i, t, x[B:])
+                callback(i, t, x[B:], x[:B])
     return EditResult(source=x[:B], edit=x[B:], mask=mask, maps=proc.maps, source_ids=src_ids, edit_ids=edit_ids,
                       calls=den.calls)
 
