@@ -96,10 +96,18 @@ class EditResult:
 # ---------------------------------------------------------------------------------------------
 # tokens
 
-def align_tokens(source: list, edit: list) -> list:
+def _content_length(ids: list, pad_id) -> int:
+    """Tokens up to and including the first padding/EOS after BOS (all of them without pad_id)."""
+    if pad_id is None or pad_id not in ids[1:]:
+        return len(ids)
+    return ids.index(pad_id, 1) + 1
+
+
+def align_tokens(source: list, edit: list, pad_id=None) -> list:
     """For each position j of `edit`, the position in `source` of the same token under a longest
-    common subsequence alignment, or -1 (a new token). Equal lengths align j → j (word swap)."""
-    if len(source) == len(edit):
+    common subsequence alignment, or -1 (a new token). Prompts of the same token count (padding
+    after the first `pad_id` not counted) align j → j: a word swap."""
+    if _content_length(source, pad_id) == _content_length(edit, pad_id) and len(source) == len(edit):
         return list(range(len(edit)))
     n, m = len(source), len(edit)
     best = [[0] * (m + 1) for _ in range(n + 1)]          # best[i][j]: LCS of source[i:], edit[j:]
@@ -121,8 +129,8 @@ def align_tokens(source: list, edit: list) -> list:
 def changed_positions(source: list, edit: list, pad_id: int) -> tuple[list, list]:
     """(source positions, edit positions) of the tokens the alignment leaves without a partner,
     padding excluded; for equal lengths, the positions where the ids differ."""
-    align = align_tokens(source, edit)
-    if len(source) == len(edit):
+    align = align_tokens(source, edit, pad_id)
+    if _content_length(source, pad_id) == _content_length(edit, pad_id) and len(source) == len(edit):
         diff = [j for j in range(len(edit)) if source[j] != edit[j]]
         return diff, diff
     matched = {i for i in align if i >= 0}
@@ -328,7 +336,8 @@ def run_pair(editor, inv, edit_prompts, control: EditControl, *, edit_guidance_s
     n = len(res.chain)
     mapping = None
     if control.mode == "p2p":
-        mapping = torch.tensor([align_tokens(s.tolist(), e.tolist()) for s, e in zip(src_ids, edit_ids)])
+        mapping = torch.tensor([align_tokens(s.tolist(), e.tolist(), tok.pad_token_id)
+                                for s, e in zip(src_ids, edit_ids)])
     src_pos, edit_pos, weights = _positions(tok, src_ids, edit_ids, control, edit_prompts)
     h, w = res.z_T.shape[-2:]
     device = res.z_T.device
