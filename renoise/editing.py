@@ -22,7 +22,7 @@ rows of the conditional half of the batch from the source rows:
 - reweight: the edit's cross-attention column of each listed word is multiplied by its factor;
 - local_blend: words (or "auto": the tokens the alignment leaves unmatched, the changed words).
   Their cross-attention maps, averaged over heads, layers (bilinear to the latent size) and the
-  steps so far, max-pooled 3×3 and scaled to max 1, are thresholded at `blend_threshold`; the
+  steps so far, max-pooled 3×3 and scaled to [0, 1] (min to max), are thresholded at `blend_threshold`; the
   union of the source's and the edit's mask M gives x_edit ← lerp(x_source, x_edit, M) after
   every step from round(blend_start·n) on;
 - mask: a user mask [H, W] in image pixels (1: may change). A latent cell is inside when any pixel
@@ -256,7 +256,8 @@ def latent_mask(mask: torch.Tensor, batch: int, factor: int = 8) -> torch.Tensor
 
 def blend_mask(maps: torch.Tensor, src_pos: list, edit_pos: list, threshold: float) -> torch.Tensor:
     """Local blending's mask [B, 1, h, w] from averaged maps [2B, M, h, w]: per branch the maps of
-    its words summed, max-pooled 3×3, scaled to max 1 and thresholded; the union of both branches."""
+    its words summed, max-pooled 3×3, scaled to [0, 1] (min to max) and thresholded (>=); the union
+    of both branches. (P2P scales by the max alone; on small models the maps' floor is high.)"""
     B = maps.shape[0] // 2
     out = []
     for b in range(B):
@@ -264,9 +265,9 @@ def blend_mask(maps: torch.Tensor, src_pos: list, edit_pos: list, threshold: flo
         for rows, pos in ((maps[b], src_pos[b]), (maps[B + b], edit_pos[b])):
             if not pos:
                 continue
-            m = rows[pos].sum(0)[None, None]
-            m = F.max_pool2d(m, 3, 1, 1)
-            parts.append(m / m.amax().clamp_min(1e-12) >= threshold)
+            m = F.max_pool2d(rows[pos].sum(0)[None, None], 3, 1, 1)
+            m = (m - m.amin()) / (m.amax() - m.amin()).clamp_min(1e-12)
+            parts.append(m >= threshold)
         union = parts[0] if len(parts) == 1 else parts[0] | parts[1]
         out.append(union.float()[0])
     return torch.stack(out)
