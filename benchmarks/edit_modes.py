@@ -50,12 +50,17 @@ GROUPS = ("plain", "two-tone", "black", "white", "unknown")
 EDITS = ("colour", "shape", "position")
 UNKNOWN = {"teal": (0, 128, 128), "pink": (250, 160, 200), "brown": (140, 90, 40), "grey": (128, 128, 128),
            "cyan": (60, 220, 230)}
-MODES = {
-    "swap": None,
-    "p2p": EditControl(mode="p2p"),
-    "swap-blend": EditControl(local_blend=("auto",)),
-    "p2p-blend": EditControl(mode="p2p", local_blend=("auto",)),
-    "p2p-inject": EditControl(mode="p2p", local_blend=("auto",), self_inject=0.2),
+MODES = {                   # name: (control, edit guidance)
+    "swap": (None, 1.0),
+    "p2p": (EditControl(mode="p2p"), 1.0),
+    "swap-blend": (EditControl(local_blend=("auto",)), 1.0),
+    "p2p-blend": (EditControl(mode="p2p", local_blend=("auto",)), 1.0),
+    "p2p-inject": (EditControl(mode="p2p", local_blend=("auto",), self_inject=0.2), 1.0),
+    "p2p.4-blend": (EditControl(mode="p2p", cross_replace=0.4, local_blend=("auto",)), 1.0),
+    "swap-g2": (None, 2.0),
+    "swap-blend-g2": (EditControl(local_blend=("auto",)), 2.0),
+    "p2p-blend-g2": (EditControl(mode="p2p", local_blend=("auto",)), 2.0),
+    "p2p.4-blend-g2": (EditControl(mode="p2p", cross_replace=0.4, local_blend=("auto",)), 2.0),
 }
 PRESETS = {"demo": ("demo", {}), "sd15": ("sd15", {}), "sd15-noreg": ("sd15", {"reg_rounds": 0})}
 
@@ -112,20 +117,31 @@ def target_for(scene, edit, rng):
     return scene.replace_shape(0, position=rng.choice([p for p in POSITIONS if p != s.position]))
 
 
-def judge(edited, target, rgbs, edit):
-    """Success of an edit [3, S, S] in [0, 1] against the target scene (masks from the renderer)."""
+def judge(edited, source, target, rgbs, edit):
+    """Success of an edit [3, S, S] in [0, 1], read with the renderer's masks of the source and
+    target scenes: the foreground (pixels farther than 0.25 from the background image) has the
+    target colour (its dominant palette colour), holds 0.3-3x the target shape's area, and
+      colour:   covers the target (= source) mask with IoU >= 0.5
+      shape:    is classified as the target kind (renoise.demo.checks.classify_shape)
+      position: has its centroid nearest the target slot and IoU < 0.2 with the source's mask."""
     want = target.shapes[0]
-    tmask = shape_masks(target)[0]
+    tmask, smask = shape_masks(target)[0] > 0.5, shape_masks(source)[0] > 0.5
     fg = np.sqrt(((edited - background_image(rgbs)) ** 2).sum(0)) > 0.25
-    colour = dominant_colour(edited, tmask > 0.99)
-    t = tmask > 0.5
-    iou = float((fg & t).sum() / max((fg | t).sum(), 1))
-    ok = colour == want.colour and iou >= 0.5
-    kind = None
-    if edit == "shape":
-        kind, _ = classify_shape(fg)
-        ok = ok and kind == want.kind
-    return ok, {"colour": colour, "iou": iou, "kind": kind}
+    colour = dominant_colour(edited, fg)
+    area = fg.sum() / max(tmask.sum(), 1)
+    iou = lambda a, b: float((a & b).sum() / max((a | b).sum(), 1))
+    info = {"colour": colour, "area_ratio": float(area), "iou": iou(fg, tmask), "kind": None, "slot": None}
+    ok = colour == want.colour and 0.3 <= area <= 3.0
+    if edit == "colour":
+        ok = ok and info["iou"] >= 0.5
+    elif edit == "shape":
+        info["kind"] = classify_shape(fg)[0]
+        ok = ok and info["kind"] == want.kind
+    else:
+        cx = (np.nonzero(fg)[1].mean() + 0.5) / fg.shape[1] if fg.any() else -1.0
+        info["slot"] = min(POSITIONS, key=lambda p: abs(POSITIONS[p] - cx))
+        ok = ok and info["slot"] == want.position and iou(fg, smask) < 0.2
+    return bool(ok), info
 
 
 def to01(x):
@@ -139,7 +155,8 @@ def main():
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS)
     ap.add_argument("--edits", nargs="+", default=list(EDITS), choices=EDITS)
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=["swap", "p2p", "swap-blend", "p2p-blend", "p2p-inject"],
+                    choices=list(MODES))
     ap.add_argument("--presets", nargs="+", default=["demo"], choices=list(PRESETS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -171,12 +188,12 @@ def main():
                     prompt = caption(target, words)
                     union = torch.from_numpy(np.maximum(smask, shape_masks(target)[0]))
                     for mode in args.modes:
-                        control = MODES[mode]
+                        control, guidance = MODES[mode]
                         t0 = time.perf_counter()
-                        z, den = editor.edit_latents(inv, prompt, control=control)
+                        z, den = editor.edit_latents(inv, prompt, control=control, edit_guidance_scale=guidance)
                         edited = decode_latents(pipe, z)
                         seconds = time.perf_counter() - t0
-                        ok, info = judge(to01(edited), target, rgbs, edit)
+                        ok, info = judge(to01(edited), scene, target, rgbs, edit)
                         row = {"preset": preset_name, "group": group, "scene": i, "edit": edit, "mode": mode,
                                "prompt": caption(scene, words), "edit_prompt": prompt, "success": ok, **info,
                                "background_psnr": background_psnr(edited, x, union),
@@ -230,7 +247,7 @@ def print_table(summary):
     for r in summary:
         print(f"{r['preset']:10} {r['mode']:11} {r['group']:22} {r['n']:3d} {100 * r['success']:7.0f}% "
               f"{r['bg_psnr_median']:10.1f} {r['bg_psnr_min']:6.1f} {r['bg_psnr_recon_median']:8.1f} "
-              f"{r['calls_invert']:9.1f} {r['calls_edit']:10.1f}")
+              f"{r['bg_psnr_vae_median']:6.1f} {r['calls_invert']:9.1f} {r['calls_edit']:10.1f}")
 
 
 def save_grid(grid, path):

@@ -153,3 +153,18 @@ def test_cli_edit_modes_write_pictures_and_report(tmp_path):
     rc = main(["edit", "--image", str(tmp_path / "scene.png"), "--edit-prompt", "x", "--reweight", "red",
                "--device", "cpu", "--quiet", "--out", str(tmp_path / "bad")])
     assert rc == 2
+
+
+def test_eval_edit_modes_rows_and_blend_mask_pictures(tmp_path):
+    from renoise.__main__ import main
+    out = tmp_path / "ev"
+    rc = main(["eval", "--demo", "1", "--methods", "demo-4", "--preset", "demo-4", "--edit-mode", "p2p", "--local-blend", "auto",
+               "--mask-edits", "--device", "cpu", "--quiet", "--grid", "1", "--no-plots", "--save-images",
+               "--out", str(out)])
+    assert rc == 0
+    row = json.loads((out / "rows.jsonl").read_text().splitlines()[0])
+    assert row["status"] == "ok" and row["edit_mode"] == "p2p" and row["calls_edit"] == 4
+    assert 0 < row["blend_fraction"] < 1
+    assert (out / "images" / "demo-4" / "demo-00000_blend_mask.png").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["edit_control"]["mode"] == "p2p" and run["edit_control"]["mask_edits"]
