@@ -153,8 +153,8 @@ def _edit_flags(p):
     g.add_argument("--local-blend", default=None, metavar="WORDS",
                    help="comma-separated words (or 'auto': the words the edit changes) whose cross-attention "
                         "maps make the mask where the edit may change the source")
-    g.add_argument("--blend-threshold", type=float, default=0.7, metavar="T",
-                   help="local blend: threshold on the maps scaled to [0, 1] (default: 0.7)")
+    g.add_argument("--blend-threshold", type=float, default=0.3, metavar="T",
+                   help="local blend: threshold on the maps scaled to [0, 1] (default: 0.3)")
     g.add_argument("--blend-start", type=float, default=0.2, metavar="FRAC",
                    help="local blend: first blended step as a fraction of the steps (default: 0.2)")
     g.add_argument("--mask", default=None, metavar="FILE",

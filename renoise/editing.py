@@ -55,7 +55,7 @@ class EditControl:
     self_inject_kind: str = "maps"
     reweight: tuple = ()                         # ((word, factor), ...)
     local_blend: tuple | None = None             # words, or ("auto",); None: off
-    blend_threshold: float = 0.7
+    blend_threshold: float = 0.3
     blend_start: float = 0.2
     mask: torch.Tensor | None = field(default=None, compare=False)   # [H, W] or [B, H, W] in [0, 1]
     save_attention: bool = False

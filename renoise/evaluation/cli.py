@@ -54,8 +54,8 @@ def add_parser(sub):
                       help="fraction of the first steps with the source's self-attention maps (default: 0)")
     meth.add_argument("--local-blend", metavar="WORDS",
                       help="local blending on these comma-separated words, or 'auto' (the changed words)")
-    meth.add_argument("--blend-threshold", type=float, default=0.7, metavar="T",
-                      help="local blending threshold on the maps scaled to [0, 1] (default: 0.7)")
+    meth.add_argument("--blend-threshold", type=float, default=0.3, metavar="T",
+                      help="local blending threshold on the maps scaled to [0, 1] (default: 0.3)")
     meth.add_argument("--mask-edits", action="store_true",
                       help="use each image's mask (demo: the edited shape; folders: the 'mask' column) as the edit "
                            "mask: outside it the edit's latents are the source's")
