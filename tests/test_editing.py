@@ -122,6 +122,11 @@ def test_controls_refused_with_reasons(setup):
         editor.edit_pair(inv, SOURCE, EditControl(local_blend=("auto",)))
     with pytest.raises(ValueError, match="mask must be"):
         editor.edit_pair(inv, EDIT, EditControl(mask=torch.ones(2, 3, 128, 128)))
+    import copy
+    compiled = copy.copy(editor)
+    compiled.compile = "compile"                    # a control is refused under compile=, not recompiled per step
+    with pytest.raises(ValueError, match="run eagerly"):
+        compiled.edit_pair(inv, EDIT, EditControl(mode="p2p"))
 
 
 def test_cli_edit_modes_write_pictures_and_report(tmp_path):
