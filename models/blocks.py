@@ -112,21 +112,30 @@ class Attention(nn.Module):
     softmax(q kᵀ / √d_head) v per head, through `F.scaled_dot_product_attention`, which
     accumulates scores and softmax in fp32 for half inputs on every backend (the fused CUDA
     kernels, and the math/CPU paths since torch 2.5) — so `upcast_attention` needs no extra cast.
+
+    `processor` (None by default) is the attention hook (models.attention_hook): when set, it is
+    called with the head-split q, k, v `[B, heads, N, d_head]` instead of SDPA and returns the
+    heads' output of the same shape as q.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False):
         super().__init__()
+        self.is_cross = context_dim is not None        # keys/values from another sequence (the text)
         context_dim = context_dim or dim
         self.heads = heads
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(context_dim, dim, bias=bias)
         self.to_v = nn.Linear(context_dim, dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.processor = None                          # the attention hook: models.attention_hook
 
     def forward(self, x, context=None):
         context = x if context is None else context
         B, N, C = x.shape
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (u.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for u in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.processor is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = self.processor(q, k, v)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, C))

@@ -83,6 +83,7 @@ def _common(p, command):
         io.add_argument("--no-reconstruction", action="store_true",
                         help="skip the reconstruction (by default edit also denoises with the source prompt, "
                              "writes <image>_reconstruction.png and reports its PSNR/SSIM)")
+        _edit_flags(p)
     io.add_argument("--out", required=True, metavar="DIR", help="output folder (created on success)")
     io.add_argument("--size", default=None, metavar="HxW", help="scale to cover HxW and centre-crop (e.g. 512 or 512x768)")
     io.add_argument("--fit", choices=("crop", "resize", "none"), default="crop",
@@ -133,6 +134,74 @@ def _common(p, command):
                           "the first image pays the compilation (renoise.speed)")
     run.add_argument("--cuda-graphs", dest="compile", action="store_const", const="cuda-graphs",
                      help="--compile, and replay each step as a CUDA graph (CUDA only)")
+
+
+def _edit_flags(p):
+    """Editing modes (renoise.editing): the edit branch beside the source branch, steered by attention."""
+    g = p.add_argument_group("editing modes (renoise.editing; any of them runs source and edit as one batch)")
+    g.add_argument("--mode", choices=("swap", "p2p"), default="swap",
+                   help="swap: the edit prompt alone (default); p2p: Prompt-to-Prompt, the edit's cross-attention "
+                        "maps are the source's (token-aligned) for the first --cross-replace of the steps")
+    g.add_argument("--cross-replace", type=float, default=0.8, metavar="FRAC",
+                   help="p2p: fraction of the steps with the source's cross-attention maps (default: 0.8)")
+    g.add_argument("--self-inject", type=float, default=0.0, metavar="FRAC",
+                   help="fraction of the first steps whose self-attention takes the source's (default: 0, off)")
+    g.add_argument("--self-inject-kind", choices=("maps", "kv"), default="maps",
+                   help="self-injection of the source's attention maps or of its keys and values (default: maps)")
+    g.add_argument("--reweight", action="append", default=[], metavar="WORD=X",
+                   help="scale the edit's cross-attention on WORD by X (repeatable), e.g. --reweight green=2")
+    g.add_argument("--local-blend", default=None, metavar="WORDS",
+                   help="comma-separated words (or 'auto': the words the edit changes) whose cross-attention "
+                        "maps make the mask where the edit may change the source")
+    g.add_argument("--blend-threshold", type=float, default=0.3, metavar="T",
+                   help="local blend: threshold on the maps scaled to [0, 1] (default: 0.3)")
+    g.add_argument("--blend-start", type=float, default=0.2, metavar="FRAC",
+                   help="local blend: first blended step as a fraction of the steps (default: 0.2)")
+    g.add_argument("--mask", default=None, metavar="FILE",
+                   help="image of the input's size, white where the edit may change the image; outside it the "
+                        "latents are the source's at every step")
+    g.add_argument("--save-attention", action="store_true",
+                   help="write each token's cross-attention map (averaged over layers and steps) as a PNG grid "
+                        "per branch: <image>_attention_source.png, <image>_attention_edit.png")
+
+
+def _edit_control(args, images_size, size=None):
+    """The EditControl of the edit flags (None for a plain swap); the mask is read and fitted like the
+    images (--size, --fit) and must then have their size."""
+    from .editing import EditControl
+    weights = []
+    for item in args.reweight:
+        word, eq, value = item.rpartition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = None
+        if not eq or not word.strip() or factor is None or factor < 0:
+            raise UsageError(f"--reweight takes WORD=X with X >= 0 (e.g. green=2), got {item!r}")
+        weights.append((word.strip(), factor))
+    blend = None
+    if args.local_blend is not None:
+        blend = tuple(w.strip() for w in args.local_blend.split(",") if w.strip())
+        if not blend:
+            raise UsageError("--local-blend needs words (comma-separated) or 'auto'")
+    mask = None
+    if args.mask is not None:
+        from . import images as imgs
+        if not Path(args.mask).is_file():
+            raise FileNotFoundError(f"mask file not found: {args.mask}")
+        m = imgs.to_tensor(imgs.load_image(args.mask, size=size, mode=args.fit))
+        if images_size is not None and tuple(m.shape[-2:]) != tuple(images_size):
+            raise UsageError(f"--mask {args.mask} is {m.shape[-2]}x{m.shape[-1]} but the images are "
+                             f"{images_size[0]}x{images_size[1]}")
+        mask = ((m[0].mean(0) + 1) / 2).clamp(0, 1)
+    try:
+        control = EditControl(mode=args.mode, cross_replace=args.cross_replace, self_inject=args.self_inject,
+                              self_inject_kind=args.self_inject_kind, reweight=tuple(weights), local_blend=blend,
+                              blend_threshold=args.blend_threshold, blend_start=args.blend_start, mask=mask,
+                              save_attention=args.save_attention)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return None if control.plain else control
 
 
 _COVERED = {"name", "sampler", "num_steps", "guidance_scale"}     # by --sampler / --steps / --guidance
@@ -403,6 +472,12 @@ def run(args) -> dict:
     if lora and not Path(lora).exists():
         raise FileNotFoundError(f"LoRA file not found: {lora}")
     lora_scale = args.lora_scale if args.lora or loaded is None else loaded.extra.get("lora_scale", 1.0)
+    control = None
+    if command == "edit":
+        control = _edit_control(args, loaded.size if loaded is not None else tuple(images.shape[-2:]), size)
+        if control is not None and args.compile is not None:
+            raise UsageError("editing modes (--mode p2p, --self-inject, --reweight, --local-blend, --mask, "
+                             "--save-attention) run eagerly: drop --compile / --cuda-graphs")
     batch = loaded.batch if loaded is not None else images.shape[0]
     prompts = as_prompts(args.prompt or [""], batch) if loaded is None else loaded.prompts
     negative = as_prompts(args.negative_prompt, batch, "negative prompt") if args.negative_prompt else None
@@ -472,7 +547,13 @@ def run(args) -> dict:
                               "negative_prompts": inv.negative_prompts, "size": list(inv.size),
                               "sampler_opts": res.sampler_opts, "plan": res.plan.to_dict()}
         if command == "edit":
-            report["settings"].update(edit_prompts=edit_prompts, edit_guidance_scale=args.edit_guidance)
+            report["settings"].update(edit_prompts=edit_prompts, edit_guidance_scale=args.edit_guidance,
+                                      edit_mode=args.mode, edit_control=None if control is None else {
+                                          "cross_replace": control.cross_replace, "self_inject": control.self_inject,
+                                          "self_inject_kind": control.self_inject_kind,
+                                          "reweight": [list(r) for r in control.reweight],
+                                          "local_blend": control.local_blend, "blend_threshold": control.blend_threshold,
+                                          "blend_start": control.blend_start, "mask": args.mask})
         report["convergence"] = res.convergence()
         report["residuals"] = {"final_per_step": [r[-1] for r in res.residuals],
                                "per_iteration": res.residuals,
@@ -487,7 +568,9 @@ def run(args) -> dict:
                     z, den = editor.reconstruct_latents(inv, callback=lambda *_: bar.update())
                 else:
                     z, den = editor.edit_latents(inv, edit_prompts, edit_guidance_scale=args.edit_guidance,
-                                                 callback=lambda *_: bar.update())
+                                                 callback=lambda *_: bar.update(), control=control)
+                    if control is not None:
+                        _save_edit_pictures(pipe, den, stems, stage, report)
                 out_images = decode_latents(pipe, z)
                 _sync(device)
             timings[part] = time.perf_counter() - t0
@@ -584,6 +667,27 @@ def _naming_guidance(part, inv, args):
     except NonFiniteLatentError as e:
         flag = f"--edit-guidance {args.edit_guidance:g}" if part == "edit" else f"guidance {inv.guidance_scale:g}"
         raise NonFiniteLatentError(f"the {part} (with {flag}): {e}") from None
+def _save_edit_pictures(pipe, result, stems, stage, report):
+    """With an editing mode: the blend mask (<image>_blend_mask.png, latent cells as 8x8 blocks) and,
+    with --save-attention, each token's cross-attention map per branch as a PNG grid."""
+    from .editing import attention_grid, token_labels
+    B = len(stems)
+    for b, stem in enumerate(stems):
+        if result.mask is not None:
+            from PIL import Image
+            m = (result.mask[b, 0].float().cpu() * 255).byte().numpy()
+            picture = Image.fromarray(m, "L").resize((m.shape[1] * 8, m.shape[0] * 8), Image.NEAREST)
+            name = f"{stem}_blend_mask.png"
+            picture.save(stage.path(name))
+            report["outputs"].append(name)
+        if result.maps is not None:
+            pad = pipe.tokenizer.pad_token_id
+            for branch, ids, row in (("source", result.source_ids[b], b), ("edit", result.edit_ids[b], B + b)):
+                ids = ids.tolist()
+                n = ids.index(pad, 1) + 1 if pad in ids[1:] else len(ids)     # up to the first EOS/padding
+                name = f"{stem}_attention_{branch}.png"
+                attention_grid(result.maps[row, :n], token_labels(pipe.tokenizer, ids[:n])).save(stage.path(name))
+                report["outputs"].append(name)
 
 
 def _metrics(z, z0, out_images, images) -> dict:

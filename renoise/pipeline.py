@@ -209,12 +209,20 @@ class GuidedDenoiser:
                  guidance_scale: float = 1.0):
         self.unet, self.schedule = unet, schedule
         self.sampler = _samplers.get(sampler) if isinstance(sampler, str) else sampler
+        self.scales = None             # per-sample guidance (a 1-D tensor given): ε = ε_c where g ≤ 1
+        if isinstance(guidance_scale, torch.Tensor) and guidance_scale.numel() > 1:
+            if guidance_scale.shape != (cond.batch,):
+                raise ValueError(f"per-sample guidance must be [{cond.batch}], got {tuple(guidance_scale.shape)}")
+            self.scales = guidance_scale.float().to(cond.context.device)
+            guidance_scale = self.scales.max()
         self.cond, self.uncond, self.guidance_scale = cond, uncond, float(guidance_scale)
         embed_dim = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
         self.cfg = self.guidance_scale > 1.0 and embed_dim is None
         self.w_embedding = None
         if embed_dim is not None:
             w = torch.full((cond.batch,), self.guidance_scale - 1.0, device=cond.context.device)
+            if self.scales is not None:
+                w = self.scales - 1.0
             self.w_embedding = guidance_embedding(w, embed_dim)
         if self.cfg and uncond is None:
             raise ValueError(f"guidance scale {guidance_scale} > 1 needs an unconditional (negative) conditioning")
@@ -239,7 +247,11 @@ class GuidedDenoiser:
             self.calls += 1                      # fails at every call: the region's caller counts (count_calls)
         if self.cfg:
             uncond_out, cond_out = out.chunk(2)
-            out = uncond_out + self.guidance_scale * (cond_out - uncond_out)
+            if self.scales is None:
+                out = uncond_out + self.guidance_scale * (cond_out - uncond_out)
+            else:
+                g = self.scales.repeat(k).view(-1, 1, 1, 1).to(out.dtype)
+                out = torch.where(g > 1, uncond_out + g * (cond_out - uncond_out), cond_out)
         return out
 
     def count_calls(self, n: int) -> None:
@@ -437,15 +449,31 @@ class Editor:
         return self.sample(inv, negative_prompts=inv.negative_prompts, num_steps=num_steps, callback=callback)
 
     def edit(self, inv: Inversion, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None,
-             callback=None) -> torch.Tensor:
+             callback=None, control=None) -> torch.Tensor:
         """The paper's edit: edit prompt as condition, source prompt as negative, guidance
-        `edit_guidance_scale` (1.0: the edit prompt alone)."""
+        `edit_guidance_scale` (1.0: the edit prompt alone). `control` (renoise.editing.EditControl):
+        the editing mode (swap, p2p), self-attention injection, re-weighting, local blending, a
+        user mask; then the edit is denoised beside the source branch (`edit_pair`)."""
         z, _ = self.edit_latents(inv, edit_prompts, edit_guidance_scale=edit_guidance_scale, num_steps=num_steps,
-                                 callback=callback)
+                                 callback=callback, control=control)
         return decode_latents(self.pipe, z)
 
     def edit_latents(self, inv: Inversion, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None,
-                     callback=None):
-        """`edit` before decoding: (z0', the denoiser used)."""
+                     callback=None, control=None):
+        """`edit` before decoding: (z0', the denoiser used; with a control, the EditResult)."""
+        if control is not None and not control.plain:
+            out = self.edit_pair(inv, edit_prompts, control, edit_guidance_scale=edit_guidance_scale,
+                                 num_steps=num_steps, callback=callback)
+            return out.edit, out
         return self.sample(inv, edit_prompts, negative_prompts=inv.prompts, guidance_scale=edit_guidance_scale,
                            num_steps=num_steps, callback=callback)
+
+    def edit_pair(self, inv: Inversion, edit_prompts, control=None, *, edit_guidance_scale=1.0, num_steps=None,
+                  callback=None):
+        """Source and edit branches as one batch from inv's z_T and noises, the edit steered by
+        `control` (renoise.editing.EditControl; default: mode swap). Returns an EditResult
+        (source and edit latents, blend mask, averaged cross-attention maps, calls)."""
+        from .editing import EditControl, run_pair
+        inv.check_num_steps(num_steps)
+        return run_pair(self, inv, edit_prompts, control or EditControl(), edit_guidance_scale=edit_guidance_scale,
+                        callback=callback)

@@ -53,6 +53,19 @@ def add_parser(sub):
     meth.add_argument("--noise-correction", choices=("none", "override", "optimize"),
                       help="noise correction of every method (stochastic samplers; default: each method's own)")
     meth.add_argument("--edit-guidance", type=float, default=1.0, metavar="G", help="edit guidance (default: 1)")
+    meth.add_argument("--edit-mode", choices=("swap", "p2p"), default="swap",
+                      help="edit mode of every method (renoise.editing): swap (default) or p2p (Prompt-to-Prompt)")
+    meth.add_argument("--cross-replace", type=float, default=0.8, metavar="FRAC",
+                      help="p2p: fraction of the steps with the source's cross-attention maps (default: 0.8)")
+    meth.add_argument("--self-inject", type=float, default=0.0, metavar="FRAC",
+                      help="fraction of the first steps with the source's self-attention maps (default: 0)")
+    meth.add_argument("--local-blend", metavar="WORDS",
+                      help="local blending on these comma-separated words, or 'auto' (the changed words)")
+    meth.add_argument("--blend-threshold", type=float, default=0.3, metavar="T",
+                      help="local blending threshold on the maps scaled to [0, 1] (default: 0.3)")
+    meth.add_argument("--mask-edits", action="store_true",
+                      help="use each image's mask (demo: the edited shape; folders: the 'mask' column) as the edit "
+                           "mask: outside it the edit's latents are the source's")
     meth.add_argument("--posterior", choices=("mean", "sample"), default="mean",
                       help="encode with the VAE posterior's mean (default) or a sample")
     meth.add_argument("--seed", type=int, default=0, help="seed; each image gets its own, the same for all methods")
@@ -167,14 +180,15 @@ def _one_pair(args, editor, item, out, ctx, lpips, keep_images):
         return {**base, "status": "bad_input", "error": " ".join(str(e).split())}
     try:
         row, images = measure.measure(editor, item, x, mask, seed=args.seed, edit_guidance=args.edit_guidance,
-                                      lpips=lpips, posterior=args.posterior)
+                                      lpips=lpips, posterior=args.posterior, control=args.edit_control,
+                                      mask_edits=args.mask_edits)
     except (NonFiniteLatentError, ValueError, torch.cuda.OutOfMemoryError) as e:
         if isinstance(e, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         return {**base, "status": "failed", "error": " ".join(str(e).split())}
     name = editor.plan.name
     if args.save_images or keep_images:
-        for part in ("reconstruction", "edit"):
+        for part in ("reconstruction", "edit", "blend_mask"):
             if part in images:
                 _save_png(images[part], _inside(out, out / "images" / name / f"{item.id}_{part}.png"))
     if keep_images:
@@ -305,6 +319,7 @@ def run(args) -> dict | None:
         raise ValueError(f"--threads {args.threads}: use a number of CPU threads >= 1")
     if args.grid < 0:
         raise ValueError(f"--grid must be >= 0, got {args.grid}")
+    args.edit_control = _edit_control(args)
     method_list = methods.parse_methods(args.methods)
     items, source = _items(args)
     args.size_hw = images.parse_size(args.size)
@@ -332,6 +347,8 @@ def _run(args, ctx, method_list, items, source, out, started):
                 "preset": preset, "seed": args.seed, "posterior": args.posterior,
                 "edit_guidance": args.edit_guidance, "size": args.size, "fit": args.fit,
                 "methods": {n: p.to_dict() for n, p in plans.items()}}
+    if args.edit_control is not None or args.mask_edits:       # only then: older runs resume as they were
+        settings["edit_control"] = _control_settings(args)
     keys = [(i, n) for n in plans for i in range(len(items))]    # method-major: each rank gets every method
     pending, fingerprints, changed = _pending_on_rank0(ctx, out, settings, keys, items)
     lpips = _work(args, ctx, pipe, plans, items, pending[ctx.rank::ctx.world], out)
@@ -345,6 +362,22 @@ def _run(args, ctx, method_list, items, source, out, started):
                 inputs_changed=[{"image": i, "method": m} for i, m in changed])
     return _finish(args, out, items, plans, info, ctx, started, len(pending), len(keys) - len(pending),
                    fingerprints, changed)
+
+
+def _edit_control(args):
+    """The EditControl of the eval's edit flags, or None for the plain swap."""
+    from ..editing import EditControl
+    blend = None
+    if args.local_blend is not None:
+        blend = tuple(w.strip() for w in args.local_blend.split(",") if w.strip())
+    control = EditControl(mode=args.edit_mode, cross_replace=args.cross_replace, self_inject=args.self_inject,
+                          local_blend=blend, blend_threshold=args.blend_threshold)
+    return None if control.plain else control
+
+
+def _control_settings(args) -> dict:
+    return {"mode": args.edit_mode, "cross_replace": args.cross_replace, "self_inject": args.self_inject,
+            "local_blend": args.local_blend, "blend_threshold": args.blend_threshold, "mask_edits": args.mask_edits}
 
 
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)

@@ -11,6 +11,7 @@ took the target colour. Image PSNR is in [0, 1] units (data range 1), as the pap
 """
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
@@ -89,9 +90,11 @@ def _residuals(result) -> dict:
 
 @torch.no_grad()
 def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpips=None,
-            posterior: str = "mean") -> tuple[dict, dict]:
+            posterior: str = "mean", control=None, mask_edits: bool = False) -> tuple[dict, dict]:
     """Run one pair. Returns (row, images): images holds "reconstruction" and maybe "edit" [1, 3, H, W]
-    and the inversion ("inversion") for the caller to save."""
+    (and "blend_mask", the edit's latent mask drawn at image size, with an editing mode that has one)
+    and the inversion ("inversion") for the caller to save. control: a renoise.editing.EditControl
+    (None: the prompt swap); mask_edits: the image's mask is the edit's user mask."""
     pipe = editor.pipe
     device = next(pipe.unet.parameters()).device
     if device.type == "cuda":
@@ -115,11 +118,22 @@ def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpi
            "seconds_invert": t1 - t0, "seconds_reconstruct": t2 - t1}
     images = {"reconstruction": recon, "inversion": inv}
     if item.edit_prompt:
-        z_edit, den_edit = editor.edit_latents(inv, item.edit_prompt, edit_guidance_scale=edit_guidance)
+        if mask_edits:
+            if mask is None:
+                raise ValueError(f"{item.id} has no mask for --mask-edits")
+            from ..editing import EditControl
+            control = dataclasses.replace(control or EditControl(), mask=mask)
+        z_edit, den_edit = editor.edit_latents(inv, item.edit_prompt, edit_guidance_scale=edit_guidance,
+                                               control=control)
         edited = decode_latents(pipe, z_edit)
         _sync(device)
-        row.update(edit_prompt=item.edit_prompt, calls_edit=den_edit.calls, seconds_edit=time.perf_counter() - t2)
+        row.update(edit_prompt=item.edit_prompt, calls_edit=den_edit.calls, seconds_edit=time.perf_counter() - t2,
+                   edit_mode="swap" if control is None else control.mode)
         images["edit"] = edited
+        blend = getattr(den_edit, "mask", None)
+        if blend is not None:
+            images["blend_mask"] = F.interpolate(blend[:1].float(), size=edited.shape[-2:]).expand(-1, 3, -1, -1) * 2 - 1
+            row["blend_fraction"] = float(blend[:1].mean())
         if mask is not None:
             row["edit_background_psnr"] = background_psnr(edited, x, mask)
         if item.target_colour is not None:

@@ -5,7 +5,8 @@
                          inversion step (coloured by timestep), log scale
     contraction.png      per method: the median contraction estimate (ratio of the last two residuals
                          of a step) against the step's timestep, where the inversion reports it
-    grid.png             the first images: input | reconstruction | edit, for each method
+    grid.png             the first images: input | reconstruction | edit (| blend mask, with an editing
+                         mode that has one), for each method
 
 `plot_all` returns the files written, or a note saying why there are none (no matplotlib).
 """
@@ -132,10 +133,10 @@ def _grid(plt, out, methods, grid_ids):
     for image in grid_ids:
         row = [("input", out / "images" / "input" / f"{image}.png")]
         for name in methods:
-            for part in ("reconstruction", "edit"):
+            for part in ("reconstruction", "edit", "blend_mask"):
                 path = out / "images" / name / f"{image}_{part}.png"
                 if path.is_file():
-                    row.append((f"{name}\n{part}", path))
+                    row.append((f"{name}\n{part.replace('_', ' ')}", path))
         if row[0][1].is_file() and len(row) > 1:
             cells.append((image, row))
     if not cells:
