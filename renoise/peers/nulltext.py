@@ -75,11 +75,11 @@ def optimize_nulls(cond, uncond, null0, pivots, schedule, sampler="ddim", num_st
             counts["uncond"] += 1
             counts["backward"] += 1
             if j == 0:
-                log["before"].append(float(loss))
+                log["before"].append(float(loss.detach()))
             null.grad = grad
             opt.step()
             inner += 1
-            if float(loss) < early_stop:
+            if float(loss.detach()) < early_stop:
                 break
         with torch.no_grad():
             e_u = uncond(z, t, null)
