@@ -246,3 +246,14 @@ def test_every_peer_runs_through_eval_on_the_demo_model(tmp_path):
     assert "cost_invert" in summary["methods"]["gnri"]["metrics"]
     run = json.loads(Path(out, "run.json").read_text())
     assert run["peers"]["edict-g1"]["guidance"] == 1
+
+
+def test_peer_result_saves_its_state(problem, tmp_path):
+    from safetensors import safe_open
+    mix, x0, s, _ = problem
+    r = exact.edict_invert(mix.denoiser(s, "ddim"), x0, s, "ddim", 3)
+    r.save(tmp_path / "e.safetensors")
+    with safe_open(str(tmp_path / "e.safetensors"), framework="pt") as f:
+        assert f.metadata()["peer"] == "edict"
+        assert torch.equal(f.get_tensor("state.y_T.0"), r.state["y_T"])
+        assert torch.equal(f.get_tensor("z_T"), r.z_T)
