@@ -9,14 +9,13 @@ UNet evaluations (CFG counted twice), cost in call-equivalents (backward passes 
 measured backward/forward ratio) and seconds (median per inversion). Then, per peer, the verdict:
 the best ReNoise method (the preset and plain iterations) whose median cost, and the best whose
 median seconds, is at most the peer's, and whether it beats the peer in median and p10 image and
-latent PSNR. Writes the plots of PSNR against calls, cost and seconds (every method on one plot)
-to benchmarks/plots/peers_ddim<N>_*.png and JSON beside the runs. Rows are reused (eval resumes).
+latent PSNR. Writes one figure per step count, image and latent PSNR against cost and seconds
+with every method on it, to benchmarks/plots/peers_ddim<N>.png, and JSON beside the runs. Rows are reused (eval resumes).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -57,37 +56,79 @@ def table(summary):
 
 
 def verdicts(summary):
+    """Per peer: is the run's preset within the peer's median cost / seconds, and how it compares
+    (">": better by more than 0.005 dB, "=": within it, "<": worse) in median and p10 image and
+    latent PSNR; where the preset costs more, the best ReNoise method (by median image PSNR) within
+    the peer's cost. `ddim-inversion` is ReNoise's own K = 0 (Plan(iters=0), the `plain` method),
+    so it counts as ours and is not judged."""
     ms = summary["methods"]
-    ours = {n: ms[n] for n in RENOISE if n in ms}
+    ours = {n: ms[n] for n in RENOISE + ["ddim-inversion"] if n in ms}
+    keys = [(k, w) for k in ("psnr", "latent_psnr") for w in ("median", "p10")]
+    preset = ms["preset"]
     out = []
     for name, m in ms.items():
         if name in ours:
             continue
-        line = {"peer": name}
-        for axis in ("cost_invert", "seconds_invert"):
-            budget = stat(m, axis, "median")
-            within = {n: o for n, o in ours.items() if stat(o, axis, "median") <= budget * 1.0001}
-            if not within:
-                line[axis] = None
-                continue
+        line = {"peer": name, "vs": [_cmp(stat(preset, k, w), stat(m, k, w)) for k, w in keys],
+                "cheaper": stat(preset, "cost_invert", "median") <= stat(m, "cost_invert", "median"),
+                "faster": stat(preset, "seconds_invert", "median") <= stat(m, "seconds_invert", "median")}
+        within = {n: o for n, o in ours.items()
+                  if stat(o, "cost_invert", "median") <= stat(m, "cost_invert", "median") * 1.0001}
+        if within and not line["cheaper"]:
             best = max(within, key=lambda n: stat(within[n], "psnr", "median"))
-            o = within[best]
-            beats = {f"{k}_{w}": stat(o, k, w) > stat(m, k, w) for k in ("psnr", "latent_psnr") for w in ("median", "p10")}
-            line[axis] = {"ours": best, **beats}
+            line["best_within_cost"] = best
+            line["best_vs"] = [_cmp(stat(within[best], k, w), stat(m, k, w)) for k, w in keys]
         out.append(line)
     return out
 
 
+def _cmp(a, b):
+    return ">" if a > b + 0.005 else "=" if abs(a - b) <= 0.005 else "<"
+
+
 def verdict_lines(vs):
-    lines = ["| peer | ReNoise at ≤ its cost | beats (img med/p10, latent med/p10) | at ≤ its seconds | beats |",
-             "|---|---|---|---|---|"]
-    mark = lambda d: " ".join("✓" if d[k] else "✗" for k in ("psnr_median", "psnr_p10", "latent_psnr_median",  # noqa: E731
-                                                              "latent_psnr_p10"))
+    lines = ["| peer | preset's cost ≤ peer's | preset's seconds ≤ peer's | preset vs peer (img med, p10; latent med, p10) "
+             "| else: best ReNoise within the peer's cost |", "|---|---|---|---|---|"]
     for v in vs:
-        c, s = v["cost_invert"], v["seconds_invert"]
-        lines.append(f"| {v['peer']} | {c['ours'] if c else 'none'} | {mark(c) if c else '–'} | "
-                     f"{s['ours'] if s else 'none'} | {mark(s) if s else '–'} |")
+        other = f"{v['best_within_cost']}: {' '.join(v['best_vs'])}" if "best_within_cost" in v else ""
+        lines.append(f"| {v['peer']} | {'yes' if v['cheaper'] else 'no'} | {'yes' if v['faster'] else 'no'} | "
+                     f"{' '.join(v['vs'])} | {other} |")
     return "\n".join(lines)
+
+
+def plot(summary, title, path):
+    """One figure, every method on it: image and latent PSNR (median, p10-p90 bars) against the
+    inversion's cost (call-equivalents) and seconds, log x; ReNoise's methods filled, peers hollow."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    ours = set(RENOISE) | {"ddim-inversion"}
+    colours = plt.get_cmap("tab20")
+    for col, (axis, xlabel) in enumerate((("cost_invert", "cost per image: UNet evaluations + backward passes "
+                                                          "(call-equivalents)"),
+                                          ("seconds_invert", "seconds per image (inversion, median)"))):
+        for row, (metric, ylabel) in enumerate((("psnr", "image PSNR (dB)"), ("latent_psnr", "latent PSNR (dB)"))):
+            ax = axes[row, col]
+            for i, (name, m) in enumerate(summary["methods"].items()):
+                x, y = stat(m, axis, "median"), m["metrics"].get(metric)
+                if x is None or y is None:
+                    continue
+                c = colours(i % 20)
+                ax.errorbar(x, y["median"], yerr=[[y["median"] - y["p10"]], [y["p90"] - y["median"]]], fmt="o",
+                            capsize=3, color=c, mfc=c if name in ours else "white", ms=7)
+                ax.annotate(name, (x, y["median"]), textcoords="offset points", xytext=(5, 3 - 8 * (i % 3)),
+                            fontsize=7, color=c)
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(f"{ylabel}, median, p10-p90", fontsize=8)
+            ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{title} (filled: ReNoise, hollow: peers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main():
@@ -104,11 +145,8 @@ def main():
         summary = json.loads((out / "summary.json").read_text())
         vs = verdicts(summary)
         print(f"\n## DDIM {steps}: {images} held-out scenes ({wall:.0f} s)\n\n{table(summary)}\n\n{verdict_lines(vs)}")
-        for plot in ("psnr_vs_calls", "psnr_vs_cost", "psnr_vs_seconds"):
-            src = out / "plots" / f"{plot}.png"
-            if src.is_file():
-                Path(args.plots).mkdir(parents=True, exist_ok=True)
-                shutil.copy(src, Path(args.plots) / f"peers_ddim{steps}_{plot}.png")
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        plot(summary, f"demo model, DDIM {steps}, {images} held-out scenes", Path(args.plots) / f"peers_ddim{steps}.png")
         report[f"ddim{steps}"] = {"images": images, "wall_seconds": wall, "summary": summary["methods"],
                                   "verdicts": vs}
     Path(args.out).mkdir(parents=True, exist_ok=True)
