@@ -23,7 +23,8 @@ from pathlib import Path
 
 RENOISE = ["preset", "K1", "anderson-K3", "K9"]
 EXTRA = ["edict-g1:peer=edict,guidance=1,edit_guidance=none,edit_negative=source",
-         "null-text-g4:peer=null-text,guidance=4,edit_guidance=4"]
+         "null-text-g4:peer=null-text,guidance=4,edit_guidance=4",
+         "fixed-point-cfg-K9:peer=fixed-point-cfg,iters=9"]
 KEYS = [("psnr", "median"), ("psnr", "p10"), ("latent_psnr", "median"), ("latent_psnr", "p10"),
         ("edit_success", "mean"), ("edit_background_psnr", "median"), ("calls_invert", "median"),
         ("evals_invert", "median"), ("cost_invert", "median"), ("seconds_invert", "median")]
