@@ -229,6 +229,7 @@ class GuidedDenoiser:
         if self.cfg and uncond.batch != cond.batch:
             raise ValueError(f"negative conditioning batch {uncond.batch} != conditioning batch {cond.batch}")
         self.calls = 0
+        self.evals = 0            # UNet evaluations at the image batch: a CFG call 2, a k-fold batch k
         self.dtype = next(unet.parameters()).dtype
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
@@ -245,6 +246,7 @@ class GuidedDenoiser:
         out = _unet_call(self.unet, xin, t, cond.context, cond.text_embeds, cond.time_ids, w_emb).to(x.dtype)
         if not torch.compiler.is_compiling():    # read in a compiled region, the count would be a guard that
             self.calls += 1                      # fails at every call: the region's caller counts (count_calls)
+            self.evals += k * (2 if self.cfg else 1)
         if self.cfg:
             uncond_out, cond_out = out.chunk(2)
             if self.scales is None:
@@ -257,6 +259,7 @@ class GuidedDenoiser:
     def count_calls(self, n: int) -> None:
         """Add n calls made inside a compiled region (renoise.speed), where __call__ does not count."""
         self.calls += n
+        self.evals += n * (2 if self.cfg else 1)      # (a region's doubled batches are not seen here)
 
 
 def guided_denoiser(unet, schedule, sampler, cond, uncond=None, guidance_scale=1.0) -> GuidedDenoiser:
@@ -423,7 +426,8 @@ class Editor:
                         generator=generator, strength=self.strength, sampler_opts=self.sampler_opts,
                         callback=callback, compile=self.compile)
         return Inversion(result=result, prompts=prompts, size=size, guidance_scale=g,
-                         negative_prompts=negative_prompts, clip_skip=self.clip_skip)
+                         negative_prompts=negative_prompts, clip_skip=self.clip_skip,
+                         extra={"unet_evals": den.evals})
 
     def sample(self, inv: Inversion, prompts=None, *, negative_prompts=None, guidance_scale=None,
                num_steps=None, callback=None) -> tuple[torch.Tensor, GuidedDenoiser]:

@@ -24,7 +24,9 @@ def add_parser(sub):
     text = "invert a data set with a grid of methods; per-image rows, a summary and plots (torchrun: sharded)"
     p = sub.add_parser("eval", help=text, description=text,
                        epilog="methods: NAME:field=value,... (a Plan override), a preset name, 'preset', "
-                              "a grid (paper-grid, ablation, convergence, per-call), or @FILE; see docs/eval.md")
+                              "a grid (paper-grid, ablation, convergence, per-call, peers), a peer (edict, bdia, "
+                              "null-text, negative-prompt, aidi, fixed-point-cfg, gnri, ddim-inversion, "
+                              "ddim-inversion-cfg; NAME:peer=PEER,field=value,...), or @FILE; see docs/eval.md")
     data = p.add_argument_group("data (one of --images, --demo or --set)")
     data.add_argument("--images", metavar="DIR", help="folder of images with captions.jsonl or captions.csv")
     data.add_argument("--captions", metavar="FILE", help="captions file (default: DIR/captions.jsonl or .csv)")
@@ -280,12 +282,17 @@ def _pending_on_rank0(ctx, out, settings, keys, items) -> tuple:
     return answer
 
 
-def _work(args, ctx, pipe, plans, items, mine, out):
-    """This rank's pairs, one row appended as each finishes; returns the LPIPS scorer (for its note)."""
+def _work(args, ctx, pipe, plans, items, mine, out, peer_specs=None):
+    """This rank's pairs, one row appended as each finishes; returns the LPIPS scorer (for its note).
+    peer_specs: {method: resolved renoise.peers spec} for the methods that are peers."""
     from ..pipeline import Editor
     from . import store
     from .measure import LPIPSScorer
-    editors = {n: Editor(pipe, p) for n, p in plans.items()}
+    peer_specs = peer_specs or {}
+    if peer_specs:
+        from ..peers import editors as peer_editors
+    editors = {n: peer_editors.make(pipe, p, peer_specs[n]) if n in peer_specs else Editor(pipe, p)
+               for n, p in plans.items()}
     lpips = LPIPSScorer(ctx.device)
     grid_ids = {it.id for it in items[:args.grid]} if args.plots else set()
     writer = store.RowWriter(out, ctx.rank)
@@ -349,15 +356,18 @@ def _run(args, ctx, method_list, items, source, out, started):
                 "methods": {n: p.to_dict() for n, p in plans.items()}}
     if args.edit_control is not None or args.mask_edits:       # only then: older runs resume as they were
         settings["edit_control"] = _control_settings(args)
+    peer_specs = {m.name: m.peer for m in method_list if m.peer is not None}
+    if peer_specs:
+        settings["peers"] = peer_specs
     keys = [(i, n) for n in plans for i in range(len(items))]    # method-major: each rank gets every method
     pending, fingerprints, changed = _pending_on_rank0(ctx, out, settings, keys, items)
-    lpips = _work(args, ctx, pipe, plans, items, pending[ctx.rank::ctx.world], out)
+    lpips = _work(args, ctx, pipe, plans, items, pending[ctx.rank::ctx.world], out, peer_specs)
     ctx.barrier()
     if ctx.rank != 0:
         return None
     notes = [n for n in (lpips.note and f"LPIPS not measured: {lpips.note}",
                          plots.MISSING_NOTE if args.plots and not _has_matplotlib() else None) if n]
-    info = {k: v for k, v in settings.items() if k != "methods"}
+    info = {k: v for k, v in settings.items() if k not in ("methods", "peers")}
     info.update(sampler=next(iter(plans.values())).sampler, plans=settings["methods"], notes=notes,
                 inputs_changed=[{"image": i, "method": m} for i, m in changed])
     return _finish(args, out, items, plans, info, ctx, started, len(pending), len(keys) - len(pending),

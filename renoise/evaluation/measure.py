@@ -3,7 +3,8 @@
     row = measure(editor, item, x, mask, seed=..., edit_guidance=1.0, lpips=scorer, posterior="mean")
 
 The row holds image PSNR/SSIM (and LPIPS when its weights are local) of the reconstruction,
-latent PSNR/SSIM/RMSE, UNet calls and seconds of each part, the peak memory, and the fixed-point
+latent PSNR/SSIM/RMSE, UNet calls and seconds of each part, the inversion's cost (UNet
+evaluations at the image batch, backward passes, call-equivalents), the peak memory, and the fixed-point
 residuals of every inversion step (final and per iteration; the contraction estimate where the
 inversion reports one). With an edit prompt: the edit's calls and seconds, and where a mask is
 known the background PSNR (outside the mask grown by 3 px) and, for demo scenes, whether the shape
@@ -88,6 +89,21 @@ def _residuals(result) -> dict:
     return out
 
 
+def _costs(editor, inv) -> dict:
+    """The inversion's cost: UNet evaluations at the image batch (a CFG call counts 2), backward
+    passes, and call-equivalents = evaluations + r · backward passes, r the backward's measured cost
+    in forward calls (renoise.peers.cost; measured by the editors that differentiate)."""
+    extra = getattr(inv, "extra", None) or {}
+    evals = extra.get("unet_evals", inv.result.model_calls)
+    backward = extra.get("backward", 0)
+    ratio = getattr(editor, "backward_ratio", None)
+    out = {"evals_invert": evals, "backward_invert": backward,
+           "cost_invert": float(evals) + (ratio or 0.0) * backward}
+    if ratio is not None:
+        out["backward_ratio"] = ratio
+    return out
+
+
 @torch.no_grad()
 def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpips=None,
             posterior: str = "mean", control=None, mask_edits: bool = False) -> tuple[dict, dict]:
@@ -116,6 +132,7 @@ def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpi
            "latent_rmse": float(latent["rmse"][0]),
            "calls_invert": inv.result.model_calls, "calls_reconstruct": den.calls,
            "seconds_invert": t1 - t0, "seconds_reconstruct": t2 - t1}
+    row.update(_costs(editor, inv))
     images = {"reconstruction": recon, "inversion": inv}
     if item.edit_prompt:
         if mask_edits:

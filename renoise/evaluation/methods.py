@@ -1,9 +1,10 @@
 """Methods for `renoise eval`: named Plan overrides, written on the command line, and built-in grids.
 
     NAME:field=value,field=value      a Plan override (any renoise.presets.Plan field)
-    NAME                              a built-in grid (paper-grid, ablation, convergence, per-call), a method
-                                      of one (plain, K3, anderson-K3, no-patch-kl, ...), a preset
-                                      name, or `preset` (the run's --preset)
+    NAME                              a built-in grid (paper-grid, ablation, convergence, per-call, peers), a
+                                      method of one (plain, K3, anderson-K3, no-patch-kl, ...), a preset
+                                      name, `preset` (the run's --preset), or a peer (edict, null-text, ...)
+    NAME:peer=PEER,field=value        a peer (renoise.peers) with its settings changed
 
 An override starts from plain inversion (`Plan()`: K = 0, no averaging window beyond the last
 iterate, no regularizer, no noise correction) unless it names a base with `preset=NAME`. The
@@ -15,6 +16,8 @@ Values: integers, floats, true/false, none, words, and lists in brackets: `windo
     K3:iters=3,average=false                      three renoising iterations, the last iterate
     anderson-K3:iters=3,anderson=3,average=false  the same with Anderson mixing (memory 3)
     no-kl:preset=sd15,lambda_kl=0                 the SD 1.5 preset without patch-KL
+
+    edict-g1:peer=edict,guidance=1,edit_guidance=none   EDICT at guidance 1, edited at the run's guidance
 
 A file of methods, one a line (`#` comments), is passed as `@FILE`.
 """
@@ -35,13 +38,22 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
 @dataclass(frozen=True)
 class Method:
-    """A named plan: `base` is None (plain inversion), a preset name, or RUN_PRESET."""
+    """A named plan: `base` is None (plain inversion), a preset name, or RUN_PRESET; or a peer
+    (`peer`: a resolved renoise.peers spec, run by renoise.peers.editors on the run's sampler and steps)."""
     name: str
     base: str | None = None
     overrides: dict = field(default_factory=dict)
+    peer: dict | None = None
 
     def plan(self, run_preset: str, run_settings: dict) -> Plan:
-        """The Plan this method runs: its base, the run's sampler/steps/guidance, then its overrides."""
+        """The Plan this method runs: its base, the run's sampler/steps/guidance, then its overrides
+        (a peer: plain inversion with the run's sampler and steps, its own plan fields and guidance)."""
+        if self.peer is not None:
+            own = {**self.peer.get("plan", {}), "guidance_scale": float(self.peer["guidance"]), "name": self.name}
+            try:
+                return Plan().replace(**{**run_settings, **own})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"method {self.name!r}: {e}") from None
         base = {None: None, RUN_PRESET: run_preset}.get(self.base, self.base)
         plan = Plan() if base is None else Plan.preset(base)
         try:
@@ -107,7 +119,14 @@ def _per_call():
     return grid
 
 
-GRIDS = {"paper-grid": _paper_grid, "ablation": _ablation, "convergence": _convergence, "per-call": _per_call}
+def _peers():
+    """The peers of ReNoise (renoise.peers, each at its paper's settings) beside the run's preset."""
+    from .. import peers
+    return [_preset(RUN_PRESET)] + [Method(name, None, {}, peers.resolve(name)) for name in peers.GROUP]
+
+
+GRIDS = {"paper-grid": _paper_grid, "ablation": _ablation, "convergence": _convergence, "per-call": _per_call,
+         "peers": _peers}
 
 
 def builtin_methods() -> dict:
@@ -142,7 +161,15 @@ def parse_spec(spec: str) -> list[Method]:
             raise ValueError(f"method {name!r}: {item.strip()!r} is not field=value")
         if key in overrides:
             raise ValueError(f"method {name!r}: field {key!r} given twice")
-        overrides[key] = value.strip() if key in WORD_FIELDS else _value(value.strip(), name, key)
+        words = WORD_FIELDS | {"peer", "edit_negative"}
+        overrides[key] = value.strip() if key in words else _value(value.strip(), name, key)
+    if "peer" in overrides:
+        from .. import peers
+        kind = overrides.pop("peer")
+        try:
+            return [Method(name, None, {}, peers.resolve(kind, **overrides))]
+        except ValueError as e:
+            raise ValueError(f"method {name!r}: {e}") from None
     base = overrides.pop("preset", None)
     if base is not None and base != RUN_PRESET and base not in PRESETS:
         raise ValueError(f"method {name!r}: unknown preset {base!r}; expected one of {', '.join(PRESETS)}")

@@ -1,6 +1,9 @@
 """Plots of `renoise eval` as PNG files (matplotlib, imported only here; not a dependency of renoise).
 
     psnr_vs_calls.png    median PSNR (p10–p90 bars) against UNet calls per image, one point per method
+    psnr_vs_cost.png     the same against the inversion's cost in call-equivalents (CFG evaluations
+                         counted twice, backward passes at their measured cost)
+    psnr_vs_seconds.png  the same against the inversion's seconds per image
     residuals.png        per method: the median fixed-point residual against iteration, one curve per
                          inversion step (coloured by timestep), log scale
     contraction.png      per method: the median contraction estimate (ratio of the last two residuals
@@ -36,7 +39,11 @@ def plot_all(out, summary: dict, rows: dict, methods: list[str], grid_ids: list[
     folder = Path(out) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     written = []
+    cost = ("cost_invert", "cost per image (inversion): UNet evaluations + backward passes, call-equivalents")
+    secs = ("seconds_invert", "seconds per image (inversion, median)")
     for name, draw in (("psnr_vs_calls.png", lambda: _psnr_vs_calls(plt, summary)),
+                       ("psnr_vs_cost.png", lambda: _psnr_vs_calls(plt, summary, *cost)),
+                       ("psnr_vs_seconds.png", lambda: _psnr_vs_calls(plt, summary, *secs)),
                        ("residuals.png", lambda: _residuals(plt, rows, methods)),
                        ("contraction.png", lambda: _contraction(plt, rows, methods)),
                        ("grid.png", lambda: _grid(plt, Path(out), methods, grid_ids))):
@@ -52,9 +59,9 @@ def plot_all(out, summary: dict, rows: dict, methods: list[str], grid_ids: list[
     return written, None
 
 
-def _psnr_vs_calls(plt, summary):
-    points = [(n, m["metrics"]["calls_invert"], m["metrics"]["psnr"]) for n, m in summary["methods"].items()
-              if "psnr" in m["metrics"] and "calls_invert" in m["metrics"]]
+def _psnr_vs_calls(plt, summary, key="calls_invert", label="UNet calls per image (inversion)"):
+    points = [(n, m["metrics"][key], m["metrics"]["psnr"]) for n, m in summary["methods"].items()
+              if "psnr" in m["metrics"] and key in m["metrics"]]
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -62,7 +69,7 @@ def _psnr_vs_calls(plt, summary):
         x, y = calls["median"], psnr["median"]
         ax.errorbar(x, y, yerr=[[y - psnr["p10"]], [psnr["p90"] - y]], fmt="o", capsize=3)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4 - 10 * (i % 3)), fontsize=8)
-    ax.set_xlabel("UNet calls per image (inversion)")
+    ax.set_xlabel(label)
     ax.set_ylabel("reconstruction PSNR (dB), median, p10–p90")
     ax.set_title(f"{summary.get('model', '')}: {summary['images']} images")
     ax.grid(alpha=0.3)

@@ -206,7 +206,7 @@ def check_settings(out, settings: dict) -> None:
         raise ValueError(f"{path} is not the settings file of a renoise eval run; pass another --out")
     defaults = Plan().to_dict()
     for key, value in settings.items():
-        if key == "methods":
+        if key in ("methods", "peers"):
             continue
         if old.get(key) != value:
             raise ValueError(f"{out} holds an evaluation made with {key} = {old.get(key)!r}, not {value!r}; "
@@ -215,5 +215,13 @@ def check_settings(out, settings: dict) -> None:
         if name in old["methods"] and {**defaults, **old["methods"][name]} != plan:
             raise ValueError(f"{out} holds rows of a method {name!r} with another plan; give the changed method "
                              "a new name, or pass another --out")
-    if set(settings["methods"]) - set(old["methods"]):
-        write_json(path, {**old, "methods": {**old["methods"], **settings["methods"]}})
+    old_peers, peers = old.get("peers", {}), settings.get("peers", {})
+    for name, spec in peers.items():
+        if name in old_peers and old_peers[name] != spec:
+            raise ValueError(f"{out} holds rows of a peer method {name!r} with other settings; give the changed "
+                             "method a new name, or pass another --out")
+    if set(settings["methods"]) - set(old["methods"]) or set(peers) - set(old_peers):
+        merged = {**old, "methods": {**old["methods"], **settings["methods"]}}
+        if peers or old_peers:
+            merged["peers"] = {**old_peers, **peers}
+        write_json(path, merged)

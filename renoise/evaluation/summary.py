@@ -21,6 +21,8 @@ METRICS = {                                   # row key -> label (the tables' or
     "latent_psnr": "latent PSNR (dB)", "latent_ssim": "latent SSIM",
     "edit_success": "edit success", "edit_background_psnr": "edit background PSNR (dB)",
     "calls_invert": "UNet calls (inversion)", "budget_used": "share of the call budget used",
+    "evals_invert": "UNet evaluations (inversion, CFG counts 2)",
+    "cost_invert": "cost (inversion, call-equivalents: evaluations + backward passes at their measured cost)",
     "seconds_invert": "seconds (inversion)",
     "seconds_total": "seconds (all)", "peak_memory_mib": "peak memory (MiB)",
 }

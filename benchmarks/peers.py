@@ -1,0 +1,158 @@
+"""ReNoise beside its peers (issue 24), made by `renoise eval` and tabulated here.
+
+    python benchmarks/peers.py [--images 16 8] [--out benchmarks/out/peers] [--threads 1]
+
+Runs `python -m renoise eval --methods peers K1 anderson-K3 K9 edict-g1:...` on the demo model's
+held-out scenes at DDIM 10 and 50 steps (16 and 8 images by default), then prints per method:
+image and latent PSNR (median, p10), edit success and background PSNR (prompt swap), UNet calls,
+UNet evaluations (CFG counted twice), cost in call-equivalents (backward passes at the run's
+measured backward/forward ratio) and seconds (median per inversion). Then, per peer, the verdict:
+the best ReNoise method (the preset and plain iterations) whose median cost, and the best whose
+median seconds, is at most the peer's, and whether it beats the peer in median and p10 image and
+latent PSNR. Writes one figure per step count, image and latent PSNR against cost and seconds
+with every method on it, to benchmarks/plots/peers_ddim<N>.png, and JSON beside the runs. Rows are reused (eval resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RENOISE = ["preset", "K1", "anderson-K3", "K9"]
+EXTRA = ["edict-g1:peer=edict,guidance=1,edit_guidance=none,edit_negative=source",
+         "null-text-g4:peer=null-text,guidance=4,edit_guidance=4",
+         "fixed-point-cfg-K9:peer=fixed-point-cfg,iters=9"]
+KEYS = [("psnr", "median"), ("psnr", "p10"), ("latent_psnr", "median"), ("latent_psnr", "p10"),
+        ("edit_success", "mean"), ("edit_background_psnr", "median"), ("calls_invert", "median"),
+        ("evals_invert", "median"), ("cost_invert", "median"), ("seconds_invert", "median")]
+
+
+def run_eval(steps, images, out, threads):
+    cmd = [sys.executable, "-m", "renoise", "eval", "--model", "demo", "--demo", str(images), "--steps", str(steps),
+           "--methods", "peers", *RENOISE, *EXTRA, "--out", str(out), "--quiet"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+def stat(m, key, which):
+    return m["metrics"].get(key, {}).get(which)
+
+
+def table(summary):
+    lines = ["| method | PSNR med | p10 | latent med | p10 | edit success | bg PSNR | calls | evals | cost | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in summary["methods"].items():
+        vals = [stat(m, k, w) for k, w in KEYS]
+        cells = [("–" if v is None else f"{v:.0%}" if k == "edit_success" else f"{v:.0f}" if k.startswith(("calls", "evals"))
+                  else f"{v:.1f}" if k == "cost_invert" else f"{v:.3f}" if k == "seconds_invert" else f"{v:.2f}")
+                 for v, (k, _) in zip(vals, KEYS)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdicts(summary):
+    """Per peer: is the run's preset within the peer's median cost / seconds, and how it compares
+    (">": better by more than 0.005 dB, "=": within it, "<": worse) in median and p10 image and
+    latent PSNR; where the preset costs more, the best ReNoise method (by median image PSNR) within
+    the peer's cost. `ddim-inversion` is ReNoise's own K = 0 (Plan(iters=0), the `plain` method),
+    so it counts as ours and is not judged."""
+    ms = summary["methods"]
+    ours = {n: ms[n] for n in RENOISE + ["ddim-inversion"] if n in ms}
+    keys = [(k, w) for k in ("psnr", "latent_psnr") for w in ("median", "p10")]
+    preset = ms["preset"]
+    out = []
+    for name, m in ms.items():
+        if name in ours:
+            continue
+        line = {"peer": name, "vs": [_cmp(stat(preset, k, w), stat(m, k, w)) for k, w in keys],
+                "cheaper": stat(preset, "cost_invert", "median") <= stat(m, "cost_invert", "median"),
+                "faster": stat(preset, "seconds_invert", "median") <= stat(m, "seconds_invert", "median")}
+        within = {n: o for n, o in ours.items()
+                  if stat(o, "cost_invert", "median") <= stat(m, "cost_invert", "median") * 1.0001}
+        if within and not line["cheaper"]:
+            best = max(within, key=lambda n: stat(within[n], "psnr", "median"))
+            line["best_within_cost"] = best
+            line["best_vs"] = [_cmp(stat(within[best], k, w), stat(m, k, w)) for k, w in keys]
+        out.append(line)
+    return out
+
+
+def _cmp(a, b):
+    return ">" if a > b + 0.005 else "=" if abs(a - b) <= 0.005 else "<"
+
+
+def verdict_lines(vs):
+    lines = ["| peer | preset's cost ≤ peer's | preset's seconds ≤ peer's | preset vs peer (img med, p10; latent med, p10) "
+             "| else: best ReNoise within the peer's cost |", "|---|---|---|---|---|"]
+    for v in vs:
+        other = f"{v['best_within_cost']}: {' '.join(v['best_vs'])}" if "best_within_cost" in v else ""
+        lines.append(f"| {v['peer']} | {'yes' if v['cheaper'] else 'no'} | {'yes' if v['faster'] else 'no'} | "
+                     f"{' '.join(v['vs'])} | {other} |")
+    return "\n".join(lines)
+
+
+def plot(summary, title, path):
+    """One figure, every method on it: image and latent PSNR (median, p10-p90 bars) against the
+    inversion's cost (call-equivalents) and seconds, log x; ReNoise's methods filled, peers hollow."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    ours = set(RENOISE) | {"ddim-inversion"}
+    colours = plt.get_cmap("tab20")
+    for col, (axis, xlabel) in enumerate((("cost_invert", "cost per image: UNet evaluations + backward passes "
+                                                          "(call-equivalents)"),
+                                          ("seconds_invert", "seconds per image (inversion, median)"))):
+        for row, (metric, ylabel) in enumerate((("psnr", "image PSNR (dB)"), ("latent_psnr", "latent PSNR (dB)"))):
+            ax = axes[row, col]
+            for i, (name, m) in enumerate(summary["methods"].items()):
+                x, y = stat(m, axis, "median"), m["metrics"].get(metric)
+                if x is None or y is None:
+                    continue
+                c = colours(i % 20)
+                ax.errorbar(x, y["median"], yerr=[[y["median"] - y["p10"]], [y["p90"] - y["median"]]], fmt="o",
+                            capsize=3, color=c, mfc=c if name in ours else "white", ms=7)
+                ax.annotate(name, (x, y["median"]), textcoords="offset points", xytext=(5, 3 - 8 * (i % 3)),
+                            fontsize=7, color=c)
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(f"{ylabel}, median, p10-p90", fontsize=8)
+            ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{title} (filled: ReNoise, hollow: peers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, nargs=2, default=[16, 8], metavar=("N10", "N50"))
+    ap.add_argument("--out", default="benchmarks/out/peers")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--plots", default="benchmarks/plots")
+    args = ap.parse_args()
+    report = {}
+    for steps, images in zip((10, 50), args.images):
+        out = Path(args.out) / f"ddim{steps}"
+        wall = run_eval(steps, images, out, args.threads)
+        summary = json.loads((out / "summary.json").read_text())
+        vs = verdicts(summary)
+        print(f"\n## DDIM {steps}: {images} held-out scenes ({wall:.0f} s)\n\n{table(summary)}\n\n{verdict_lines(vs)}")
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        plot(summary, f"demo model, DDIM {steps}, {images} held-out scenes", Path(args.plots) / f"peers_ddim{steps}.png")
+        report[f"ddim{steps}"] = {"images": images, "wall_seconds": wall, "summary": summary["methods"],
+                                  "verdicts": vs}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "peers.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
