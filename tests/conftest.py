@@ -6,6 +6,10 @@ from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Triton reads TRITON_INTERPRET once, when it is first imported (diffusers and torch may import it
+# while other test modules are collected), so the kernels' CPU tests need it set before anything.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # The suite's models are tiny: one intra-op thread is several times faster than two on a
 # 2-core machine, where threads wait on each other.
 torch.set_num_threads(1)

@@ -1,6 +1,7 @@
 """Off the demo model's home ground (issue 20): the evaluation sets, the per-image guarantee against
 plain iteration at equal calls on them, and the report of solves that stop above their tolerance."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -184,5 +185,14 @@ def test_eval_set_runs_and_rows_report_stalls(tmp_path, capsys):
     assert s["data"] == {"set": "unknown-words"} and len(s["methods"]["stall"]["not_converged"]) == 2
     md = (out / "summary.md").read_text()
     assert "## Not converged" in md and "stall on unknown-0000: step 1" in md
+    again = tmp_path / "again"           # a first run stopped after building its set starts in the same folder
+    shutil.copytree(out / "data", again / "data")
+    assert main(["eval", "--set", "unknown-words", "--set-size", "1", "--steps", "2", "--methods", "plain",
+                 "--out", str(again), "--quiet", "--no-plots", "--threads", "1"]) == 0
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(["eval", "--set", "unknown-words", "--set-size", "1", "--out", str(tmp_path / "other"),
+                 "--quiet"]) == 2
+    assert "did not write (notes.txt)" in capsys.readouterr().err
     rc = main(["eval", "--set", "photos", "--demo", "2", "--out", str(tmp_path / "x"), "--quiet"])
     assert rc == 2 and "one of --images" in capsys.readouterr().err

@@ -248,6 +248,22 @@ def test_every_peer_runs_through_eval_on_the_demo_model(tmp_path):
     assert run["peers"]["edict-g1"]["guidance"] == 1
 
 
+def test_peers_refuse_editing_modes(tmp_path, capsys):
+    """Editing modes are ReNoise's: eval refuses them beside a peer before touching --out, and a
+    peer editor refuses a non-plain control."""
+    from renoise.__main__ import main
+    from renoise.editing import EditControl
+    from renoise.peers.editors import PlanPeer
+    out = tmp_path / "o"
+    assert main(["eval", "--demo", "1", "--methods", "edict", "--edit-mode", "p2p", "--out", str(out),
+                 "--quiet"]) == 2
+    assert "apply to ReNoise methods only" in capsys.readouterr().err and not out.exists()
+    editor = PlanPeer.__new__(PlanPeer)
+    editor.spec = peers.resolve("ddim-inversion")
+    with pytest.raises(ValueError, match="ddim-inversion edits with its own protocol"):
+        editor.edit_latents(None, ["x"], control=EditControl(mode="p2p"))
+
+
 def test_peer_result_saves_its_state(problem, tmp_path):
     from safetensors import safe_open
     mix, x0, s, _ = problem

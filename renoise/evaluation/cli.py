@@ -328,10 +328,15 @@ def run(args) -> dict | None:
         raise ValueError(f"--grid must be >= 0, got {args.grid}")
     args.edit_control = _edit_control(args)
     method_list = methods.parse_methods(args.methods)
+    peers = [m.name for m in method_list if m.peer is not None]
+    if peers and (args.edit_control is not None or args.mask_edits):
+        raise ValueError(f"the peers ({', '.join(peers)}) edit with their own protocols; editing modes "
+                         "(--edit-mode, --self-inject, --local-blend, --mask-edits) apply to ReNoise methods only: "
+                         "run the peers in a separate eval without them")
+    out = Path(args.out)
+    store.check_folder(out, own=("data",) if getattr(args, "set", None) is not None else ())
     items, source = _items(args)
     args.size_hw = images.parse_size(args.size)
-    out = Path(args.out)
-    store.check_folder(out)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = distributed.setup(args.device)

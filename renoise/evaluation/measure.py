@@ -80,9 +80,10 @@ def _residuals(result) -> dict:
     per_iteration = [_floats(r[:, 0]) for r in result.residuals]         # per step, [calls]
     out = {"final_residual": [r[-1] for r in per_iteration], "residuals": per_iteration,
            "timesteps": [int(t) for t in result.timesteps.flip(0)]}     # inversion order, like the residuals
-    conv = result.convergence()
-    out["budget_used"] = conv["budget"][0]
-    out["not_converged"] = [{k: v for k, v in c.items() if k != "sample"} for c in conv["not_converged"]]
+    if hasattr(result, "convergence"):                  # ReNoise plans; the peers' loops have no call budget
+        conv = result.convergence()
+        out["budget_used"] = conv["budget"][0]
+        out["not_converged"] = [{k: v for k, v in c.items() if k != "sample"} for c in conv["not_converged"]]
     contraction = getattr(result, "contraction", None)
     if contraction:
         out["contraction"] = [float(c.reshape(-1)[0]) for c in contraction]

@@ -38,14 +38,15 @@ def pair_fingerprint(item_fingerprint: str, plan: dict) -> str:
     return hashlib.sha256((item_fingerprint + json.dumps(plan, sort_keys=True)).encode()).hexdigest()
 
 
-def check_folder(out) -> None:
-    """--out must be new, empty, or an eval run (it has run.json): never another folder's files."""
+def check_folder(out, own=()) -> None:
+    """--out must be new, empty, or an eval run (it has run.json): never another folder's files.
+    `own`: names eval itself writes before run.json (the data folder of --set)."""
     out = Path(out)
     if not out.exists():
         return
     if not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK and p.name not in own)
     if others and not (out / SETTINGS).is_file():
         listed = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
         raise ValueError(f"--out {out} holds files that renoise eval did not write ({listed}) and no {SETTINGS}; "

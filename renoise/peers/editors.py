@@ -24,6 +24,14 @@ from . import cost, exact, newton, nulltext
 _RATIOS = {}
 
 
+def _refuse_control(editor, control):
+    """The peers edit with their own protocol; editing modes (renoise.editing) are ReNoise's."""
+    if control is not None and not control.plain:
+        raise ValueError(f"peer {editor.spec.get('name', editor.spec.get('peer', '?'))} edits with its own "
+                         "protocol; editing modes (--edit-mode, --self-inject, --local-blend, masks) apply to "
+                         "ReNoise methods only: run the peers without them")
+
+
 class PeerEditor(Editor):
     """Editor for one peer; `plan` carries the run's sampler and steps (and a plan peer's fields)."""
 
@@ -69,7 +77,9 @@ class PlanPeer(PeerEditor):
         inv.extra["backward"] = 0
         return inv
 
-    def edit_latents(self, inv, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None, callback=None):
+    def edit_latents(self, inv, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None, callback=None,
+                     control=None):
+        _refuse_control(self, control)
         g, negative = self._edit_setup(inv, edit_guidance_scale)
         return self.sample(inv, edit_prompts, negative_prompts=negative, guidance_scale=g, num_steps=num_steps,
                            callback=callback)
@@ -96,7 +106,9 @@ class _LoopPeer(PeerEditor):
                             clip_skip=inv.clip_skip)
         return self._sample(den, inv), den
 
-    def edit_latents(self, inv, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None, callback=None):
+    def edit_latents(self, inv, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None, callback=None,
+                     control=None):
+        _refuse_control(self, control)
         g, negative = self._edit_setup(inv, edit_guidance_scale)
         return self.sample(inv, edit_prompts, negative_prompts=negative, guidance_scale=g, num_steps=num_steps)
 
