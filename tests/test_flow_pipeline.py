@@ -1,0 +1,93 @@
+"""SD3 / FLUX.1 pipelines: load_pipeline on folders written by diffusers' save_pretrained, and
+generation from the same latents equal to StableDiffusion3Pipeline / FluxPipeline (output_type="latent")."""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("sentencepiece")
+pytest.importorskip("tokenizers")
+
+from renoise.flow import generate_flow  # noqa: E402
+from renoise.models import load_pipeline  # noqa: E402
+from renoise.models.flow_pipeline import FlowPipeline, encode_flow_prompts  # noqa: E402
+from renoise.models.flux import pack_latents, unpack_latents  # noqa: E402
+
+PROMPTS = ["a photo of a cat", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from tiny_flow_pipeline import save_flux, save_sd3
+    root = tmp_path_factory.mktemp("flowpipes")
+    return {"sd3": save_sd3(root / "sd3"), "sd3-no-t5": save_sd3(root / "sd3-no-t5", t5=False),
+            "dev": save_flux(root / "dev", kind="dev"), "schnell": save_flux(root / "schnell", kind="schnell")}
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd3-no-t5"])
+@pytest.mark.parametrize("hw", [(4, 4), (4, 6)])
+def test_sd3_equals_diffusers_true_cfg(folders, name, hw):
+    pipe = load_pipeline(folders[name])
+    assert isinstance(pipe, FlowPipeline) and pipe.kind == "sd3"
+    assert (pipe.text_encoder_3 is None) == (name == "sd3-no-t5")
+    extra = dict(text_encoder_3=None, tokenizer_3=None) if name == "sd3-no-t5" else {}
+    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(folders[name], **extra)
+    z = torch.randn(2, 4, *hw, generator=torch.Generator().manual_seed(hash(hw) % 1000))
+    ours = generate_flow(pipe, PROMPTS, num_steps=3, guidance_scale=4.5, negative_prompts=["red", ""], latents=z)
+    with torch.no_grad():
+        want = ref(prompt=PROMPTS, negative_prompt=["red", ""], num_inference_steps=3, guidance_scale=4.5,
+                   latents=z.clone(), height=hw[0] * 8, width=hw[1] * 8, output_type="latent").images
+    assert want.shape == ours.shape
+    assert rel(ours, want) < 1e-5, rel(ours, want)
+    assert rel(ours, z) > 1e-2                       # the chain moved the latents
+
+
+def test_sd3_text_encoding_equals_encode_prompt(folders):
+    pipe = load_pipeline(folders["sd3"])
+    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(folders["sd3"])
+    context, pooled = encode_flow_prompts(pipe, PROMPTS)
+    with torch.no_grad():
+        want_c, _, want_p, _ = ref.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False)
+    assert context.shape == (2, 77 + 256, 48) and pooled.shape == (2, 32)
+    assert rel(context, want_c) < 1e-6 and rel(pooled, want_p) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["dev", "schnell"])
+@pytest.mark.parametrize("hw", [(4, 4), (4, 6)])
+def test_flux_equals_diffusers(folders, kind, hw):
+    pipe = load_pipeline(folders[kind])
+    assert pipe.kind == "flux" and pipe.guidance_embeds == (kind == "dev")
+    ref = diffusers.FluxPipeline.from_pretrained(folders[kind])
+    z = torch.randn(2, 4, *hw, generator=torch.Generator().manual_seed(7))
+    ours = generate_flow(pipe, PROMPTS, num_steps=3, guidance_scale=3.5, latents=z)
+    with torch.no_grad():
+        want = ref(prompt=PROMPTS, num_inference_steps=3, guidance_scale=3.5, latents=pack_latents(z),
+                   height=hw[0] * 8, width=hw[1] * 8, output_type="latent").images
+    want = unpack_latents(want, *hw)
+    assert rel(ours, want) < 1e-5, rel(ours, want)
+    assert rel(ours, z) > 1e-2
+
+
+def test_flux_guidance_matters_for_dev_only(folders):
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    dev = load_pipeline(folders["dev"])
+    a, b = (generate_flow(dev, "a cat", num_steps=2, guidance_scale=g, latents=z) for g in (1.5, 5.0))
+    assert rel(a, b) > 1e-4
+    with pytest.raises(ValueError, match="negative prompt"):
+        generate_flow(dev, "a cat", num_steps=2, negative_prompts="dog", latents=z)
+
+
+def test_family_dispatch_errors(folders, tmp_path):
+    import json
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(folders["sd3"], bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    index["_class_name"] = "SomethingPipeline"
+    index["transformer"] = ["diffusers", "HunyuanDiT2DModel"]
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="HunyuanDiT2DModel"):
+        load_pipeline(bad)
