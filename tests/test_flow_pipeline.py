@@ -91,3 +91,25 @@ def test_family_dispatch_errors(folders, tmp_path):
     (bad / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="HunyuanDiT2DModel"):
         load_pipeline(bad)
+
+
+@pytest.mark.parametrize("name", ["sd3-no-t5", "dev"])
+def test_hub_id_fetches_only_the_fp16_files_it_reads(folders, tmp_path, monkeypatch, name):
+    import shutil
+
+    from tiny_models import FakeHub
+    repo = tmp_path / "repo"
+    shutil.copytree(folders[name], repo)
+    cls = diffusers.FluxPipeline if name == "dev" else diffusers.StableDiffusion3Pipeline
+    extra = dict(text_encoder_3=None, tokenizer_3=None) if name == "sd3-no-t5" else {}
+    half = cls.from_pretrained(folders[name], torch_dtype=torch.float16, **extra)
+    half.save_pretrained(str(repo), variant="fp16", safe_serialization=True)
+    for sub in ("transformer", "vae", "text_encoder"):
+        (repo / sub / "diffusion_pytorch_model.bin").write_bytes(b"never read")
+    hub = FakeHub({"org/flow": repo}, tmp_path / "cache").install(monkeypatch)
+    pipe = load_pipeline("org/flow", dtype=torch.float16, variant="fp16")
+    assert pipe.transformer.dtype == torch.float16 and pipe.kind == ("flux" if name == "dev" else "sd3")
+    weights = [f for f in hub.fetched if not f.endswith((".json", ".txt"))]
+    assert weights and all(".fp16." in f and f.endswith(".safetensors") for f in weights), hub.fetched
+    assert not any(f.endswith(".bin") for f in hub.fetched)
+    assert not any(f.startswith("text_encoder_3") for f in hub.fetched)
