@@ -25,6 +25,16 @@ def is_flow_pipeline(pipe) -> bool:
     return getattr(pipe, "kind", None) in ("sd3", "flux")
 
 
+def check_flow_plan(plan) -> None:
+    """Refuse the plan parts that do not apply to a velocity model with the deterministic flow Euler step."""
+    if plan.noise_correction != "none":
+        raise ValueError(f"noise_correction {plan.noise_correction!r} corrects the fresh noise of stochastic samplers; "
+                         "the flow Euler step adds none: use noise_correction='none' with SD3 / FLUX.1")
+    if plan.regularize:
+        raise ValueError("the edit-enhancement regularizer acts on predicted noise (epsilon models); SD3 / FLUX.1 "
+                         "predict velocity: turn it off (reg_rounds=0 or lambda_ac = lambda_kl = 0)")
+
+
 def encode_flow(pipe, prompts, *, max_sequence_length=None) -> Conditioning:
     """Conditioning(context, text_embeds=pooled) of a flow pipeline."""
     from .models.flow_pipeline import encode_flow_prompts

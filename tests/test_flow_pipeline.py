@@ -113,3 +113,47 @@ def test_hub_id_fetches_only_the_fp16_files_it_reads(folders, tmp_path, monkeypa
     assert weights and all(".fp16." in f and f.endswith(".safetensors") for f in weights), hub.fetched
     assert not any(f.endswith(".bin") for f in hub.fetched)
     assert not any(f.startswith("text_encoder_3") for f in hub.fetched)
+
+
+def _picture(path, h, w, seed=0):
+    import numpy as np
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["sd3", "dev", "schnell"])
+def test_cli_invert_reconstruct_edit(folders, tmp_path, monkeypatch, name):
+    import json
+
+    from renoise.__main__ import main
+    monkeypatch.setenv("RENOISE_LPIPS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cat = _picture(tmp_path / "cat.png", 32, 48)
+    out, rec, ed = tmp_path / "inv", tmp_path / "rec", tmp_path / "edit"
+    common = ["--model", str(folders[name]), "--quiet", "--steps", "3"]
+    assert main(["invert", "--image", cat, "--prompt", "a photo of a cat", "--out", str(out), *common]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == ("sd3" if name == "sd3" else "flux") and report["preset"] == "flow"
+    assert report["settings"]["sampler"] == "flow_euler" and report["settings"]["num_steps"] == 3
+    assert main(["reconstruct", "--inversion", str(out / "inversion.safetensors"), "--out", str(rec),
+                 "--model", str(folders[name]), "--quiet"]) == 0
+    assert (rec / "cat_reconstruction.png").is_file()
+    r = json.loads((rec / "report.json").read_text())
+    assert min(r["metrics"]["latent"]["psnr"]) > 20, r["metrics"]    # ReNoise inverts the tiny flow model closely
+    assert main(["edit", "--image", cat, "--prompt", "a photo of a cat", "--edit-prompt", "a dog",
+                 "--edit-guidance", "2.0", "--out", str(ed), *common]) == 0
+    assert sorted(p.name for p in ed.iterdir()) == ["cat_edit.png", "cat_reconstruction.png",
+                                                     "inversion.safetensors", "report.json"]
+
+
+def test_cli_refuses_what_does_not_apply_to_flow_models(folders, tmp_path, capsys):
+    from renoise.__main__ import main
+    cat = _picture(tmp_path / "cat.png", 32, 32)
+    base = ["invert", "--model", str(folders["dev"]), "--image", cat, "--prompt", "a cat", "--quiet", "--steps", "2"]
+    assert main(base + ["--noise-correction", "optimize", "--out", str(tmp_path / "a")]) == 2
+    assert "flow Euler step adds none" in capsys.readouterr().err
+    assert main(base + ["--reg-rounds", "2", "--lambda-ac", "1", "--out", str(tmp_path / "b")]) == 2
+    assert "predict velocity" in capsys.readouterr().err
+    assert main(base + ["--sampler", "ddim", "--out", str(tmp_path / "c")]) == 2
+    assert "flow_euler" in capsys.readouterr().err
