@@ -101,8 +101,9 @@ def flow_denoiser(pipe, prompts, latent_hw, *, guidance_scale=1.0, negative_prom
     if pipe.kind == "sd3" and guidance_scale > 1:
         neg = as_prompts("" if negative_prompts is None else negative_prompts, len(prompts), "negative prompt")
         uncond = encode_flow(pipe, neg, max_sequence_length=max_sequence_length)
-    elif negative_prompts is not None:
-        raise ValueError("negative prompts apply to SD3 with guidance_scale > 1 only")
+    elif pipe.kind == "flux" and negative_prompts is not None:
+        raise ValueError("FLUX.1 pipelines take no negative prompt (dev: the guidance scale is a model input; "
+                         "schnell: no guidance)")
     return FlowDenoiser(pipe, pipe.schedule(latent_hw), cond, uncond, guidance_scale), pipe.schedule(latent_hw)
 
 

@@ -157,3 +157,46 @@ def test_cli_refuses_what_does_not_apply_to_flow_models(folders, tmp_path, capsy
     assert "predict velocity" in capsys.readouterr().err
     assert main(base + ["--sampler", "ddim", "--out", str(tmp_path / "c")]) == 2
     assert "flow_euler" in capsys.readouterr().err
+
+
+def _readme_block(title, lang):
+    from pathlib import Path
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    section = text.split(title, 1)[1]
+    return section.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_flow_snippet_runs(folders):
+    """The README's flow-pipeline snippet on the tiny FLUX-dev folder (hub id, dtype, device, size, steps swapped)."""
+    code = _readme_block("### Flow models (SD3 / FLUX.1): whole pipelines", "python")
+    swaps = {'"black-forest-labs/FLUX.1-dev"': repr(str(folders["dev"])), "torch.bfloat16": "torch.float32",
+             '"cuda"': '"cpu"', "(1024, 1024)": "(32, 32)", "num_steps=28": "num_steps=3"}
+    for a, b in swaps.items():
+        assert a in code, a
+        code = code.replace(a, b)
+    images = torch.rand(1, 3, 32, 48) * 2 - 1
+    env = {"torch": torch, "images": images}
+    exec(code, env)
+    assert env["z0"].shape == (1, 4, 4, 4) and env["edited"].shape == (1, 3, 32, 48)
+    assert env["inv"].result.sampler == "flow_euler" and env["editor"].plan.name == "flow"
+
+
+def test_readme_flow_cli_line(folders, tmp_path, monkeypatch):
+    """The README's CLI line (model folder and image swapped in, 3 steps)."""
+    import shlex
+
+    from renoise.__main__ import main
+    monkeypatch.setenv("RENOISE_LPIPS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    from pathlib import Path
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    section = text.split("### Flow models (SD3 / FLUX.1): whole pipelines", 1)[1]
+    line = "python -m renoise" + section.split("```\npython -m renoise", 1)[1].split("```", 1)[0]
+    line = line.replace("\\\n", " ")
+    argv = shlex.split(line)[3:]
+    argv[argv.index("--model") + 1] = str(folders["sd3"])
+    argv[argv.index("--image") + 1] = _picture(tmp_path / "cat.png", 32, 32)
+    argv[argv.index("--steps") + 1] = "3"
+    argv[argv.index("--out") + 1] = str(tmp_path / "out")
+    assert main(argv + ["--quiet"]) == 0
+    assert (tmp_path / "out" / "cat_edit.png").is_file()
