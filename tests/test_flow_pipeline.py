@@ -41,6 +41,7 @@ def test_sd3_equals_diffusers_true_cfg(folders, name, hw):
         want = ref(prompt=PROMPTS, negative_prompt=["red", ""], num_inference_steps=3, guidance_scale=4.5,
                    latents=z.clone(), height=hw[0] * 8, width=hw[1] * 8, output_type="latent").images
     assert want.shape == ours.shape
+    print(f"\nsd3 {name} {hw}: rel err {rel(ours, want):.2e}")
     assert rel(ours, want) < 1e-5, rel(ours, want)
     assert rel(ours, z) > 1e-2                       # the chain moved the latents
 
@@ -67,6 +68,7 @@ def test_flux_equals_diffusers(folders, kind, hw):
         want = ref(prompt=PROMPTS, num_inference_steps=3, guidance_scale=3.5, latents=pack_latents(z),
                    height=hw[0] * 8, width=hw[1] * 8, output_type="latent").images
     want = unpack_latents(want, *hw)
+    print(f"\nflux {kind} {hw}: rel err {rel(ours, want):.2e}")
     assert rel(ours, want) < 1e-5, rel(ours, want)
     assert rel(ours, z) > 1e-2
 
@@ -200,3 +202,14 @@ def test_readme_flow_cli_line(folders, tmp_path, monkeypatch):
     argv[argv.index("--out") + 1] = str(tmp_path / "out")
     assert main(argv + ["--quiet"]) == 0
     assert (tmp_path / "out" / "cat_edit.png").is_file()
+
+
+def test_renoise_generate_dispatches_flow_pipelines(folders):
+    from renoise.generate import generate
+    from renoise.pipeline import decode_latents
+    pipe = load_pipeline(folders["sd3"])
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    images, x = generate(pipe, "a cat", num_steps=2, guidance_scale=3.0, latents=z, return_latents=True)
+    want = generate_flow(pipe, "a cat", num_steps=2, guidance_scale=3.0, latents=z)
+    assert torch.equal(x, want) and torch.equal(images, decode_latents(pipe, want))
+    assert images.shape == (1, 3, 32, 32)
