@@ -158,7 +158,7 @@ def encode_flow_prompts(pipe: FlowPipeline, prompts, *, max_sequence_length: int
 
 
 def flow_family(index: dict, root: Path | None = None) -> str | None:
-    """"sd3" | "flux" for a flow pipeline's model_index.json, None for a UNet pipeline."""
+    """The family ("sd3" | "flux") of a flow pipeline's model_index.json; None for a UNet pipeline."""
     name = index.get("_class_name", "")
     if name in FLOW_PIPELINES:
         return FLOW_PIPELINES[name]

@@ -213,3 +213,13 @@ def test_renoise_generate_dispatches_flow_pipelines(folders):
     want = generate_flow(pipe, "a cat", num_steps=2, guidance_scale=3.0, latents=z)
     assert torch.equal(x, want) and torch.equal(images, decode_latents(pipe, want))
     assert images.shape == (1, 3, 32, 32)
+
+
+def test_lora_merges_into_a_flow_pipelines_transformer(folders):
+    from renoise.models import merge_lora
+    pipe = load_pipeline(folders["dev"])
+    w = pipe.transformer.x_embedder.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, w.shape[1], generator=g), torch.randn(w.shape[0], 2, generator=g)
+    merge_lora(pipe, {"transformer.x_embedder.lora_A.weight": down, "transformer.x_embedder.lora_B.weight": up}, 0.5)
+    assert torch.allclose(pipe.transformer.x_embedder.weight, w + 0.5 * up @ down, atol=1e-5)
