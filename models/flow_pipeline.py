@@ -40,7 +40,7 @@ class FlowPipeline:
     tokenizer_3: object | None = None
     scheduler_config: dict | None = None        # FlowMatchEulerDiscreteScheduler config
     kind: str = "sd3"                           # "sd3" | "flux"
-    max_sequence_length: int | None = None      # T5 tokens; None: 256 (SD3) / 512 (FLUX), the pipelines' defaults
+    max_sequence_length: int | None = None      # T5 tokens; None: 256 (SD3, FLUX.1-schnell) / 512 (FLUX.1-dev)
 
     prediction_type = "flow"
 
@@ -53,7 +53,13 @@ class FlowPipeline:
 
     @property
     def sequence_length(self) -> int:
-        return self.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[self.kind]
+        """T5 tokens: max_sequence_length, else 256 for SD3 and FLUX.1-schnell (no guidance embedding; BFL's
+        and diffusers' documented limit for schnell), 512 for FLUX.1-dev (FluxPipeline's default)."""
+        if self.max_sequence_length:
+            return int(self.max_sequence_length)
+        if self.kind == "flux" and not self.guidance_embeds:
+            return 256
+        return DEFAULT_MAX_SEQUENCE_LENGTH[self.kind]
 
     @property
     def guidance_embeds(self) -> bool:

@@ -64,8 +64,10 @@ def test_flux_equals_diffusers(folders, kind, hw):
     ref = diffusers.FluxPipeline.from_pretrained(folders[kind])
     z = torch.randn(2, 4, *hw, generator=torch.Generator().manual_seed(7))
     ours = generate_flow(pipe, PROMPTS, num_steps=3, guidance_scale=3.5, latents=z)
+    assert pipe.sequence_length == (512 if kind == "dev" else 256)
     with torch.no_grad():
         want = ref(prompt=PROMPTS, num_inference_steps=3, guidance_scale=3.5, latents=pack_latents(z),
+                   max_sequence_length=pipe.sequence_length,
                    height=hw[0] * 8, width=hw[1] * 8, output_type="latent").images
     want = unpack_latents(want, *hw)
     print(f"\nflux {kind} {hw}: rel err {rel(ours, want):.2e}")
