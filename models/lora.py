@@ -190,6 +190,8 @@ def _targets(target) -> dict[str, nn.Module]:
     """{component: module} from a Pipeline, a dict, a UNet or a text encoder."""
     if isinstance(target, dict):
         return {k: v for k, v in target.items() if v is not None}
+    if hasattr(target, "modules") and hasattr(target, "transformer") and callable(target.modules):
+        return {"transformer": target.transformer}      # a FlowPipeline: SD3 / FLUX LoRA files target the transformer
     if hasattr(target, "modules") and hasattr(target, "unet") and callable(target.modules):
         return {k: v for k, v in target.modules().items() if k != "vae"}
     if isinstance(target, nn.Module):

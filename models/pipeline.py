@@ -92,7 +92,9 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
     `source`: "demo" (the trained demo model shipped with renoise; a local folder of that name is
     "./demo"), a diffusers pipeline folder, a hub id, or a single-file `.safetensors` checkpoint
     (then `config` and `tokenizer` are passed to `load_single_file`). `variant`: e.g. "fp16" for
-    `*.fp16.safetensors`. `hub`: cache_dir, revision, local_files_only.
+    `*.fp16.safetensors`. `hub`: cache_dir, revision, local_files_only. An SD3 / FLUX.1 folder or hub
+    id (model_index.json's StableDiffusion3Pipeline / FluxPipeline, or its transformer's class) gives
+    a `models.flow_pipeline.FlowPipeline` (`kind` "sd3" | "flux").
     """
     from .clip import load_text_encoder
     from .loading import is_hub_id, load_unet, load_vae
@@ -118,6 +120,11 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
     scheduler_config = _read_json(sched_path, "scheduler config")
 
     where = root if not is_hub_id(source) else source
+    from .flow_pipeline import flow_family, load_flow_pipeline
+    family = flow_family(index)                   # the one place that tells UNet and flow pipelines apart
+    if family is not None:
+        return load_flow_pipeline(where, index, scheduler_config, family, dtype=dtype, device=device,
+                                  variant=variant, allow_pickle=allow_pickle, **hub)
     common = dict(dtype=dtype, device=device, variant=variant, allow_pickle=allow_pickle)
     unet = load_unet(where, **common, **hub)
     vae = load_vae(where, **common, **hub)

@@ -20,6 +20,8 @@ _SUBMODULES = {
 }
 _ATTRIBUTES = {"invert": "inversion", "sample": "inversion", "Schedule": "schedules", "accelerate": "speed"}
 _ATTRIBUTES["FlowSchedule"] = "schedules"      # rectified-flow schedules (SD3 / FLUX.1), sampler "flow_euler"
+_SUBMODULES.add("flow")                         # SD3 / FLUX.1 pipelines: FlowDenoiser, generate_flow
+_ATTRIBUTES["generate_flow"] = "flow"
 
 
 def __getattr__(name):

@@ -31,6 +31,12 @@ def generate(pipe, prompts, *, num_steps: int = 25, guidance_scale: float = 4.0,
     """Images [B, 3, H, W] in [-1, 1] for `prompts` (with return_latents: also z0). `size`
     (H, W) in pixels defaults to the UNet's sample size × 8."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    from .flow import generate_flow, is_flow_pipeline
+    if is_flow_pipeline(pipe):             # SD3 / FLUX.1: the flow Euler chain (the sampler argument does not apply)
+        x = generate_flow(pipe, prompts, num_steps=num_steps, guidance_scale=guidance_scale,
+                          negative_prompts=negative_prompts, size=size, latents=latents, generator=generator)
+        images = decode_latents(pipe, x)
+        return (images, x) if return_latents else images
     if size is None:
         s = pipe.unet.config.sample_size * 8
         size = (s, s)

@@ -382,17 +382,26 @@ class Editor:
         for key, value in (("sampler", sampler), ("num_steps", num_steps), ("guidance_scale", guidance_scale)):
             if value is not None:
                 overrides[key] = value
+        from .flow import check_flow_plan, is_flow_pipeline
+        self.flow = is_flow_pipeline(pipe)        # SD3 / FLUX.1: velocity models, the flow_euler sampler
+        if self.flow:
+            if overrides.get("sampler", "flow_euler") != "flow_euler":
+                raise ValueError(f"{pipe.kind} is a flow-matching model: it runs with the 'flow_euler' sampler, "
+                                 f"not {overrides['sampler']!r}")
+            overrides["sampler"] = "flow_euler"
         self.pipe = pipe
         self.plan = presets.resolve(preset, **overrides)
+        if self.flow:
+            check_flow_plan(self.plan)
         self.strength = float(strength)
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         self.clip_skip = clip_skip
         self.sampler_opts = dict(sampler_opts or {})
-        self.schedule = Schedule.from_config(pipe.scheduler_config)
+        self.schedule = None if self.flow else Schedule.from_config(pipe.scheduler_config)  # flow: per image size
         if compile is not None:
             from .speed import check_mode
-            check_mode(compile, next(pipe.unet.parameters()).device)
+            check_mode(compile, next((pipe.transformer if self.flow else pipe.unet).parameters()).device)
         self.compile = compile
 
     # -- pieces --------------------------------------------------------------------------------
@@ -404,6 +413,12 @@ class Editor:
 
     def denoiser(self, prompts, size, *, negative_prompts=None, guidance_scale=1.0, clip_skip=None,
                  schedule=None, sampler=None) -> GuidedDenoiser:
+        if self.flow:            # schedule and sampler: the flow pipeline's own for the image size
+            from .flow import flow_denoiser
+            if self.pipe.kind == "flux":
+                negative_prompts = None          # FLUX.1 has no negative branch (dev: guidance is a model input)
+            return flow_denoiser(self.pipe, prompts, (size[0] // 8, size[1] // 8), guidance_scale=guidance_scale,
+                                 negative_prompts=negative_prompts)[0]
         cond, uncond = self.encode(prompts, size, negative_prompts, guidance_scale, clip_skip)
         return GuidedDenoiser(self.pipe.unet, schedule or self.schedule, sampler or self.plan.sampler, cond,
                               uncond, guidance_scale)
@@ -418,11 +433,15 @@ class Editor:
         prompts = as_prompts(prompts, batch)
         if negative_prompts is not None:
             negative_prompts = as_prompts(negative_prompts, batch, "negative prompt")
+        if self.flow and (size[0] % 16 or size[1] % 16):
+            raise ValueError(f"image size {size[0]}x{size[1]}: flow transformers need multiples of 16; "
+                             "fit it with renoise.images.fit")
         z0 = encode_images(self.pipe, images, generator, sample=sample_posterior)
         g = self.plan.guidance_scale
         den = self.denoiser(prompts, size, negative_prompts=negative_prompts, guidance_scale=g,
                             clip_skip=self.clip_skip)
-        result = invert(den, z0, self.schedule, self.plan.sampler, self.plan.num_steps, self.plan, noises=noises,
+        schedule = self.pipe.schedule(z0.shape[-2:]) if self.flow else self.schedule
+        result = invert(den, z0, schedule, self.plan.sampler, self.plan.num_steps, self.plan, noises=noises,
                         generator=generator, strength=self.strength, sampler_opts=self.sampler_opts,
                         callback=callback, compile=self.compile)
         return Inversion(result=result, prompts=prompts, size=size, guidance_scale=g,
@@ -466,6 +485,9 @@ class Editor:
                      callback=None, control=None):
         """`edit` before decoding: (z0', the denoiser used; with a control, the EditResult)."""
         if control is not None and not control.plain:
+            if self.flow:
+                raise ValueError("editing modes (p2p, self-attention injection, re-weighting, local blend, masks) "
+                                 "work on UNet cross-attention; flow models (SD3 / FLUX.1) take plain edits only")
             out = self.edit_pair(inv, edit_prompts, control, edit_guidance_scale=edit_guidance_scale,
                                  num_steps=num_steps, callback=callback)
             return out.edit, out

@@ -258,6 +258,11 @@ PRESETS = {
     "demo-euler-4": Plan(name="demo-euler-4", sampler="euler_ancestral", num_steps=4, iters=2, window=(2, 3),
                          average=False, anderson=3, relax=2.0, tol=1e-2, warm_start="previous-noise",
                          noise_correction="optimize"),
+    # flow-matching models (SD3 / SD 3.5 / FLUX.1, issue 22): the SD plan (K = 1, the paper's windows) with the
+    # flow Euler step at 28 steps (the pipelines' default), without the edit-enhancement regularizer (it acts on
+    # predicted noise) and without noise correction (the step adds no noise). Not tuned on real flow models yet
+    "flow": Plan(name="flow", sampler="flow_euler", num_steps=28, guidance_scale=1.0, iters=1, window=(1, 2),
+                 first_iters=1, first_window=(0, 2)),
 }
 
 
@@ -266,6 +271,8 @@ def for_model(pipe, model=None) -> str:
     trailing timesteps, SDXL, else SD 1.5. `model` is what was loaded (a name, folder or id)."""
     if model == "demo":
         return "demo"
+    if pipe.kind in ("sd3", "flux"):
+        return "flow"
     if pipe.kind == "sdxl":
         return "sdxl-turbo" if pipe.scheduler_config.get("timestep_spacing") == "trailing" else "sdxl"
     return "sd15"
