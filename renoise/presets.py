@@ -266,8 +266,8 @@ PRESETS = {
     # iteration (K = 2, 15 calls) on other-renderer scenes; warm_start="previous" keeps it off home but
     # loses 1.25 dB at home (benchmarks/RESULTS.md); there plain iteration is the plan that never loses
     "demo-euler-4": Plan(name="demo-euler-4", sampler="euler_ancestral", num_steps=4, iters=2, window=(2, 3),
-                         average=False, anderson=3, relax=2.0, tol=1e-2, warm_start="previous-noise",
-                         noise_correction="optimize"),
+                         average=False, anderson=3, relax=2.0, relax_start="relaxed", tol=1e-2,
+                         warm_start="previous-noise", noise_correction="optimize"),
 }
 
 
