@@ -264,7 +264,9 @@ PRESETS = {
     # step; K = 9's reconstruction with 14 calls instead of 43 (noise correction's 3 included) on home
     # scenes. Off home ground it does NOT keep issue 20's rule: up to 3.6 dB latent PSNR below plain
     # iteration (K = 2, 15 calls) on other-renderer scenes; warm_start="previous" keeps it off home but
-    # loses 1.25 dB at home (benchmarks/RESULTS.md); there plain iteration is the plan that never loses
+    # loses 1.25 dB at home (benchmarks/RESULTS.md); there plain iteration is the plan that never loses.
+    # relax_start="relaxed" (its first step at β = 2, not un-relaxed): home latent median 62.7 dB against
+    # K = 9's 59.3 (8 scenes; 56.3 with "plain"); off home its worst image is 12.3 dB below plain (6.5 with "plain")
     "demo-euler-4": Plan(name="demo-euler-4", sampler="euler_ancestral", num_steps=4, iters=2, window=(2, 3),
                          average=False, anderson=3, relax=2.0, relax_start="relaxed", tol=1e-2,
                          warm_start="previous-noise", noise_correction="optimize"),
