@@ -225,6 +225,8 @@ _PLAN_HELP = {
     "nc_lr": "noise correction by optimisation: step length",
     "anderson": "Anderson mixing memory, 0: off (needs --average false)",
     "relax": "step length β: each iteration moves to z + β·(G(z) - z) (1: plain; 2: over-relaxed, with --anderson)",
+    "relax_start": "plain | relaxed: Anderson's adaptive relaxation takes its first plain step un-relaxed "
+                   "(plain) or at --relax (relaxed)",
     "tol": "stop a step's iterations once the residual (RMS change, in the model's input scale) is <= V "
            "(none: run all K+1 calls)",
     "warm_start": "none | previous | previous-noise: start each step from the inverse step with the previous "

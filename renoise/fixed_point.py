@@ -13,7 +13,11 @@ calls where λ is near 1 (ReNoise's slow steps) but makes λ near 0 oscillate (|
 safeguard (below) keeps those in check. Under Anderson, β > 1 is adaptive, per sample, with `relax`
 its upper bound: the first plain step is un-relaxed, and its residual ratio L̂ sets β = 2/(2 - L̂)
 (≤ relax; 1 where L̂ ≥ 1), the best fixed step length for eigenvalues in [0, L̂]: ≈ 1 on fast steps,
-where relaxing only oscillates, up to 2 on slow ones.
+where relaxing only oscillates, up to 2 on slow ones. `relax_start="relaxed"` takes that first plain
+step relaxed instead (β = relax) and reads L̂ = 1 - (1 - ρ)/relax off its residual ratio ρ (exact along
+one eigenvector with 1 - β(1 - λ) ≥ 0): no call is spent un-relaxed, which matters when a step has
+only 2 or 3 calls, at the risk of one overshooting step where relaxing was wrong (the relax guard
+below then rejects it, if it grew the residual).
 
 Anderson mixing (`anderson=m`) keeps, per sample, the last m accepted steps ΔX_i = x_{i+1} - x_i
 and residual changes ΔF_i = f_{i+1} - f_i (f(x) = g(x) - x) and proposes, from the current point a,
@@ -83,6 +87,7 @@ from dataclasses import dataclass, field
 import torch
 
 GRAD_MODES = ("unrolled", "implicit", "phantom", "none")
+RELAX_STARTS = ("plain", "relaxed")
 
 
 class NonFiniteError(ValueError):
@@ -210,7 +215,8 @@ def _check_answer(value, residuals):
 
 
 def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=False, indexed=False,
-            readout=None, anderson_reg=1e-6, anderson_trust=20.0, relax=1.0, grad="unrolled", phantom_steps=None,
+            readout=None, anderson_reg=1e-6, anderson_trust=20.0, relax=1.0, relax_start="plain", grad="unrolled",
+            phantom_steps=None,
             backward_iters=None, backward_tol=None, backward_anderson=None) -> FixedPointResult:
     """Solve z = g(z) from z0 [B, ...] with `iters` calls of g (see the module docstring).
 
@@ -219,7 +225,8 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=F
     weights). anderson=m > 0: safeguarded Anderson mixing with memory m, regularisation
     `anderson_reg` and largest trust radius `anderson_trust` (in plain-step lengths). relax=β: the
     step length of the plain (and Anderson's base) step, z + β·(g(z) - z); with Anderson and β > 1,
-    the largest step length of the adaptive one (module docstring).
+    the largest step length of the adaptive one (module docstring); relax_start: "plain" (its first
+    plain step un-relaxed) | "relaxed" (β = relax from the first step; module docstring).
     grad: "unrolled" | "implicit" | "phantom" | "none" (module docstring). phantom_steps=k: the
     calls recorded by "phantom" (k >= iters: all of them). backward_iters / backward_tol /
     backward_anderson: the implicit backward's adjoint solve (default: iters, None, anderson).
@@ -230,6 +237,9 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=F
                          f"got {anderson_reg!r} and {anderson_trust!r}")
     if isinstance(relax, bool) or not isinstance(relax, (int, float)) or not 0 < relax < float("inf"):
         raise ValueError(f"relax (the step length β, 1: plain iteration) must be a finite number > 0, got {relax!r}")
+    if relax_start not in RELAX_STARTS:
+        raise ValueError(f"relax_start must be one of {', '.join(map(repr, RELAX_STARTS))} (how Anderson's adaptive "
+                         f"relaxation takes its first plain step), got {relax_start!r}")
     adjoint = _validate_grad(grad, phantom_steps, tol, iters, anderson, backward_iters, backward_tol,
                              backward_anderson)
     record = torch.is_grad_enabled() and grad != "none"
@@ -241,7 +251,7 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=F
 
     if anderson:
         value, z_last, residuals, evals, iterates = _anderson(call, z0, iters, weights, anderson, tol, keep_iterates,
-                                                              anderson_reg, anderson_trust, relax)
+                                                              anderson_reg, anderson_trust, relax, relax_start)
     else:
         value, z_last, residuals, evals, iterates = _plain(call, z0, iters, weights, tol, keep_iterates,
                                                            readout is not None, relax)
@@ -392,7 +402,7 @@ _OMEGA = (1 / 16, 1 / 2, 2.0)      # trust scale ω: smallest, initial, largest
 _GROW = 1.0                        # a relaxed plain step must shrink the residual below this share
 
 
-def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax=1.0):
+def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax=1.0, relax_start="plain"):
     """-> (z̄, answer g(a), residuals [evals, B], evals, iterates)."""
     shape, B = z0.shape, z0.shape[0]
     cd = torch.promote_types(z0.dtype, torch.float32)
@@ -405,7 +415,8 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
     done = torch.zeros(B, dtype=torch.bool, device=c.device)
     omega = torch.full((B,), _OMEGA[1], dtype=cd, device=c.device)   # trust scale ω
     rate = torch.ones(B, dtype=cd, device=c.device)                  # L̂: last plain step's ratio ≤ 1
-    beta = torch.full((B,), min(float(relax), 1.0), dtype=cd, device=c.device)   # each sample's step length
+    start = float(relax) if relax_start == "relaxed" else min(float(relax), 1.0)
+    beta = torch.full((B,), start, dtype=cd, device=c.device)        # each sample's step length
     measured = torch.zeros(B, dtype=torch.bool, device=c.device)      # whether β was set from a plain step
     avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
     evals = 0
@@ -430,11 +441,12 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
             grown = torch.where(rho > 0.75, omega * 2, torch.where(rho < 0.25, omega / 4, omega))
             omega = torch.where(mixed, grown.clamp(*_OMEGA[::2]), omega)
             rate = torch.where(plain & move, (rc / ra.clamp_min(torch.finfo(cd).tiny)).clamp(max=1.0), rate)
-            if relax > 1:              # β from the first (un-relaxed) plain step's ratio L̂: 2/(2 - L̂) ≤ relax
+            if relax > 1:              # β from the first plain step's ratio ρ = 1 - β(1 - L̂): 2/(2 - L̂) ≤ relax
                 first = plain & move & ~measured
-                adapt = (2 / (2 - rate)).clamp(min=1.0, max=float(relax))
-                beta = torch.where(first, torch.where(rate < 1, adapt, torch.ones_like(beta)), beta)
-                measured = measured | first
+                lam = 1 - (1 - rate) / beta                    # = rate when that step was un-relaxed
+                adapt = (2 / (2 - lam)).clamp(min=1.0, max=float(relax))
+                beta = torch.where(first, torch.where(lam < 1, adapt, torch.ones_like(beta)), beta)
+                measured = measured | first | grew       # a sample whose relaxed step grew stays un-relaxed
             valid = valid & move[None]                 # a rejected proposal restarts the history
             s, col = (k - 1) % m, move[:, None]
             dX[s] = torch.where(col, c - a, dX[s])

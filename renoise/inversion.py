@@ -407,7 +407,8 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
                                   readout=lambda e_mean: inv(R(e_mean) if reg else e_mean), relax=plan.relax, grad=grad,
                                   **grad_opts)
     else:
-        res = fixed_point.iterate(g, z_start, k + 1, indexed=True, anderson=plan.anderson, relax=plan.relax, tol=tol,
+        res = fixed_point.iterate(g, z_start, k + 1, indexed=True, anderson=plan.anderson, relax=plan.relax,
+                                  relax_start=plan.relax_start, tol=tol,
                                   grad=grad, **grad_opts)
     return res, inv, last["e"]
 

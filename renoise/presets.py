@@ -32,6 +32,7 @@ from . import samplers as _samplers
 NOISE_CORRECTIONS = ("none", "override", "optimize")
 REFERENCE_NOISES = ("noised", "clean")
 WARM_STARTS = ("none", "previous", "previous-noise")
+RELAX_STARTS = ("plain", "relaxed")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class Plan:
                                         there β is adaptive per sample, relax its upper bound, and a sample
                                         whose relaxed step grows its residual goes on un-relaxed:
                                         renoise.fixed_point)
+    relax_start                         how that adaptive β starts (Anderson with relax > 1 only): "plain":
+                                        the first plain step un-relaxed, its contraction sets β (safest off
+                                        home ground; costs one un-relaxed call a step); "relaxed": the first
+                                        step at β = relax, β then set from its ratio (keeps short budgets,
+                                        K <= 2, fast on slow steps)
     tol                                 stop a step's iterations for a sample once its residual (RMS of the
                                         latent's last change, in the model's input scale: Euler's x over
                                         √(σ² + 1)) is <= tol; K + 1 calls at most (None: always K + 1)
@@ -87,6 +93,7 @@ class Plan:
     nc_lr: float = 1.8
     anderson: int = 0
     relax: float = 1.0
+    relax_start: str = "plain"
     tol: float | None = None
     warm_start: str = "none"
 
@@ -115,6 +122,9 @@ class Plan:
                 math.isfinite(self.relax) and self.relax > 0):
             raise ValueError(f"plan {self.name!r}: relax must be a finite number > 0 (1: plain iteration), "
                              f"got {self.relax!r}")
+        if self.relax_start not in RELAX_STARTS:
+            raise ValueError(f"plan {self.name!r}: relax_start must be one of {', '.join(RELAX_STARTS)}, "
+                             f"got {self.relax_start!r}")
         if not (math.isfinite(self.nc_lr) and self.nc_lr > 0):
             raise ValueError(f"plan {self.name!r}: nc_lr must be > 0, got {self.nc_lr!r}")
         if self.noise_correction not in NOISE_CORRECTIONS:
@@ -254,10 +264,12 @@ PRESETS = {
     # step; K = 9's reconstruction with 14 calls instead of 43 (noise correction's 3 included) on home
     # scenes. Off home ground it does NOT keep issue 20's rule: up to 3.6 dB latent PSNR below plain
     # iteration (K = 2, 15 calls) on other-renderer scenes; warm_start="previous" keeps it off home but
-    # loses 1.25 dB at home (benchmarks/RESULTS.md); there plain iteration is the plan that never loses
+    # loses 1.25 dB at home (benchmarks/RESULTS.md); there plain iteration is the plan that never loses.
+    # relax_start="relaxed" (its first step at β = 2, not un-relaxed): home latent median 62.7 dB against
+    # K = 9's 59.3 (8 scenes; 56.3 with "plain"); off home its worst image is 12.3 dB below plain (6.5 with "plain")
     "demo-euler-4": Plan(name="demo-euler-4", sampler="euler_ancestral", num_steps=4, iters=2, window=(2, 3),
-                         average=False, anderson=3, relax=2.0, tol=1e-2, warm_start="previous-noise",
-                         noise_correction="optimize"),
+                         average=False, anderson=3, relax=2.0, relax_start="relaxed", tol=1e-2,
+                         warm_start="previous-noise", noise_correction="optimize"),
     # flow-matching models (SD3 / SD 3.5 / FLUX.1, issue 22): the SD plan (K = 1, the paper's windows) with the
     # flow Euler step at 28 steps (the pipelines' default), without the edit-enhancement regularizer (it acts on
     # predicted noise) and without noise correction (the step adds no noise). Not tuned on real flow models yet

@@ -289,3 +289,29 @@ def test_bad_input_raises():
             out[1] = float("inf")
             return out
         iterate(bad, z0, 3, tol=1e-3)
+
+
+def test_relax_start_picks_the_first_plain_step():
+    """g(z) = t + λ(z - t), Anderson m = 3, relax = 2: relax_start="plain" calls g a second time
+    at g(z0) (un-relaxed), "relaxed" at z0 + 2·(g(z0) - z0). Where relaxing overshoots (λ = -0.5:
+    ratio |1 - 2·1.5| = 2) the relax guard rejects that step and the next call is g(z0) again."""
+    lam = torch.tensor([0.9, -0.5], dtype=torch.float64)[:, None]
+    t = torch.tensor([1.0, -2.0], dtype=torch.float64)[:, None].expand(2, 3)
+    z0 = torch.zeros(2, 3, dtype=torch.float64)
+    seen = []
+
+    def g(z):
+        seen.append(z.clone())
+        return t + lam * (z - t)
+
+    g0 = g(z0)
+    seen.clear()
+    iterate(g, z0, 3, anderson=3, relax=2.0)
+    torch.testing.assert_close(seen[1], g0, rtol=0, atol=1e-12)
+    seen.clear()
+    res = iterate(g, z0, 3, anderson=3, relax=2.0, relax_start="relaxed")
+    torch.testing.assert_close(seen[1], z0 + 2 * (g0 - z0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(seen[2][1], g0[1], rtol=0, atol=1e-12)     # sample 1's overshoot rejected
+    assert res.residuals[1, 1] == res.residuals[0, 1]                     # ... and it stayed at z0
+    with pytest.raises(ValueError, match="relax_start"):
+        iterate(g, z0, 3, anderson=3, relax=2.0, relax_start="fast")

@@ -370,7 +370,11 @@ def test_presets_hold_table_1():
         (10, 9, 3, 2.0, 1e-2, "previous-noise")
     assert demo4 == demo.replace(name="demo-4", num_steps=4, tol=1.5e-2)
     assert Plan.preset("demo-euler-4") == demo.replace(name="demo-euler-4", sampler="euler_ancestral", num_steps=4,
-                                                       iters=2, window=(2, 3), noise_correction="optimize")
+                                                       iters=2, window=(2, 3), noise_correction="optimize",
+                                                       relax_start="relaxed")
+    assert demo.relax_start == demo4.relax_start == "plain"
+    assert Plan.from_dict(Plan.preset("demo-euler-4").to_dict()) == Plan.preset("demo-euler-4")
+    assert Plan.from_dict({"name": "old"}).relax_start == "plain"          # plans saved before the field
     assert dataclasses.replace(turbo, lambda_kl=0.0).lambda_kl == 0.0
 
 
@@ -389,6 +393,7 @@ def test_presets_hold_table_1():
     (dict(tol=-1e-3), "tol must be a finite number >= 0"),
     (dict(tol="small"), "tol must be a finite number >= 0"),
     (dict(warm_start="yes"), "warm_start must be one of none, previous, previous-noise"),
+    (dict(relax_start="fast"), "relax_start must be one of plain, relaxed"),
     (dict(relax=0.0), "relax must be a finite number > 0"),
     (dict(relax=float("nan")), "relax must be a finite number > 0"),
     (dict(relax="2"), "relax must be a finite number > 0"),
