@@ -83,10 +83,17 @@ EULER_GAP = ("issue 20, not met: demo-euler-4 (Euler-ancestral 4 + noise correct
              "demo (Anderson, K <= 9) is the preset that never loses there; benchmarks/RESULTS.md")
 
 
-@pytest.mark.parametrize("presets", [("demo", "demo-4"),
-                                     pytest.param(("demo-euler-4",), marks=pytest.mark.xfail(reason=EULER_GAP))],
-                         ids=["ddim", "euler"])
-@pytest.mark.parametrize("name", list(sets.SETS))
+EULER_LOSES_ON = ("other-renderer", "photos")       # where demo-euler-4 loses today; it holds on the others
+
+
+def _cases():
+    for name in sets.SETS:
+        yield pytest.param(name, ("demo", "demo-4"), id=f"{name}-ddim")
+        marks = [pytest.mark.xfail(reason=EULER_GAP, strict=True)] if name in EULER_LOSES_ON else []
+        yield pytest.param(name, ("demo-euler-4",), marks=marks, id=f"{name}-euler")
+
+
+@pytest.mark.parametrize("name,presets", list(_cases()))
 def test_presets_are_never_worse_than_plain_iteration_at_equal_calls(pipe, name, presets):
     """Each demo preset at its own sampler (`demo` at 4 steps here, for time, like the others), on two
     images of the set, against plain iteration (anderson=0, relax=1, tol=None, warm_start none) at
