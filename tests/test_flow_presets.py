@@ -240,3 +240,26 @@ def test_cli_refuses_editing_modes_on_flow_models(folders, tmp_path, capsys):
             "--mode", "p2p", "--quiet", "--steps", "1", "--out", str(tmp_path / "p2p")]
     assert main(argv) == 2
     assert "flow models (SD3 / FLUX.1) take plain edits only" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- README, --help
+
+def test_readme_rows_and_help_list_the_flow_presets(capsys, monkeypatch):
+    from pathlib import Path
+
+    from renoise.__main__ import main
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    for name in ("flow",) + FLOW_PRESETS:
+        p = Plan.preset(name)
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        k = f"{p.iters}" + ("" if p.first_iters in (None, p.iters) else f" ({p.first_iters} first)")
+        a, b = p.first_window
+        c, d = p.window
+        assert cells[1:5] == ["flow Euler", str(p.num_steps), k,
+                              f"t < {p.first_until:g}: [{a}, {b}); else [{c}, {d})"], row
+    monkeypatch.setenv("COLUMNS", "2000")          # argparse wraps long help at hyphens otherwise
+    with pytest.raises(SystemExit):
+        main(["invert", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(name in help_text for name in FLOW_PRESETS), help_text
