@@ -39,7 +39,8 @@ RELAX_STARTS = ("plain", "relaxed")
 class Plan:
     """A full ReNoise configuration (defaults: plain DDIM inversion, 50 steps).
 
-    sampler, num_steps, guidance_scale  what the preset was tuned with (guidance <= 1: no CFG)
+    sampler, num_steps, guidance_scale  what the preset was tuned with (guidance <= 1: no CFG; FLUX.1-dev: the
+                                        guidance value its embedding takes, one call either way)
     iters, window, weights              K, averaging window [a, b) and weights for t >= first_until
     first_iters, first_window, first_weights   the same for t < first_until (None: as the main ones)
     average                             average the window (False: the answer is the last iterate)
@@ -47,7 +48,8 @@ class Plan:
                                         or both weights 0); see renoise.regularizers
     reference_noise                     "noised": e_ref = model output at add_noise(z0, n, t);
                                         "clean": at z0 itself (the reference's SD 1.x oddity)
-    noise_correction, nc_steps, nc_lr   "none" | "override" | "optimize" (stochastic samplers only)
+    noise_correction, nc_steps, nc_lr   "none" | "override" | "optimize" (stochastic samplers only; a flow
+                                        sampler's plan refuses it, and the regularizer, on creation)
     anderson                            m > 0: safeguarded Anderson mixing of the iterates (no averaging)
     relax                               β: each iteration moves to z + β·(G(z) - z) (1: plain; the
                                         answer is still the last G(z)); over-relaxation (β ≈ 2) speeds up
