@@ -93,8 +93,11 @@ def _common(p, command):
     inv = p.add_argument_group("inversion")
     inv.add_argument("--preset", default=None,
                      help="ReNoise preset (sd14, sd15, sdxl, sdxl-turbo, lcm-lora, sdxl-turbo-reference, demo, "
-                          "demo-4, demo-euler-4); default: from the model (demo for the demo model, sdxl-turbo "
-                          "for SDXL with trailing steps, sdxl, sd15)")
+                          "demo-4, demo-euler-4, flow, flux-schnell, flux-dev, sd35-large-turbo, sd3-medium); "
+                          "default: from the model (demo for the demo model, sdxl-turbo "
+                          "for SDXL with trailing steps, sdxl, sd15; FLUX.1: flux-dev with a guidance embedding, "
+                          "else flux-schnell; SD3 / 3.5: sd35-large-turbo when the model's id or path says "
+                          "turbo, else sd3-medium)")
     inv.add_argument("--sampler", choices=("ddim", "euler_ancestral", "lcm"), default=None,
                      help="the preset's unless given")
     inv.add_argument("--steps", type=int, default=None, metavar="N",

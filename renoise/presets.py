@@ -39,7 +39,8 @@ RELAX_STARTS = ("plain", "relaxed")
 class Plan:
     """A full ReNoise configuration (defaults: plain DDIM inversion, 50 steps).
 
-    sampler, num_steps, guidance_scale  what the preset was tuned with (guidance <= 1: no CFG)
+    sampler, num_steps, guidance_scale  what the preset was tuned with (guidance <= 1: no CFG; FLUX.1-dev: the
+                                        guidance value its embedding takes, one call either way)
     iters, window, weights              K, averaging window [a, b) and weights for t >= first_until
     first_iters, first_window, first_weights   the same for t < first_until (None: as the main ones)
     average                             average the window (False: the answer is the last iterate)
@@ -47,7 +48,8 @@ class Plan:
                                         or both weights 0); see renoise.regularizers
     reference_noise                     "noised": e_ref = model output at add_noise(z0, n, t);
                                         "clean": at z0 itself (the reference's SD 1.x oddity)
-    noise_correction, nc_steps, nc_lr   "none" | "override" | "optimize" (stochastic samplers only)
+    noise_correction, nc_steps, nc_lr   "none" | "override" | "optimize" (stochastic samplers only; a flow
+                                        sampler's plan refuses it, and the regularizer, on creation)
     anderson                            m > 0: safeguarded Anderson mixing of the iterates (no averaging)
     relax                               β: each iteration moves to z + β·(G(z) - z) (1: plain; the
                                         answer is still the last G(z)); over-relaxation (β ≈ 2) speeds up
@@ -139,6 +141,8 @@ class Plan:
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"plan {self.name!r}: warm_start must be one of {', '.join(WARM_STARTS)}, "
                              f"got {self.warm_start!r}")
+        if self.sampler in FLOW_SAMPLERS:
+            _check_flow(self)
         if self.anderson and self.average:
             raise ValueError(f"plan {self.name!r}: Anderson mixing (anderson={self.anderson}) returns the last "
                              "iterate and cannot be combined with averaging; set average=False")
@@ -190,6 +194,22 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         return cls(**d)
+
+
+# samplers of flow-matching (velocity) models: they run on a FlowSchedule and add no noise
+FLOW_SAMPLERS = ("flow_euler",)
+
+
+def _check_flow(plan):
+    """Refuse the plan parts that do not apply to a velocity model's deterministic flow step."""
+    if plan.noise_correction != "none":
+        raise ValueError(f"plan {plan.name!r}: noise_correction {plan.noise_correction!r} corrects the fresh noise of "
+                         f"stochastic samplers; the flow Euler step adds none: use noise_correction='none' with "
+                         f"the {plan.sampler!r} sampler (SD3 / FLUX.1)")
+    if plan.regularize:
+        raise ValueError(f"plan {plan.name!r}: the edit-enhancement regularizer acts on predicted noise (epsilon "
+                         f"models); SD3 / FLUX.1 (sampler {plan.sampler!r}, prediction_type 'flow') predict velocity: "
+                         "turn it off (reg_rounds=0 or lambda_ac = lambda_kl = 0)")
 
 
 # the fields whose values are words, "none" among them (not None): written as they are
@@ -275,16 +295,44 @@ PRESETS = {
     # predicted noise) and without noise correction (the step adds no noise). Not tuned on real flow models yet
     "flow": Plan(name="flow", sampler="flow_euler", num_steps=28, guidance_scale=1.0, iters=1, window=(1, 2),
                  first_iters=1, first_window=(0, 2)),
+    # Per-model flow presets (issue 23). What comes from where:
+    # - steps: the models' own (FLUX.1-schnell 4: BFL's CLI, diffusers' docs; FLUX.1-dev 28: FluxPipeline's default;
+    #   SD 3.5 large-turbo 4: Stability's reference CONFIGS and HF Space; SD3-medium 28: StableDiffusion3Pipeline's)
+    # - inversion guidance: FLUX.1-dev 1.0, the embedded guidance RF-Solver's and FireFlow's edit.py invert (and
+    #   reconstruct) with (RF-Inversion's source_guidance_scale defaults to 0; generation uses 3.5, diffusers' default);
+    #   schnell and large-turbo 0.0 (no guidance: diffusers' docs for schnell, the turbo Space's 0.0); SD3-medium 1.0:
+    #   no CFG while inverting, as the paper's SD rows (one call per iteration; generation uses true CFG 7.0, and an
+    #   edit's true CFG comes from edit_guidance_scale > 1 with the source prompt as negative)
+    # - K, windows, weights: OURS, by analogy with ReNoise's Table 1 — the 4-step models take its SDXL-Turbo row
+    #   (K = 9, w1..w4 = 0.25 on the first steps, w8..w10 = 1/3 after), the 28-step models its SD row (K = 1) — no
+    #   paper gives ReNoise settings for flow models, and these are not tuned on real SD3 / FLUX.1 weights
+    # - first_until 300 on the 4-step presets: OURS, so that schnell's lowest step (t = 250, σ = 0.25) takes the
+    #   first-step regime as SDXL-Turbo's t = 249 does under the paper's t < 250 (large-turbo's lowest is t ≈ 9)
+    # - no edit-enhancement regularizer (it acts on predicted noise) and no noise correction (no noise is added)
+    "flux-schnell": Plan(name="flux-schnell", sampler="flow_euler", num_steps=4, guidance_scale=0.0, iters=9,
+                         window=(7, 10), first_iters=3, first_window=(0, 4), first_until=300),
+    "flux-dev": Plan(name="flux-dev", sampler="flow_euler", num_steps=28, guidance_scale=1.0, iters=1,
+                     window=(1, 2), first_iters=1, first_window=(0, 2)),
+    "sd35-large-turbo": Plan(name="sd35-large-turbo", sampler="flow_euler", num_steps=4, guidance_scale=0.0,
+                             iters=9, window=(7, 10), first_iters=3, first_window=(0, 4), first_until=300),
+    "sd3-medium": Plan(name="sd3-medium", sampler="flow_euler", num_steps=28, guidance_scale=1.0, iters=1,
+                       window=(1, 2), first_iters=1, first_window=(0, 2)),
 }
 
 
 def for_model(pipe, model=None) -> str:
     """The preset a pipeline defaults to: the demo model's own ("demo"), SDXL-Turbo for SDXL with
-    trailing timesteps, SDXL, else SD 1.5. `model` is what was loaded (a name, folder or id)."""
+    trailing timesteps, SDXL, else SD 1.5. `model` is what was loaded (a name, folder or id).
+
+    Flow models: FLUX.1 with a guidance embedding is "flux-dev", without one "flux-schnell"; SD3 / 3.5 is
+    "sd35-large-turbo" when `model` names a turbo model ("turbo" in its id or folder name: the turbo's
+    transformer and scheduler configs are those of SD 3.5 large), else "sd3-medium"."""
     if model == "demo":
         return "demo"
-    if pipe.kind in ("sd3", "flux"):
-        return "flow"
+    if pipe.kind == "flux":
+        return "flux-dev" if pipe.guidance_embeds else "flux-schnell"
+    if pipe.kind == "sd3":
+        return "sd35-large-turbo" if "turbo" in str(model or "").lower() else "sd3-medium"
     if pipe.kind == "sdxl":
         return "sdxl-turbo" if pipe.scheduler_config.get("timestep_spacing") == "trailing" else "sdxl"
     return "sd15"

@@ -138,7 +138,8 @@ def test_cli_invert_reconstruct_edit(folders, tmp_path, monkeypatch, name):
     common = ["--model", str(folders[name]), "--quiet", "--steps", "3"]
     assert main(["invert", "--image", cat, "--prompt", "a photo of a cat", "--out", str(out), *common]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["kind"] == ("sd3" if name == "sd3" else "flux") and report["preset"] == "flow"
+    assert report["kind"] == ("sd3" if name == "sd3" else "flux")
+    assert report["preset"] == {"sd3": "sd3-medium", "dev": "flux-dev", "schnell": "flux-schnell"}[name]
     assert report["settings"]["sampler"] == "flow_euler" and report["settings"]["num_steps"] == 3
     assert main(["reconstruct", "--inversion", str(out / "inversion.safetensors"), "--out", str(rec),
                  "--model", str(folders[name]), "--quiet"]) == 0
