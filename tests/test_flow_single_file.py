@@ -53,8 +53,10 @@ def vae_ldm(sd: dict, n_levels: int) -> dict:
     return out
 
 
-def write_single_file(path, pipe, *, t5=True, clips=True, vae=True, clip_l_projection=None):
-    """An SD3 all-in-one (or transformer-only) file in Stability's layout from a diffusers pipeline."""
+def write_single_file(path, pipe, *, t5=True, clips=True, vae=True, clip_l_projection=None, t5_embed_copy=False):
+    """An SD3 all-in-one (or transformer-only) file in Stability's layout from a diffusers pipeline.
+    T5's tied embedding is written once, as `shared.weight` (also as `encoder.embed_tokens.weight` with
+    t5_embed_copy)."""
     tr = pipe.transformer
     sd = {"model.diffusion_model." + k: v for k, v in sd3_original(tr.state_dict(), tr.config.num_layers).items()}
     if vae:
@@ -67,23 +69,40 @@ def write_single_file(path, pipe, *, t5=True, clips=True, vae=True, clip_l_proje
         sd |= {"text_encoders.clip_l.transformer." + k: v for k, v in clip_l.items()}
         sd |= {"text_encoders.clip_g.transformer." + k: v for k, v in pipe.text_encoder_2.state_dict().items()}
     if t5:
-        sd |= {"text_encoders.t5xxl.transformer." + k: v for k, v in pipe.text_encoder_3.state_dict().items()
-               if k != "encoder.embed_tokens.weight"}                     # tied to shared.weight
+        sd |= {"text_encoders.t5xxl.transformer." + k: v.clone() for k, v in pipe.text_encoder_3.state_dict().items()
+               if t5_embed_copy or k != "encoder.embed_tokens.weight"}   # tied to shared.weight
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
 
 
+def save_sd3_for_single_files(folder, seed=0):
+    """tiny_flow_pipeline.save_sd3 with CLIP-G wider than CLIP-L (diffusers' from_single_file tells the two
+    apart by width) and CLIP-L's projection the identity (SD3 pools CLIP-L unprojected)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from tiny_dit import tiny_sd3_config
+    from tiny_flow_pipeline import JOINT, _randomise, _t5, _t5_tokenizer, _vae
+    from tiny_pipeline import _text_encoder, _tokenizer
+    width_l, width_g = 16, 24
+    cfg = dict(tiny_sd3_config("sd3"), joint_attention_dim=JOINT, pooled_projection_dim=width_l + width_g)
+    clip_l = _text_encoder(width_l, width_l, seed=seed + 2)
+    with torch.no_grad():
+        clip_l.text_projection.weight.copy_(torch.eye(width_l))
+    tok3 = _t5_tokenizer(folder.parent / (folder.name + "-spm"))
+    pipe = StableDiffusion3Pipeline(
+        transformer=_randomise(SD3Transformer2DModel(**cfg), seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(seed + 1, 0.0609, 1.5305), text_encoder=clip_l, tokenizer=_tokenizer(),
+        text_encoder_2=_text_encoder(width_g, width_g, seed=seed + 3), tokenizer_2=_tokenizer(pad_token="!"),
+        text_encoder_3=_t5(len(tok3), seed + 5), tokenizer_3=tok3)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """The tiny SD3 folder (CLIP-L projection = identity, as SD3 uses it), its diffusers pipeline, and files."""
-    from tiny_flow_pipeline import save_sd3
+    """The tiny SD3 folder, its diffusers pipeline, and single files written from it."""
     root = tmp_path_factory.mktemp("sd3file")
-    raw = save_sd3(root / "raw")
-    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(raw)
-    with torch.no_grad():
-        pipe.text_encoder.text_projection.weight.copy_(torch.eye(pipe.text_encoder.config.hidden_size))
-    pipe.save_pretrained(root / "sd3", safe_serialization=True)
     folder = root / "sd3"
+    pipe = save_sd3_for_single_files(folder)
     files = {"full": write_single_file(root / "sd3_full.safetensors", pipe),
              "incl_clips": write_single_file(root / "sd3_incl_clips.safetensors", pipe, t5=False),
              "transformer": write_single_file(root / "sd3_transformer.safetensors", pipe, t5=False, clips=False,
@@ -121,12 +140,16 @@ def test_all_in_one_file_equals_diffusers_folder(made, name):
 
 
 @pytest.mark.parametrize("name", ["full", "incl_clips"])
-def test_equals_diffusers_from_single_file(made, name):
-    """diffusers' own single-file loader, offline with the local folder as its config, agrees."""
+def test_equals_diffusers_from_single_file(made, name, tmp_path):
+    """diffusers' own single-file loader, offline with the local folder as its config, agrees.
+
+    diffusers 0.42 with transformers 5 leaves T5's `encoder.embed_tokens` on the meta device when the
+    file holds `shared.weight` alone, so the file given to both here also holds the copy."""
     extra = dict(text_encoder_3=None, tokenizer_3=None) if name == "incl_clips" else {}
-    ref = diffusers.StableDiffusion3Pipeline.from_single_file(str(made[name]), config=str(made["folder"]),
+    f = write_single_file(tmp_path / "f.safetensors", made["pipe"], t5=name == "full", t5_embed_copy=True)
+    ref = diffusers.StableDiffusion3Pipeline.from_single_file(str(f), config=str(made["folder"]),
                                                               local_files_only=True, **extra)
-    pipe = load_pipeline(made[name], config=made["folder"])
+    pipe = load_pipeline(f, config=made["folder"])
     mine, want = generate_both(pipe, ref, hw=(4, 4), seed=1)
     assert rel(mine, want) < 1e-5, rel(mine, want)
 
@@ -230,16 +253,16 @@ def test_bad_files_give_clear_errors(made, tmp_path):
         load_pipeline(extra, config=folder)
     clip = _corrupt(made["incl_clips"], tmp_path / "clip.safetensors",
                     lambda sd: sd.pop("text_encoders.clip_g.transformer.text_model.final_layer_norm.weight"))
-    with pytest.raises(CheckpointError, match=r"clip_g.*final_layer_norm"):
+    with pytest.raises(CheckpointError, match=r"(?s)clip_g.*final_layer_norm"):
         load_pipeline(clip, config=folder)
     vae = _corrupt(made["incl_clips"], tmp_path / "vae.safetensors",
                    lambda sd: sd.update({"first_stage_model.decoder.conv_in.weight":
-                                         sd["first_stage_model.decoder.conv_in.weight"][:, :2]}))
-    with pytest.raises(CheckpointError, match=r"first_stage_model.*decoder.conv_in"):
+                                         sd["first_stage_model.decoder.conv_in.weight"][:, :2].clone()}))
+    with pytest.raises(CheckpointError, match=r"(?s)first_stage_model.*decoder.conv_in"):
         load_pipeline(vae, config=folder)
     t5 = _corrupt(made["full"], tmp_path / "t5.safetensors",
                   lambda sd: sd.pop("text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight"))
-    with pytest.raises(CheckpointError, match=r"t5xxl.*final_layer_norm"):
+    with pytest.raises(CheckpointError, match=r"(?s)t5xxl.*final_layer_norm"):
         load_pipeline(t5, config=folder)
     tr = _corrupt(made["incl_clips"], tmp_path / "tr.safetensors",
                   lambda sd: sd.update({"model.diffusion_model.joint_blocks.0.x_block.bogus.weight": torch.ones(2)}))
