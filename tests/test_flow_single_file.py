@@ -291,3 +291,31 @@ def test_cli_model_takes_an_sd3_single_file(made, tmp_path, capsys):
                  "--image", str(img), "--prompt", "a cat", "--steps", "2", "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["kind"] == "sd3" and report["preset"] == "flow"
+
+
+# ------------------------------------------------------------------ hub ids, half precision
+
+def test_hub_reference_fetches_only_what_the_file_lacks(made, tmp_path, monkeypatch):
+    from tiny_models import FakeHub
+    repo = "stabilityai/stable-diffusion-3-medium-diffusers"
+    hub = FakeHub({repo: made["folder"]}, tmp_path / "cache").install(monkeypatch)
+    pipe = load_pipeline(made["full"])                        # no config=: the released model's repo, online
+    assert pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None
+    assert hub.fetched and not any(n.endswith(".safetensors") for n in hub.fetched), hub.fetched
+    assert {n.split("/")[0] for n in hub.fetched} >= {"tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"}
+    hub.fetched.clear()
+    load_pipeline(made["transformer"], config=repo)           # transformer-only: VAE and encoders from the hub
+    weights = sorted(n for n in hub.fetched if n.endswith(".safetensors"))
+    assert weights == ["text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+                       "text_encoder_3/model.safetensors", "vae/diffusion_pytorch_model.safetensors"], weights
+
+
+def test_half_precision_load(made):
+    pipe = load_pipeline(made["full"], config=made["folder"], dtype=torch.bfloat16)
+    for name, module in pipe.modules().items():
+        dtypes = {p.dtype for n, p in module.named_parameters() if not n.endswith("DenseReluDense.wo.weight")}
+        assert dtypes == {torch.bfloat16}, (name, dtypes)
+    wo = pipe.text_encoder_3.state_dict()["encoder.block.0.layer.1.DenseReluDense.wo.weight"]
+    assert wo.dtype == torch.float32                          # T5's wo stays fp32 (transformers' rule)
+    ref = made["pipe"].text_encoder_3.state_dict()
+    assert torch.equal(wo, ref["encoder.block.0.layer.1.DenseReluDense.wo.weight"])
