@@ -9,10 +9,10 @@ diffusers' single_file_utils.py):
     text_encoders.clip_g.transformer.*       CLIP-G (OpenCLIP bigG), transformers names, with text_projection
     text_encoders.t5xxl.transformer.*        T5 v1.1 XXL encoder, transformers names (absent in *_incl_clips files)
 
-Transformer-only files (`sd3.5_large.safetensors`, Black Forest Labs' `flux1-dev.safetensors`, either
-bare or under `model.diffusion_model.`) hold the transformer alone.
+Other files hold less: the MMDiT and VAE without text encoders (`sd3_medium.safetensors`), or the
+transformer alone (Black Forest Labs' `flux1-dev.safetensors`, bare or under `model.diffusion_model.`).
 
-No file holds tokenizers, and a transformer-only file holds no VAE or text encoders: those come from
+No file holds tokenizers, and many lack text encoders or the VAE: what is missing comes from
 a *reference*, the diffusers folder or hub id of the matching model (`config=`, CLI `--config`;
 `tokenizer=` for the tokenizers alone). Its component configs (transformer/, vae/, text_encoder*/
 config.json) and scheduler config are used when it has them; otherwise configs are read off the

@@ -162,8 +162,12 @@ def test_clip_l_projection_is_identity(made, tmp_path):
     assert torch.equal(pipe.text_encoder.text_projection.weight, torch.eye(w))
 
 
-def test_transformer_only_file_takes_the_rest_from_the_folder(made):
-    pipe = load_pipeline(made["transformer"], config=made["folder"])
+@pytest.mark.parametrize("vae", [False, True])
+def test_file_without_text_encoders_takes_them_from_the_folder(made, tmp_path, vae):
+    """Transformer-only files, and MMDiT + VAE files such as sd3_medium.safetensors."""
+    f = made["transformer"] if not vae else write_single_file(tmp_path / "tv.safetensors", made["pipe"], t5=False,
+                                                               clips=False)
+    pipe = load_pipeline(f, config=made["folder"])
     assert pipe.text_encoder_3 is not None                   # the folder lists T5: it is loaded from there
     ref = diffusers.StableDiffusion3Pipeline.from_pretrained(made["folder"])
     mine, want = generate_both(pipe, ref, hw=(6, 4), seed=2)
