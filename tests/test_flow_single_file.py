@@ -276,6 +276,9 @@ def test_bad_files_give_clear_errors(made, tmp_path):
     save_file({k: v.contiguous() for k, v in made["pipe"].transformer.state_dict().items()}, str(diff))
     with pytest.raises(CheckpointError, match="diffusers-layout"):
         load_pipeline(diff, config=folder)
+    from renoise.models.single_file import UnknownCheckpointError, load_single_file
+    with pytest.raises(UnknownCheckpointError, match="load_pipeline"):      # the SD/SDXL loader points the way
+        load_single_file(made["incl_clips"])
 
 
 # ------------------------------------------------------------------ the CLI
