@@ -36,8 +36,8 @@ import torch
 
 from .loading import CheckpointError, is_hub_id, safetensors_header
 
-__all__ = ["flow_file_family", "is_flow_single_file", "split_flow_file", "infer_vae_config", "infer_t5_config", "released_model",
-           "load_flow_single_file", "RELEASED_REPOS"]
+__all__ = ["flow_file_family", "is_flow_single_file", "split_flow_file", "infer_vae_config", "infer_t5_config",
+           "released_model", "load_flow_single_file", "RELEASED_REPOS"]
 
 TRANSFORMER = "model.diffusion_model."
 PARTS = {"vae": ("first_stage_model.", "vae."), "clip_l": ("text_encoders.clip_l.transformer.",),
@@ -137,7 +137,8 @@ def infer_vae_config(ldm_shapes: dict, base):
         raise CheckpointError("the VAE weights lack encoder.down.* or decoder.conv_in: not an LDM VAE")
     blocks = sorted({int(k.split(".")[4]) for k in ldm_shapes if k.startswith("encoder.down.0.block.")})
     return dataclasses.replace(
-        base, block_out_channels=tuple(ldm_shapes[f"encoder.down.{i}.block.{blocks[-1]}.conv2.weight"][0] for i in down),
+        base,
+        block_out_channels=tuple(ldm_shapes[f"encoder.down.{i}.block.{blocks[-1]}.conv2.weight"][0] for i in down),
         layers_per_block=len(blocks), in_channels=ldm_shapes["encoder.conv_in.weight"][1],
         out_channels=ldm_shapes["decoder.conv_out.weight"][0], latent_channels=ldm_shapes["decoder.conv_in.weight"][1],
         use_quant_conv="quant_conv.weight" in ldm_shapes, use_post_quant_conv="post_quant_conv.weight" in ldm_shapes,
@@ -232,8 +233,8 @@ def _clip_config(part, shapes, raw_config, family):
     if raw_config:
         cfg = CLIPTextConfig.from_dict(raw_config)
         if cfg.with_projection != projection:
-            raise ValueError(f"the reference's {part} config is a CLIPTextModel{'WithProjection' if cfg.with_projection else ''}; "
-                             f"{family} needs {'CLIPTextModelWithProjection' if projection else 'CLIPTextModel'}")
+            have, want = ("CLIPTextModel" + ("WithProjection" if p else "") for p in (cfg.with_projection, projection))
+            raise ValueError(f"the reference's {part} config is a {have}; {family} needs a {want}")
     else:
         cfg = infer_clip_config(sd, hidden_act="quick_gelu" if part == "clip_l" else "gelu", with_projection=projection)
     return cfg, sd
@@ -315,7 +316,8 @@ def load_flow_single_file(path, *, config=None, tokenizer=None, dtype=torch.floa
     slots = SLOTS[family]
     in_file = {p for p in ("vae", *slots.values()) if parts[p]}
     optional_t5 = family == "sd3" and bool({"clip_l", "clip_g"} & in_file)     # an *_incl_clips file: no T5
-    needs = ["tokenizers"] + [p for p in ("vae", *slots.values()) if p not in in_file and not (p == "t5" and optional_t5)]
+    needs = ["tokenizers"] + [p for p in ("vae", *slots.values())
+                              if p not in in_file and not (p == "t5" and optional_t5)]
 
     ref = config if config is not None else tokenizer
     ref = ref if ref is not None else RELEASED_REPOS[model]
@@ -328,16 +330,43 @@ def load_flow_single_file(path, *, config=None, tokenizer=None, dtype=torch.floa
             f"or hub id of the matching model, e.g. {RELEASED_REPOS[model]}. {ref} could not be read: {e}") from None
     raw = _read_configs(root)
     index = raw.get("model_index", {})
-
-    # every check that reads only headers first, so that a bad file fails before the big reads
-    common = dict(dtype=dtype, device=device)
-    if "vae" in in_file:
-        _vae_from_file(path, parts["vae"], shapes["vae"], raw.get("vae"), family, check_only=True, **common)
+    # where each text encoder comes from: the file, the reference, or nowhere (SD3's T5: zeros)
+    source = {}
     for slot, part in slots.items():
         if part in in_file:
-            (_t5_from_file(path, parts[part], shapes[part], raw.get(slot), check_only=True, **common) if part == "t5"
-             else _clip_from_file(path, part, parts[part], shapes[part], raw.get(slot), family, check_only=True,
-                                  **common))
+            source[slot] = "file"
+        elif part == "t5" and family == "sd3" and (optional_t5 or not _listed(index, slot)):
+            source[slot] = None                   # an *_incl_clips file, or a reference without T5
+        else:
+            source[slot] = "reference"
+
+    # tokenizers and every check that reads only headers first: a bad file or reference fails before the big reads
+    tok_src = tokenizer if tokenizer is not None else ref
+    tokenizers = {slot: None for slot in slots}
+    for slot, part in slots.items():
+        if source[slot] is None:
+            continue
+        sub = TOKENIZERS[family][slot]
+        try:
+            tokenizers[slot] = (load_t5_tokenizer if part == "t5" else load_tokenizer)(tok_src, sub, **hub)
+        except FileNotFoundError as e:
+            arg = "tokenizer=" if tokenizer is not None else "config="
+            raise FileNotFoundError(f"{what} carries no tokenizers; {sub}/ is read from {arg} {tok_src} "
+                                    f"(CLI: --config), which gives none: {e}. Pass a diffusers folder or hub id of "
+                                    f"the matching model, e.g. {RELEASED_REPOS[model]}") from None
+    common = dict(dtype=dtype, device=device)
+
+    def from_file(part, slot, check_only=False):
+        args = (path, parts[part], shapes[part], raw.get(slot))
+        if part == "vae":
+            return _vae_from_file(*args, family, check_only=check_only, **common)
+        if part == "t5":
+            return _t5_from_file(*args, check_only=check_only, **common)
+        return _clip_from_file(path, part, *args[1:], family, check_only=check_only, **common)
+
+    for slot, part in [("vae", "vae"), *slots.items()]:
+        if part in in_file:
+            from_file(part, slot, check_only=True)
 
     transformer = load_single_file_transformer(path, config=raw.get("transformer"), family=family, **common)
     from_ref = dict(variant=variant, **common, **hub)
@@ -350,36 +379,18 @@ def load_flow_single_file(path, *, config=None, tokenizer=None, dtype=torch.floa
                                     f"Pass config= a diffusers folder or hub id of the matching model, e.g. "
                                     f"{RELEASED_REPOS[model]}") from None
 
-    if "vae" in in_file:
-        vae = _vae_from_file(path, parts["vae"], shapes["vae"], raw.get("vae"), family, **common)
-    else:
-        vae = from_reference("VAE", lambda: load_vae(ref, **from_ref))
-    encoders, tokenizers = {}, {}
-    tok_src = tokenizer if tokenizer is not None else ref
+    vae = from_file("vae", "vae") if "vae" in in_file else from_reference("VAE", lambda: load_vae(ref, **from_ref))
+    encoders = {}
     for slot, part in slots.items():
-        if part in in_file:
-            encoders[slot] = (_t5_from_file(path, parts[part], shapes[part], raw.get(slot), **common) if part == "t5"
-                              else _clip_from_file(path, part, parts[part], shapes[part], raw.get(slot), family,
-                                                   **common))
-        elif part == "t5" and family == "sd3" and (optional_t5 or not _listed(index, slot)):
-            encoders[slot] = None                 # an *_incl_clips file, or a reference without T5: zeros
+        if source[slot] == "file":
+            encoders[slot] = from_file(part, slot)
+        elif source[slot] is None:
+            encoders[slot] = None
         elif part == "t5":
             encoders[slot] = from_reference("T5 encoder", lambda s=slot: load_t5_encoder(ref, subfolder=s, **from_ref))
         else:
             encoders[slot] = from_reference(f"{part} text encoder",
                                             lambda s=slot: load_text_encoder(ref, subfolder=s, **from_ref))
-        if encoders[slot] is None:
-            tokenizers[slot] = None
-            continue
-        sub = TOKENIZERS[family][slot]
-        load = load_t5_tokenizer if part == "t5" else load_tokenizer
-        try:
-            tokenizers[slot] = load(tok_src, sub, **hub)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{what} carries no tokenizers; {sub}/ is read from "
-                                    f"{'tokenizer=' if tokenizer is not None else 'config='} {tok_src} (CLI: --config), "
-                                    f"which gives none: {e}. Pass a diffusers folder or hub id of the matching model, "
-                                    f"e.g. {RELEASED_REPOS[model]}") from None
 
     scheduler = raw.get("scheduler") or SCHEDULERS[model if family == "flux" else "sd3"]
     if family == "flux":

@@ -89,7 +89,8 @@ def save_sd3_for_single_files(folder, seed=0):
         clip_l.text_projection.weight.copy_(torch.eye(width_l))
     tok3 = _t5_tokenizer(folder.parent / (folder.name + "-spm"))
     pipe = StableDiffusion3Pipeline(
-        transformer=_randomise(SD3Transformer2DModel(**cfg), seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=_randomise(SD3Transformer2DModel(**cfg), seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(seed + 1, 0.0609, 1.5305), text_encoder=clip_l, tokenizer=_tokenizer(),
         text_encoder_2=_text_encoder(width_g, width_g, seed=seed + 3), tokenizer_2=_tokenizer(pad_token="!"),
         text_encoder_3=_t5(len(tok3), seed + 5), tokenizer_3=tok3)
@@ -131,7 +132,7 @@ def test_all_in_one_file_equals_diffusers_folder(made, name):
     pipe = load_pipeline(made[name], config=made["folder"])
     assert isinstance(pipe, FlowPipeline) and pipe.kind == "sd3"
     assert (pipe.text_encoder_3 is None) == (name == "incl_clips") == (pipe.tokenizer_3 is None)
-    assert pipe.vae.config.shift_factor == pytest.approx(0.0609) and pipe.vae.config.scaling_factor == pytest.approx(1.5305)
+    assert (pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor) == pytest.approx((0.0609, 1.5305))
     extra = dict(text_encoder_3=None, tokenizer_3=None) if name == "incl_clips" else {}
     ref = diffusers.StableDiffusion3Pipeline.from_pretrained(made["folder"], **extra)
     mine, want = generate_both(pipe, ref)
