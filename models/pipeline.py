@@ -91,7 +91,9 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
 
     `source`: "demo" (the trained demo model shipped with renoise; a local folder of that name is
     "./demo"), a diffusers pipeline folder, a hub id, or a single-file `.safetensors` checkpoint
-    (then `config` and `tokenizer` are passed to `load_single_file`). `variant`: e.g. "fp16" for
+    (then `config` and `tokenizer` are passed to `load_single_file`; an SD3 / SD 3.5 single file or
+    a Black Forest Labs FLUX.1 file gives a FlowPipeline, with `config` the diffusers folder or hub id
+    of the matching model for its tokenizers and missing parts: see flow_single_file.py). `variant`: e.g. "fp16" for
     `*.fp16.safetensors`. `hub`: cache_dir, revision, local_files_only. An SD3 / FLUX.1 folder or hub
     id (model_index.json's StableDiffusion3Pipeline / FluxPipeline, or its transformer's class) gives
     a `models.flow_pipeline.FlowPipeline` (`kind` "sd3" | "flux").
@@ -103,6 +105,10 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
     if source in BUILTIN:
         source = builtin_folder(source)
     if not is_hub_id(source) and Path(source).is_file():
+        from .flow_single_file import is_flow_single_file, load_flow_single_file
+        if is_flow_single_file(source):           # SD3 / SD 3.5 / FLUX.1 (original layouts): a FlowPipeline
+            return load_flow_single_file(source, config=config, tokenizer=tokenizer, dtype=dtype, device=device,
+                                         variant=variant, **hub)
         from .single_file import load_single_file
         return load_single_file(source, config=config, tokenizer=tokenizer, dtype=dtype, device=device,
                                 allow_pickle=allow_pickle)

@@ -59,6 +59,10 @@ def sniff(keys) -> str:
     """"sd1" | "sd2" | "sdxl" from the key prefixes of a checkpoint (or UnknownCheckpointError)."""
     keys = list(keys)
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has(UNET_PREFIX + "joint_blocks.") or has(UNET_PREFIX + "double_blocks.") or has("double_blocks."):
+        raise UnknownCheckpointError("an SD3/3.5 or FLUX.1 single file, not an SD/SDXL one: load it with "
+                                     "load_pipeline(file, config=<diffusers folder or hub id of the model>), "
+                                     "which reads these from .safetensors")
     if has(PREFIXES["open_clip_xl"]):
         if not has(UNET_PREFIX):
             raise UnknownCheckpointError("an SDXL-style checkpoint without UNet weights "

@@ -64,7 +64,10 @@ def _common(p, command):
     io = p.add_argument_group("input and output")
     io.add_argument("--model", default="demo",
                     help='diffusers folder, hub id, or single-file checkpoint; default "demo": the small trained '
-                         'demo model shipped with renoise (128 px scenes of coloured shapes; runs offline)')
+                         'demo model shipped with renoise (128 px scenes of coloured shapes; runs offline). '
+                         'Single files: SD 1.x/2.x/SDXL, an SD3/3.5 single file (all-in-one or transformer-only) '
+                         'or a Black Forest Labs FLUX.1 file; these hold no tokenizers, so give --config the '
+                         'diffusers folder or hub id of the matching model (it also gives what the file lacks)')
     io.add_argument("--image", action="append", default=[], metavar="FILE",
                     help="input image (repeat for a batch)" + ("" if command == "invert" else
                                                                 "; optional with --inversion (for metrics)"))
