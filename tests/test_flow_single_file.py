@@ -298,7 +298,7 @@ def test_cli_model_takes_an_sd3_single_file(made, tmp_path, capsys):
     assert main(["reconstruct", "--model", str(made["incl_clips"]), "--config", str(made["folder"]),
                  "--image", str(img), "--prompt", "a cat", "--steps", "2", "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["kind"] == "sd3" and report["preset"] == "flow"
+    assert report["kind"] == "sd3" and report["preset"] == "sd3-medium"
 
 
 # ------------------------------------------------------------------ hub ids, half precision
