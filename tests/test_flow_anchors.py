@@ -321,3 +321,19 @@ def test_anchors_reconstruct_on_the_analytic_flow():
     e = {s: err(s, 8) for s in ("euler", "rf-solver", "fireflow")}
     assert e["rf-solver"] < e["euler"] / 5 and e["fireflow"] < e["euler"] / 5, e
     assert err("rf-solver", 32) < e["rf-solver"] / 4
+
+
+def test_editor_runs_an_anchor_on_a_flow_pipeline(tmp_path):
+    """The anchors go through the same Editor (and so the CLI's --preset) as ReNoise on a flow pipeline: a
+    tiny FLUX.1-schnell folder, FireFlow at 3 steps: 4 calls to invert, 4 to reconstruct."""
+    from tiny_flow_pipeline import save_flux
+
+    from renoise.models import load_pipeline
+    from renoise.pipeline import Editor
+    pipe = load_pipeline(str(save_flux(tmp_path / "schnell", kind="schnell")), dtype=torch.float32)
+    editor = Editor(pipe, "fireflow", num_steps=3, guidance_scale=0.0)
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    inv = editor.invert(images, "a photo of a cat", generator=torch.Generator().manual_seed(0))
+    assert inv.result.plan.solver == "fireflow" and inv.result.model_calls == 4
+    z, den = editor.reconstruct_latents(inv)
+    assert den.calls == 4 and z.shape == inv.result.z_T.shape and bool(torch.isfinite(z).all())
