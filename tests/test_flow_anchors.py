@@ -337,3 +337,15 @@ def test_editor_runs_an_anchor_on_a_flow_pipeline(tmp_path):
     assert inv.result.plan.solver == "fireflow" and inv.result.model_calls == 4
     z, den = editor.reconstruct_latents(inv)
     assert den.calls == 4 and z.shape == inv.result.z_T.shape and bool(torch.isfinite(z).all())
+
+
+def test_readme_anchor_snippet_runs():
+    from pathlib import Path
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    section = text.split("### Flow-inversion anchors: plain Euler, RF-Solver, FireFlow, RF-Inversion", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    env = {}
+    exec(code, env)
+    inv, x0 = env["inv"], env["x0"]
+    assert inv.plan.solver == "fireflow" and inv.model_calls == 9 and env["velocity"].calls == 18
+    assert float((env["x0_again"] - x0).norm() / x0.norm()) < 0.05
