@@ -70,8 +70,8 @@ def anchors(budget):
     return [("euler-inversion", fit(budget // 2, "euler")),
             ("rf-solver", fit(budget // 4, "rf-solver")),
             ("fireflow", fit(budget // 2 - 1, "fireflow")),
-            ("rf-inversion (γ=0.5, η=0)", fit(budget // 2, "rf-inversion", gamma=0.5)),
-            ("rf-inversion (γ=0.5, η=0.9 on 25 %)*", fit(budget // 2, "rf-inversion", gamma=0.5, eta=0.9))]
+            ("rf-inversion (γ=0.5, η=0)", fit(budget // 2, "rf-inversion", rf_gamma=0.5)),
+            ("rf-inversion (γ=0.5, η=0.9 on 25 %)*", fit(budget // 2, "rf-inversion", rf_gamma=0.5, rf_eta=0.9))]
 
 
 OURS = {"plain": {}, "anderson": dict(anderson=3), "warm+anderson": dict(anderson=3, warm_start="previous"),

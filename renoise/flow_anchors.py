@@ -91,9 +91,9 @@ def rf_inversion_sample_step(denoiser, x, s, s_next, schedule, y0, eta):
 
 
 def eta_at(plan, i, n):
-    """RF-Inversion's η for sampling step i of n: plan.eta inside [start·n, stop·n), else 0."""
-    start, stop = plan.eta_window
-    return plan.eta if start * n <= i < stop * n else 0.0
+    """RF-Inversion's η for sampling step i of n: plan.rf_eta inside [start·n, stop·n), else 0."""
+    start, stop = plan.rf_eta_window
+    return plan.rf_eta if start * n <= i < stop * n else 0.0
 
 
 # ------------------------------------------------------------------------------------------ chains
@@ -111,9 +111,9 @@ def invert_chain(denoiser, z0, schedule, chain, plan, generator=None, callback=N
     if solver not in ANCHORS:
         raise ValueError(f"unknown flow anchor {solver!r}; expected one of {', '.join(ANCHORS)}")
     y1 = None
-    if solver == "rf-inversion" and plan.gamma > 0:
+    if solver == "rf-inversion" and plan.rf_gamma > 0:
         if generator is None:
-            raise ValueError("RF-Inversion (gamma > 0) pulls the inversion towards a fixed noise y1 ~ N(0, I): "
+            raise ValueError("RF-Inversion (rf_gamma > 0) pulls the inversion towards a fixed noise y1 ~ N(0, I): "
                              "pass a torch.Generator as generator=")
         y1 = torch.randn(z0.shape, generator=generator, device=generator.device,
                          dtype=torch.float32).to(z0.device, z0.dtype)
@@ -129,7 +129,7 @@ def invert_chain(denoiser, z0, schedule, chain, plan, generator=None, callback=N
             c = 1 if v is not None else 2
             z, v = fireflow_step(denoiser, z, s, s_next, schedule, v)
         else:
-            z, c = rf_inversion_step(denoiser, z, s, s_next, schedule, y1, plan.gamma), 1
+            z, c = rf_inversion_step(denoiser, z, s, s_next, schedule, y1, plan.rf_gamma), 1
         calls += c
         traj.append(z)
         residuals.append(_change(z, z_prev))
@@ -153,7 +153,7 @@ def sample_chain(denoiser, x, schedule, chain, plan, y0=None, callback=None):
         elif solver == "rf-inversion":
             eta = eta_at(plan, i, len(sig))
             if eta and y0 is None:
-                raise ValueError("RF-Inversion's sampling controller (eta > 0) pulls towards the image y0: pass it")
+                raise ValueError("RF-Inversion's sampling controller (rf_eta > 0) pulls towards the image y0: pass it")
             x = rf_inversion_sample_step(denoiser, x, s, s_next, schedule, y0, eta)
         else:
             x = euler_step(denoiser, x, s, s_next, schedule)

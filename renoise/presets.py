@@ -75,9 +75,9 @@ class Plan:
                                         Euler inversion, v at the known point's own σ), "rf-solver",
                                         "fireflow", "rf-inversion" (renoise.flow_anchors); renoise.sample
                                         then samples with the anchor's own steps
-    gamma, eta, eta_window              RF-Inversion's controllers: γ pulls the inversion towards a fixed
+    rf_gamma, rf_eta, rf_eta_window     RF-Inversion's controllers: γ pulls the inversion towards a fixed
                                         noise (0.5, its paper's default); η pulls sampling towards the
-                                        inverted image on the steps [start·n, stop·n) of eta_window
+                                        inverted image on the steps [start·n, stop·n) of rf_eta_window
                                         (0 = off, our default: with η > 0 the image itself steers the
                                         reconstruction; its edit example uses η = 0.9 on (0, 0.25))
     """
@@ -108,12 +108,12 @@ class Plan:
     tol: float | None = None
     warm_start: str = "none"
     solver: str = "fixed-point"
-    gamma: float = 0.5
-    eta: float = 0.0
-    eta_window: tuple = (0.0, 0.25)
+    rf_gamma: float = 0.5
+    rf_eta: float = 0.0
+    rf_eta_window: tuple = (0.0, 0.25)
 
     def __post_init__(self):
-        for f in ("window", "first_window", "weights", "first_weights", "eta_window"):
+        for f in ("window", "first_window", "weights", "first_weights", "rf_eta_window"):
             v = getattr(self, f)
             if v is not None:
                 object.__setattr__(self, f, tuple(v))
@@ -162,15 +162,15 @@ class Plan:
     def _check_solver(self):
         if self.solver not in SOLVERS:
             raise ValueError(f"plan {self.name!r}: solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
-        for f in ("gamma", "eta"):
+        for f in ("rf_gamma", "rf_eta"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 1):
                 raise ValueError(f"plan {self.name!r}: {f} (RF-Inversion's controller) must be a number in [0, 1], "
                                  f"got {v!r}")
-        w = self.eta_window
+        w = self.rf_eta_window
         if len(w) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w) or not (
                 0 <= w[0] <= w[1] <= 1):
-            raise ValueError(f"plan {self.name!r}: eta_window must be fractions (start, stop) of the sampling steps "
+            raise ValueError(f"plan {self.name!r}: rf_eta_window must be fractions (start, stop) of the sampling steps "
                              f"with 0 <= start <= stop <= 1, got {w!r}")
         if self.solver == "fixed-point":
             return
@@ -323,8 +323,8 @@ PRESETS = {
     "euler-inversion": Plan(name="euler-inversion", sampler="flow_euler", num_steps=28, solver="euler"),
     "rf-solver": Plan(name="rf-solver", sampler="flow_euler", num_steps=25, solver="rf-solver"),
     "fireflow": Plan(name="fireflow", sampler="flow_euler", num_steps=8, solver="fireflow"),
-    "rf-inversion": Plan(name="rf-inversion", sampler="flow_euler", num_steps=28, solver="rf-inversion", gamma=0.5,
-                         eta=0.9, eta_window=(0.0, 0.25)),
+    "rf-inversion": Plan(name="rf-inversion", sampler="flow_euler", num_steps=28, solver="rf-inversion", rf_gamma=0.5,
+                         rf_eta=0.9, rf_eta_window=(0.0, 0.25)),
 }
 
 

@@ -215,7 +215,7 @@ def test_rf_inversion_controller():
     euler = renoise.invert(den, x0, FLUX, "flow_euler", n, plan("euler", n))
     dist = []
     for gamma in (0.0, 0.25, 0.5, 1.0):
-        r = renoise.invert(den, x0, FLUX, "flow_euler", n, plan("rf-inversion", n, gamma=gamma),
+        r = renoise.invert(den, x0, FLUX, "flow_euler", n, plan("rf-inversion", n, rf_gamma=gamma),
                            generator=torch.Generator().manual_seed(5))
         assert r.model_calls == n
         if gamma == 0:
@@ -239,12 +239,12 @@ def test_rf_inversion_sampling_eta():
     x0 = mix.sample(2, g)
     den = mix.flow_denoiser(FLUX)
     n = 8
-    r = renoise.invert(den, x0, FLUX, "flow_euler", n, plan("rf-inversion", n, gamma=0.5),
+    r = renoise.invert(den, x0, FLUX, "flow_euler", n, plan("rf-inversion", n, rf_gamma=0.5),
                        generator=torch.Generator().manual_seed(0))
     plain = renoise.sample(den, r)
     r.plan = plan("euler", n)
     assert torch.equal(renoise.sample(den, r), plain)
-    r.plan = plan("rf-inversion", n, eta=1.0, eta_window=(0.0, 1.0))
+    r.plan = plan("rf-inversion", n, rf_eta=1.0, rf_eta_window=(0.0, 1.0))
     anywhere = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     assert (renoise.sample(den, r, z_T=anywhere) - x0).abs().max() < 1e-12
     r.plan = Plan.preset("rf-inversion").replace(num_steps=n)
@@ -272,9 +272,9 @@ def test_anchor_plans_refuse_fixed_point_settings():
     with pytest.raises(ValueError, match="solver must be one of"):
         plan("rk45", 8)
     with pytest.raises(ValueError, match="gamma"):
-        plan("rf-inversion", 8, gamma=1.5)
+        plan("rf-inversion", 8, rf_gamma=1.5)
     with pytest.raises(ValueError, match="eta_window"):
-        plan("rf-inversion", 8, eta_window=(0.5, 0.2))
+        plan("rf-inversion", 8, rf_eta_window=(0.5, 0.2))
     mix, g = mixture(12)
     x0 = mix.sample(1, g)
     with pytest.raises(ValueError, match="eager"):
@@ -291,7 +291,7 @@ def test_anchor_result_saves_and_samples_the_same(tmp_path):
                          generator=torch.Generator().manual_seed(0))
     res.save(tmp_path / "a.safetensors")
     back = InversionResult.load(tmp_path / "a.safetensors")
-    assert back.plan == res.plan and back.plan.eta_window == (0.0, 0.25)
+    assert back.plan == res.plan and back.plan.rf_eta_window == (0.0, 0.25)
     assert torch.equal(renoise.sample(den, back), renoise.sample(den, res))
 
 
@@ -302,9 +302,9 @@ def test_eval_names_the_anchors():
     assert p.solver == "rf-solver" and p.num_steps == 12 and p.iters == 0
     [m] = parse_spec("fireflow")
     assert m.plan("flow", {"sampler": "flow_euler"}).solver == "fireflow"
-    [m] = parse_spec("rfi:solver=rf-inversion,gamma=0.7,eta=0.9,eta_window=[0,0.3]")
+    [m] = parse_spec("rfi:solver=rf-inversion,rf_gamma=0.7,rf_eta=0.9,rf_eta_window=[0,0.3]")
     p = m.plan("flow", {"sampler": "flow_euler"})
-    assert (p.gamma, p.eta, p.eta_window) == (0.7, 0.9, (0, 0.3))
+    assert (p.rf_gamma, p.rf_eta, p.rf_eta_window) == (0.7, 0.9, (0, 0.3))
 
 
 def test_anchors_reconstruct_on_the_analytic_flow():
@@ -349,3 +349,15 @@ def test_readme_anchor_snippet_runs():
     inv, x0 = env["inv"], env["x0"]
     assert inv.plan.solver == "fireflow" and inv.model_calls == 9 and env["velocity"].calls == 18
     assert float((env["x0_again"] - x0).norm() / x0.norm()) < 0.05
+
+
+def test_cli_plan_flags_name_the_anchors():
+    """The command line's plan flags carry the solver and RF-Inversion's controllers (--eta stays DDIM's)."""
+    from renoise.__main__ import _plan_overrides, build_parser
+    base = ["edit", "--image", "x.png", "--prompt", "a", "--edit-prompt", "b", "--out", "o"]
+    args = build_parser().parse_args([*base, "--preset", "rf-inversion", "--solver", "rf-inversion", "--rf-gamma",
+                                      "0.7", "--rf-eta", "0.9", "--rf-eta-window", "0,0.3"])
+    over = _plan_overrides(args)
+    assert over == {"solver": "rf-inversion", "rf_gamma": 0.7, "rf_eta": 0.9, "rf_eta_window": (0, 0.3)}
+    p = renoise.presets.resolve(args.preset, **over)
+    assert (p.solver, p.rf_gamma, p.rf_eta_window, p.num_steps) == ("rf-inversion", 0.7, (0, 0.3), 28)
