@@ -244,6 +244,8 @@ def test_rf_inversion_sampling_eta():
     plain = renoise.sample(den, r)
     r.plan = plan("euler", n)
     assert torch.equal(renoise.sample(den, r), plain)
+    r.plan = Plan(sampler="flow_euler", num_steps=n)            # the flow_euler sampler's own loop: the same
+    assert (renoise.sample(den, r) - plain).abs().max() < 1e-13
     r.plan = plan("rf-inversion", n, rf_eta=1.0, rf_eta_window=(0.0, 1.0))
     anywhere = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     assert (renoise.sample(den, r, z_T=anywhere) - x0).abs().max() < 1e-12
