@@ -85,8 +85,9 @@ OURS = {"plain": {}, "anderson": dict(anderson=3), "warm+anderson": dict(anderso
 
 
 def ours_candidates(budget):
-    """Every fixed-point configuration whose worst case ((K + 2)·n calls) fits `budget`."""
-    out = []
+    """Every fixed-point configuration whose worst case ((K + 2)·n calls) fits `budget` (and K = 0 with the
+    warm start at n = budget // 2)."""
+    out = [(f"warm K=0 n={budget // 2}", fp_plan(budget // 2, 0, warm_start="previous"))]
     for n in (2, 4, 6, 8, 16, 32):
         k = min(budget // n - 2, 19)
         if k < 1:
@@ -121,6 +122,10 @@ def run(std, samples, budgets):
             n = b // (k + 2)
             if n >= 1:
                 rows.append({"budget": b, "method": f"renoise K={k}", **(evaluate(*ev, fp_plan(n, k)) or {"diverged": True})})
+        # K = 0 from the previous step's velocity (warm start, one call a step): the predictor-corrector
+        # inversion of UniEdit-Flow's Uni-Inv as third-party summaries describe it (not checked against its paper)
+        rows.append({"budget": b, "method": "renoise K=0 warm (≈ Uni-Inv)",
+                     **(evaluate(*ev, fp_plan(b // 2, 0, warm_start="previous")) or {"diverged": True})})
         pick = select_ours(tune, b)
         if pick is not None:
             rows.append({"budget": b, "method": f"ours: {pick[0]}", **(evaluate(*ev, pick[1]) or {"diverged": True}),
