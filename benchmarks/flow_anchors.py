@@ -5,8 +5,8 @@ exact flow-matching velocity is known (renoise.toy.GaussianMixture.velocity); th
 at 512² (dynamic shift, μ = 0.63). Each method inverts 32 data points and samples them back with its own
 sampler (ReNoise: the flow Euler chain; RF-Solver, FireFlow: their own steps; RF-Inversion: Algorithm 2).
 Calls = inversion + sampling model calls (the most any sample used). Per sample: the reconstruction error
-e = ‖x̂0 - x0‖ / ‖x0‖ (dB = -20·log10 e), and the noise error ‖z_T - z1‖ / ‖z1‖ against the exact ODE's
-noise end z1 (RK4, 1000 steps): how far the inverted noise is from the flow's own.
+e = ‖x̂0 - x0‖ / ‖x0‖ (dB = -20·log10 e), and the noise error ‖z_T - z1‖ / ‖z1‖ against the exact
+ODE's noise end z1 (RK4, 1000 steps): how far the inverted noise is from the flow's own.
 
 Budgets B (total calls): each anchor at the step count that fits (Euler 2n, RF-Solver 4n, FireFlow
 2n + 2, RF-Inversion 2n), ReNoise K = 0..9 at n = B // (K + 2) steps (K = 0: v at the known point but the
@@ -121,7 +121,8 @@ def run(std, samples, budgets):
         for k in range(0, 10):
             n = b // (k + 2)
             if n >= 1:
-                rows.append({"budget": b, "method": f"renoise K={k}", **(evaluate(*ev, fp_plan(n, k)) or {"diverged": True})})
+                rows.append({"budget": b, "method": f"renoise K={k}",
+                             **(evaluate(*ev, fp_plan(n, k)) or {"diverged": True})})
         # K = 0 from the previous step's velocity (warm start, one call a step): the predictor-corrector
         # inversion of UniEdit-Flow's Uni-Inv as third-party summaries describe it (not checked against its paper)
         rows.append({"budget": b, "method": "renoise K=0 warm (≈ Uni-Inv)",
