@@ -561,6 +561,10 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
     if jacobian_iters and torch.is_inference_mode_enabled():
         raise ValueError("jacobian_iters needs autograd, which torch.inference_mode turns off; use torch.no_grad")
 
+    if plan.solver != "fixed-point":                 # a flow-inversion anchor (renoise.flow_anchors)
+        return _invert_anchor(denoiser, z0, schedule, smod, num_steps, plan, generator, start, chain, opts, callback,
+                              grad, jacobian_iters, region)
+
     z, trajectory, residuals, calls = z0, [z0], [], 0
     contraction, jacobian_norm = [], [] if jacobian_iters else None
     e_last, warm = None, plan.warm_start != "none"
@@ -606,6 +610,22 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
                            schedule, int(num_steps), start, {}, contraction, jacobian_norm)
 
 
+def _invert_anchor(denoiser, z0, schedule, smod, num_steps, plan, generator, start, chain, opts, callback, grad,
+                   jacobian_iters, region):
+    """The plan's flow-inversion anchor (plan.solver) over the same chain, as an InversionResult."""
+    from . import flow_anchors
+    if region is not None or grad not in ("none", "unrolled") or jacobian_iters:
+        raise ValueError(f"solver {plan.solver!r} (a flow-inversion anchor) runs eager, with grad='none' or "
+                         "'unrolled' and jacobian_iters=0")
+    z, trajectory, residuals, calls = flow_anchors.invert_chain(denoiser, z0, schedule, chain, plan, generator,
+                                                                callback)
+    _finite_or_raise(z, None, chain[0][0], len(chain) - 1, f"the {plan.solver} step")
+    timesteps = torch.tensor([t for t, _ in chain])
+    return InversionResult(z, [None] * len(chain), trajectory, residuals, calls, timesteps, plan, smod.NAME, opts,
+                           schedule, int(num_steps), start, {}, [fixed_point.contraction(r) for r in residuals],
+                           None)
+
+
 def sample(denoiser, result: InversionResult, *, z_T=None, callback=None, grad="none", compile=None) -> torch.Tensor:
     """Denoise from result.z_T (or `z_T`) along the inverted chain with the stored noises.
 
@@ -637,6 +657,14 @@ def _sample(denoiser, result, z_T, callback, region=None):
     x = result.z_T if z_T is None else z_T
     if x.shape != result.z_T.shape:
         raise ValueError(f"z_T must have the inverted latent's shape {tuple(result.z_T.shape)}, got {tuple(x.shape)}")
+    if result.plan.solver != "fixed-point":          # the anchor's own sampler (renoise.flow_anchors)
+        from . import flow_anchors
+        if region is not None:
+            raise ValueError(f"solver {result.plan.solver!r} (a flow-inversion anchor) samples eager: use compile=None")
+        x = flow_anchors.sample_chain(denoiser, x, result.schedule, result.chain, result.plan,
+                                      y0=result.trajectory[0], callback=callback)
+        _check_sampled([torch.isfinite(x.detach()).all()], [result.chain[-1]])
+        return x
     finite = []
     for i, (t, tn) in enumerate(result.chain):
         if region is None:

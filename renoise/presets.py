@@ -33,6 +33,7 @@ NOISE_CORRECTIONS = ("none", "override", "optimize")
 REFERENCE_NOISES = ("noised", "clean")
 WARM_STARTS = ("none", "previous", "previous-noise")
 RELAX_STARTS = ("plain", "relaxed")
+SOLVERS = ("fixed-point", "euler", "rf-solver", "fireflow", "rf-inversion")   # = renoise.flow_anchors.SOLVERS
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,16 @@ class Plan:
                                         output (no extra call; the first step starts from z_{t'});
                                         "previous-noise": the same with the step's fresh noise taken out
                                         of e_prev on stochastic steps (renoise.inversion._warm_output)
+    solver                              "fixed-point" (ReNoise, everything above); or a flow-inversion anchor
+                                        (flow_euler only, none of the fixed-point fields): "euler" (plain
+                                        Euler inversion, v at the known point's own σ), "rf-solver",
+                                        "fireflow", "rf-inversion" (renoise.flow_anchors); renoise.sample
+                                        then samples with the anchor's own steps
+    rf_gamma, rf_eta, rf_eta_window     RF-Inversion's controllers: γ pulls the inversion towards a fixed
+                                        noise (0.5, its paper's default); η pulls sampling towards the
+                                        inverted image on the steps [start·n, stop·n) of rf_eta_window
+                                        (0 = off, our default: with η > 0 the image itself steers the
+                                        reconstruction; its edit example uses η = 0.9 on (0, 0.25))
     """
 
     name: str = "custom"
@@ -98,9 +109,13 @@ class Plan:
     relax_start: str = "plain"
     tol: float | None = None
     warm_start: str = "none"
+    solver: str = "fixed-point"
+    rf_gamma: float = 0.5
+    rf_eta: float = 0.0
+    rf_eta_window: tuple = (0.0, 0.25)
 
     def __post_init__(self):
-        for f in ("window", "first_window", "weights", "first_weights"):
+        for f in ("window", "first_window", "weights", "first_weights", "rf_eta_window"):
             v = getattr(self, f)
             if v is not None:
                 object.__setattr__(self, f, tuple(v))
@@ -146,6 +161,33 @@ class Plan:
         if self.anderson and self.average:
             raise ValueError(f"plan {self.name!r}: Anderson mixing (anderson={self.anderson}) returns the last "
                              "iterate and cannot be combined with averaging; set average=False")
+        self._check_solver()
+
+    def _check_solver(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"plan {self.name!r}: solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        for f in ("rf_gamma", "rf_eta"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 1):
+                raise ValueError(f"plan {self.name!r}: {f} (RF-Inversion's controller) must be a number in [0, 1], "
+                                 f"got {v!r}")
+        w = self.rf_eta_window
+        if len(w) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w) or not (
+                0 <= w[0] <= w[1] <= 1):
+            raise ValueError(f"plan {self.name!r}: rf_eta_window must be fractions (start, stop) of the sampling steps "
+                             f"with 0 <= start <= stop <= 1, got {w!r}")
+        if self.solver == "fixed-point":
+            return
+        if self.sampler != "flow_euler":
+            raise ValueError(f"plan {self.name!r}: solver {self.solver!r} is a flow-inversion anchor and runs with the "
+                             f"flow_euler sampler (SD3 / FLUX.1), not {self.sampler!r}")
+        fp = {"iters": 0, "first_iters": None, "anderson": 0, "relax": 1.0, "tol": None, "warm_start": "none",
+              "noise_correction": "none"}
+        bad = [f for f, v in fp.items() if getattr(self, f) != v and not (f == "first_iters" and self.first_iters == 0)]
+        if bad or self.regularize:
+            raise ValueError(f"plan {self.name!r}: solver {self.solver!r} takes no fixed-point settings "
+                             f"({', '.join(bad or ['the regularizer'])}); leave them at their defaults or use "
+                             "solver='fixed-point'")
 
     # ------------------------------------------------------------------ use
     @property
@@ -317,6 +359,14 @@ PRESETS = {
                              iters=9, window=(7, 10), first_iters=3, first_window=(0, 4), first_until=300),
     "sd3-medium": Plan(name="sd3-medium", sampler="flow_euler", num_steps=28, guidance_scale=1.0, iters=1,
                        window=(1, 2), first_iters=1, first_window=(0, 2)),
+    # the flow-inversion anchors (issue 23, renoise.flow_anchors) at their repositories' step counts: plain Euler
+    # inversion and RF-Inversion (γ = 0.5, η = 0.9 on the first 25 % of the sampling steps) at 28 steps, RF-Solver
+    # at 25 (its edit.py default), FireFlow at 8 (its README: "8-step inversion and 8-step editing")
+    "euler-inversion": Plan(name="euler-inversion", sampler="flow_euler", num_steps=28, solver="euler"),
+    "rf-solver": Plan(name="rf-solver", sampler="flow_euler", num_steps=25, solver="rf-solver"),
+    "fireflow": Plan(name="fireflow", sampler="flow_euler", num_steps=8, solver="fireflow"),
+    "rf-inversion": Plan(name="rf-inversion", sampler="flow_euler", num_steps=28, solver="rf-inversion", rf_gamma=0.5,
+                         rf_eta=0.9, rf_eta_window=(0.0, 0.25)),
 }
 
 
