@@ -24,7 +24,7 @@ def add_parser(sub):
     text = "invert a data set with a grid of methods; per-image rows, a summary and plots (torchrun: sharded)"
     p = sub.add_parser("eval", help=text, description=text,
                        epilog="methods: NAME:field=value,... (a Plan override), a preset name, 'preset', "
-                              "a grid (paper-grid, ablation, convergence, per-call, peers), a peer (edict, bdia, "
+                              "a grid (paper-grid, ablation, convergence, per-call, peers, flow-anchors), a peer (edict, bdia, "
                               "null-text, negative-prompt, aidi, fixed-point-cfg, gnri, ddim-inversion, "
                               "ddim-inversion-cfg; NAME:peer=PEER,field=value,...), or @FILE; see docs/eval.md")
     data = p.add_argument_group("data (one of --images, --demo or --set)")
@@ -49,7 +49,8 @@ def add_parser(sub):
                       help="methods to compare (default: paper-grid)")
     meth.add_argument("--preset", help="the run's preset: 'preset' methods and the sampler, steps and guidance "
                                        "of all methods (default: from the model, e.g. sd15)")
-    meth.add_argument("--sampler", choices=("ddim", "euler_ancestral", "lcm"), help="the preset's unless given")
+    meth.add_argument("--sampler", choices=("ddim", "euler_ancestral", "lcm", "flow_euler"),
+                      help="the preset's unless given (flow models: flow_euler only)")
     meth.add_argument("--steps", type=int, metavar="N", help="inversion steps (the preset's unless given)")
     meth.add_argument("--guidance", type=float, metavar="G", help="inversion guidance (the preset's unless given)")
     meth.add_argument("--noise-correction", choices=("none", "override", "optimize"),
@@ -83,7 +84,7 @@ def add_parser(sub):
     run_ = p.add_argument_group("run")
     run_.add_argument("--model", default="demo",
                       help="'demo' (the built-in demo model, the default), a diffusers folder, a hub id or a "
-                           "single-file checkpoint")
+                           "single-file checkpoint; SD3 / SD 3.5 / FLUX.1 (flow models) too: see --methods flow-anchors")
     run_.add_argument("--device", default="auto",
                       help="auto (CUDA, MPS, CPU; under torchrun: LOCAL_RANK's GPU), cpu, cuda (default: auto)")
     run_.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -333,6 +334,8 @@ def run(args) -> dict | None:
         raise ValueError(f"the peers ({', '.join(peers)}) edit with their own protocols; editing modes "
                          "(--edit-mode, --self-inject, --local-blend, --mask-edits) apply to ReNoise methods only: "
                          "run the peers in a separate eval without them")
+    from .flows import check_methods, probe
+    check_methods(args, method_list, probe(args.model))     # flows: refuse what cannot run, before --out is touched
     out = Path(args.out)
     store.check_folder(out, own=("data",) if getattr(args, "set", None) is not None else ())
     items, source = _items(args)
