@@ -59,7 +59,7 @@ def plot_all(out, summary: dict, rows: dict, methods: list[str], grid_ids: list[
     return written, None
 
 
-def _psnr_vs_calls(plt, summary, key="calls_invert", label="UNet calls per image (inversion)"):
+def _psnr_vs_calls(plt, summary, key="calls_invert", label="model calls per image (inversion)"):
     points = [(n, m["metrics"][key], m["metrics"]["psnr"]) for n, m in summary["methods"].items()
               if "psnr" in m["metrics"] and key in m["metrics"]]
     if not points:
