@@ -146,3 +146,25 @@ def test_probe_reads_folders_and_single_file_headers(folders, tmp_path):
     other = tmp_path / "unet.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": one()}, str(other))
     assert flows.probe(str(other)) == flows.UNET
+
+
+def test_single_file_with_config_runs_and_config_is_checked(tmp_path, capsys):
+    """An SD3 all-in-one single file (Stability's layout, no T5) with --config the folder it came from;
+    --config on a folder is refused before --out is touched."""
+    from test_flow_single_file import save_sd3_for_single_files, write_single_file
+    folder = tmp_path / "sd3"
+    path = write_single_file(tmp_path / "sd3_turbo_incl_clips.safetensors", save_sd3_for_single_files(folder), t5=False)
+    images = tmp_path / "images"
+    images.mkdir()
+    picture(images / "p.png", 32, 32)
+    out = tmp_path / "o"
+    assert evaluate("--model", path, "--config", folder, "--images", images, "--prompt", "a photo", "--steps", 2,
+                    "--methods", "fireflow", "K1", "--out", out) == 0
+    rows = rows_of(out)
+    assert {r["method"]: (r["status"], r["calls_invert"]) for r in rows.values()} == {"fireflow": ("ok", 3),
+                                                                                      "K1": ("ok", 4)}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preset"] == "sd35-large-turbo"           # the file's name says turbo (presets.for_model)
+    never = tmp_path / "never"
+    assert evaluate("--model", folder, "--config", folder, "--images", images, "--prompt", "a", "--out", never) == 2
+    assert "--config applies to single-file checkpoints" in capsys.readouterr().err and not never.exists()

@@ -85,6 +85,9 @@ def add_parser(sub):
     run_.add_argument("--model", default="demo",
                       help="'demo' (the built-in demo model, the default), a diffusers folder, a hub id or a "
                            "single-file checkpoint; SD3 / SD 3.5 / FLUX.1 (flow models) too: see --methods flow-anchors")
+    run_.add_argument("--config", metavar="FOLDER",
+                      help="single-file checkpoints: a diffusers folder or hub id with the configs and tokenizers "
+                           "(default: the released model of the file's kind; offline: give the folder)")
     run_.add_argument("--device", default="auto",
                       help="auto (CUDA, MPS, CPU; under torchrun: LOCAL_RANK's GPU), cpu, cuda (default: auto)")
     run_.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -334,6 +337,9 @@ def run(args) -> dict | None:
         raise ValueError(f"the peers ({', '.join(peers)}) edit with their own protocols; editing modes "
                          "(--edit-mode, --self-inject, --local-blend, --mask-edits) apply to ReNoise methods only: "
                          "run the peers in a separate eval without them")
+    if args.config is not None and not Path(args.model).is_file():
+        raise ValueError(f"--config applies to single-file checkpoints; {args.model} is not a file (a diffusers "
+                         "folder or hub id carries its own configs): drop --config")
     from .flows import check_methods, probe
     check_methods(args, method_list, probe(args.model))     # flows: refuse what cannot run, before --out is touched
     out = Path(args.out)
@@ -355,13 +361,16 @@ def _run(args, ctx, method_list, items, source, out, started):
     from .. import devices
     from ..models import load_pipeline
     from . import plots
-    dtype = devices.resolve_dtype(args.dtype, ctx.device, devices.model_dtype(args.model))
-    pipe = load_pipeline(args.model, dtype=dtype, device=ctx.device, variant=args.variant)
+    dtype = devices.resolve_dtype(args.dtype, ctx.device, devices.model_dtype(args.config or args.model))
+    single = {"config": args.config, "tokenizer": args.config} if args.config is not None else {}
+    pipe = load_pipeline(args.model, dtype=dtype, device=ctx.device, variant=args.variant, **single)
     preset, plans = _plans(args, pipe, method_list)
     settings = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "data": source,
                 "preset": preset, "seed": args.seed, "posterior": args.posterior,
                 "edit_guidance": args.edit_guidance, "size": args.size, "fit": args.fit,
                 "methods": {n: p.to_dict() for n, p in plans.items()}}
+    if args.config is not None:                                # only then: older runs resume as they were
+        settings["config"] = args.config
     if args.edit_control is not None or args.mask_edits:       # only then: older runs resume as they were
         settings["edit_control"] = _control_settings(args)
     peer_specs = {m.name: m.peer for m in method_list if m.peer is not None}
