@@ -168,3 +168,24 @@ def test_single_file_with_config_runs_and_config_is_checked(tmp_path, capsys):
     never = tmp_path / "never"
     assert evaluate("--model", folder, "--config", folder, "--images", images, "--prompt", "a", "--out", never) == 2
     assert "--config applies to single-file checkpoints" in capsys.readouterr().err and not never.exists()
+
+
+def test_two_processes_share_a_flow_run_with_the_numbers_of_one(folders, tmp_path):
+    """Sharding is the same on flows: torchrun with 2 CPU processes (gloo) gives each pair once, from both
+    ranks, with the numbers of a 1-process run."""
+    import os
+    import subprocess
+    import sys
+    args = ["--model", folders["schnell"], "--demo", 2, "--steps", 2, "--methods", "fireflow", "K1"]
+    assert evaluate(*args, "--out", tmp_path / "one") == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("EVAL_KILL_RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("eval_worker.py")), "eval", *map(str, args), "--out", str(tmp_path / "two"),
+           "--device", "cpu", "--threads", "1", "--quiet", "--no-plots"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
+    keys = ("latent_psnr", "psnr", "calls_invert", "calls_reconstruct", "edit_background_psnr", "edit_success")
+    assert {k: [r[n] for n in keys] for k, r in two.items()} == {k: [r[n] for n in keys] for k, r in one.items()}
+    assert len(two) == 4 and {r["rank"] for r in two.values()} == {0, 1} and {r["world"] for r in two.values()} == {2}

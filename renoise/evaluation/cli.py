@@ -364,6 +364,10 @@ def _run(args, ctx, method_list, items, source, out, started):
     dtype = devices.resolve_dtype(args.dtype, ctx.device, devices.model_dtype(args.config or args.model))
     single = {"config": args.config, "tokenizer": args.config} if args.config is not None else {}
     pipe = load_pipeline(args.model, dtype=dtype, device=ctx.device, variant=args.variant, **single)
+    from ..flow import is_flow_pipeline
+    if is_flow_pipeline(pipe):               # a model probe() could not tell apart (a hub id): the same checks
+        from .flows import FlowFamily, check_methods
+        check_methods(args, method_list, FlowFamily(pipe.kind, pipe.guidance_embeds))
     preset, plans = _plans(args, pipe, method_list)
     settings = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "data": source,
                 "preset": preset, "seed": args.seed, "posterior": args.posterior,

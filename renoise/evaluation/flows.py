@@ -120,3 +120,5 @@ def check_methods(args, method_list, family) -> None:
         _plans(args, family, method_list)      # a method's plan that a flow refuses (regularizer, ...) raises here
     except ValueError as e:
         raise ValueError(f"{what}: {e}") from None
+    except AttributeError:       # a preset rule that reads more of the pipeline: checked again once it is loaded
+        pass
