@@ -189,3 +189,11 @@ def test_two_processes_share_a_flow_run_with_the_numbers_of_one(folders, tmp_pat
     keys = ("latent_psnr", "psnr", "calls_invert", "calls_reconstruct", "edit_background_psnr", "edit_success")
     assert {k: [r[n] for n in keys] for k, r in two.items()} == {k: [r[n] for n in keys] for k, r in one.items()}
     assert len(two) == 4 and {r["rank"] for r in two.values()} == {0, 1} and {r["world"] for r in two.values()} == {2}
+
+
+def test_a_flow_the_probe_cannot_tell_is_checked_after_loading(folders, tmp_path, capsys, monkeypatch):
+    """A hub id is told apart only once loaded: the same refusal then comes from the run."""
+    monkeypatch.setattr(flows, "probe", lambda model: None)
+    assert evaluate("--model", folders["schnell"], "--demo", 1, "--methods", "edict", "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "is a flow-matching model (flux); the peers (edict)" in err and not (tmp_path / "o" / "rows.jsonl").exists()
