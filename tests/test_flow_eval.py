@@ -93,12 +93,15 @@ def test_sd3_folder_anchors_at_equal_calls(folders, tmp_path):
     images.mkdir()
     for i in range(2):
         picture(images / f"p{i}.png", 32, 32, seed=i)
+    picture(images / "odd.png", 40, 32)                  # a multiple of 8, not of 16: a bad input on a flow
     out = tmp_path / "o"
     specs = ["rfs:preset=rf-solver,num_steps=2", "euler4:preset=euler-inversion,num_steps=4",
              "ff3:preset=fireflow,num_steps=3", "K1"]
     assert evaluate("--model", folders["sd3"], "--images", images, "--prompt", "a photo", "--edit-prompt", "a cat",
                     "--steps", 2, "--methods", *specs, "--out", out) == 0
     rows = rows_of(out)
+    odd = {k: rows.pop(k) for k in list(rows) if k[0] == "odd"}
+    assert len(odd) == 4 and all(r["status"] == "bad_input" and "multiple of 16" in r["error"] for r in odd.values())
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows.values())
     assert {r["method"]: r["calls_invert"] for r in rows.values()} == {"rfs": 4, "euler4": 4, "ff3": 4, "K1": 4}
     assert all("edit_background_psnr" not in r and r["calls_edit"] > 0 for r in rows.values())   # no masks here

@@ -42,7 +42,8 @@ def add_parser(sub):
                       help="images of --set (default: 16; photos: at most the photographs scikit-image ships)")
     data.add_argument("--size", metavar="HxW", help="scale to cover HxW and centre-crop first")
     data.add_argument("--fit", choices=("none", "crop", "resize"), default="none",
-                      help="sides not multiples of 8: skip the image (none, the default), crop or resize")
+                      help="sides not multiples of 8 (flow models: 16): skip the image (none, the default), crop or "
+                           "resize")
 
     meth = p.add_argument_group("methods")
     meth.add_argument("--methods", nargs="+", default=["paper-grid"], metavar="SPEC",
@@ -181,7 +182,7 @@ def _one_pair(args, editor, item, out, ctx, lpips, keep_images):
     from . import data, measure
     base = {"image": item.id, "method": editor.plan.name, "prompt": item.prompt}
     try:
-        x, mask = data.load(item, size=args.size_hw, fit=args.fit)
+        x, mask = data.load(item, size=args.size_hw, fit=args.fit, multiple=getattr(args, "multiple", 8))
     except (ValueError, OSError) as e:
         return {**base, "status": "bad_input", "error": " ".join(str(e).split())}
     try:
@@ -365,9 +366,11 @@ def _run(args, ctx, method_list, items, source, out, started):
     single = {"config": args.config, "tokenizer": args.config} if args.config is not None else {}
     pipe = load_pipeline(args.model, dtype=dtype, device=ctx.device, variant=args.variant, **single)
     from ..flow import is_flow_pipeline
+    args.multiple = 8
     if is_flow_pipeline(pipe):               # a model probe() could not tell apart (a hub id): the same checks
         from .flows import FlowFamily, check_methods
         check_methods(args, method_list, FlowFamily(pipe.kind, pipe.guidance_embeds))
+        args.multiple = 16                   # flow transformers patch the latent 2×2: image sides multiples of 16
     preset, plans = _plans(args, pipe, method_list)
     settings = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "data": source,
                 "preset": preset, "seed": args.seed, "posterior": args.posterior,
