@@ -24,8 +24,8 @@ def add_parser(sub):
     text = "invert a data set with a grid of methods; per-image rows, a summary and plots (torchrun: sharded)"
     p = sub.add_parser("eval", help=text, description=text,
                        epilog="methods: NAME:field=value,... (a Plan override), a preset name, 'preset', "
-                              "a grid (paper-grid, ablation, convergence, per-call, peers, flow-anchors), a peer (edict, bdia, "
-                              "null-text, negative-prompt, aidi, fixed-point-cfg, gnri, ddim-inversion, "
+                              "a grid (paper-grid, ablation, convergence, per-call, peers, flow-anchors), a peer "
+                              "(edict, bdia, null-text, negative-prompt, aidi, fixed-point-cfg, gnri, ddim-inversion, "
                               "ddim-inversion-cfg; NAME:peer=PEER,field=value,...), or @FILE; see docs/eval.md")
     data = p.add_argument_group("data (one of --images, --demo or --set)")
     data.add_argument("--images", metavar="DIR", help="folder of images with captions.jsonl or captions.csv")
@@ -85,7 +85,8 @@ def add_parser(sub):
     run_ = p.add_argument_group("run")
     run_.add_argument("--model", default="demo",
                       help="'demo' (the built-in demo model, the default), a diffusers folder, a hub id or a "
-                           "single-file checkpoint; SD3 / SD 3.5 / FLUX.1 (flow models) too: see --methods flow-anchors")
+                           "single-file checkpoint; SD3 / SD 3.5 / FLUX.1 (flow models) too: see --methods "
+                           "flow-anchors")
     run_.add_argument("--config", metavar="FOLDER",
                       help="single-file checkpoints: a diffusers folder or hub id with the configs and tokenizers "
                            "(default: the released model of the file's kind; offline: give the folder)")

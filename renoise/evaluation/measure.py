@@ -3,12 +3,12 @@
     row = measure(editor, item, x, mask, seed=..., edit_guidance=1.0, lpips=scorer, posterior="mean")
 
 The row holds image PSNR/SSIM (and LPIPS when its weights are local) of the reconstruction,
-latent PSNR/SSIM/RMSE, model calls (a UNet's or a flow transformer's) and seconds of each part, the inversion's cost (UNet
-evaluations at the image batch, backward passes, call-equivalents), the peak memory, and the fixed-point
-residuals of every inversion step (final and per iteration; the contraction estimate where the
-inversion reports one). With an edit prompt: the edit's calls and seconds, and where a mask is
-known the background PSNR (outside the mask grown by 3 px) and, for demo scenes, whether the shape
-took the target colour. Image PSNR is in [0, 1] units (data range 1), as the paper reports it.
+latent PSNR/SSIM/RMSE, model calls (a UNet's or a flow transformer's) and seconds of each part, the
+inversion's cost (model evaluations at the image batch, backward passes, call-equivalents), the peak
+memory, and the fixed-point residuals of every inversion step (final and per iteration; the
+contraction estimate where the inversion reports one). With an edit prompt: the edit's calls and
+seconds, and where a mask is known the background PSNR (outside the mask grown by 3 px) and, for
+demo scenes, whether the shape took the target colour. Image PSNR is in [0, 1] units (data range 1), as the paper reports it.
 """
 from __future__ import annotations
 
