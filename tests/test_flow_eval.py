@@ -128,6 +128,10 @@ def test_anchors_on_a_unet_model_are_refused_before_out_is_touched(tmp_path, cap
     assert evaluate("--model", "demo", "--demo", 1, "--methods", "K1", "fireflow", "--out", out) == 2
     err = capsys.readouterr().err
     assert "UNet model" in err and "fireflow" in err and not out.exists()
+    for extra in (["--sampler", "flow_euler"], ["--preset", "flux-schnell"]):
+        assert evaluate("--model", "demo", "--demo", 1, "--methods", "K1", *extra, "--out", out) == 2
+        err = capsys.readouterr().err
+        assert "UNet model" in err and extra[1] in err and not out.exists()
 
 
 def test_probe_reads_folders_and_single_file_headers(folders, tmp_path):

@@ -97,6 +97,12 @@ def check_methods(args, method_list, family) -> None:
     if family is None:
         return
     if family == UNET:
+        from ..presets import FLOW_SAMPLERS, PRESETS
+        flow_preset = args.preset in PRESETS and PRESETS[args.preset].sampler in FLOW_SAMPLERS
+        if args.sampler in FLOW_SAMPLERS or flow_preset:
+            given = f"--sampler {args.sampler}" if args.sampler in FLOW_SAMPLERS else f"--preset {args.preset}"
+            raise ValueError(f"{args.model} is a UNet model; {given} is for flow-matching models (SD3 / SD 3.5 / "
+                             "FLUX.1): pick a UNet preset or sampler (ddim, euler_ancestral, lcm)")
         anchors = [m.name for m in method_list if solver_of(m, args.preset or "sd15") != "fixed-point"]
         if anchors:
             raise ValueError(f"{args.model} is a UNet model; the flow-inversion anchors ({', '.join(anchors)}) run on "
