@@ -221,7 +221,8 @@ def test_demo_run_writes_rows_summary_plots_and_resumes(model, tmp_path):
     assert sorted(p.name for p in (out / "images" / "plain").iterdir()) == [
         "demo-00000_edit.png", "demo-00000_reconstruction.png", "demo-00001_edit.png", "demo-00001_reconstruction.png"]
     assert sorted(p.name for p in (out / "plots").iterdir()) == [
-        "contraction.png", "grid.png", "psnr_vs_calls.png", "psnr_vs_cost.png", "psnr_vs_seconds.png", "residuals.png"]
+        "contraction.png", "grid.png", "latent_psnr_vs_calls.png", "psnr_vs_calls.png", "psnr_vs_cost.png",
+        "psnr_vs_seconds.png", "residuals.png"]
     assert r["evals_invert"] == 9 and r["backward_invert"] == 0 and r["cost_invert"] == 9.0
     s = json.loads((out / "summary.json").read_text())
     psnr = [rows[(f"demo-0000{i}", "plain")]["psnr"] for i in range(3)]

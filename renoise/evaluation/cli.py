@@ -24,8 +24,8 @@ def add_parser(sub):
     text = "invert a data set with a grid of methods; per-image rows, a summary and plots (torchrun: sharded)"
     p = sub.add_parser("eval", help=text, description=text,
                        epilog="methods: NAME:field=value,... (a Plan override), a preset name, 'preset', "
-                              "a grid (paper-grid, ablation, convergence, per-call, peers), a peer (edict, bdia, "
-                              "null-text, negative-prompt, aidi, fixed-point-cfg, gnri, ddim-inversion, "
+                              "a grid (paper-grid, ablation, convergence, per-call, peers, flow-anchors), a peer "
+                              "(edict, bdia, null-text, negative-prompt, aidi, fixed-point-cfg, gnri, ddim-inversion, "
                               "ddim-inversion-cfg; NAME:peer=PEER,field=value,...), or @FILE; see docs/eval.md")
     data = p.add_argument_group("data (one of --images, --demo or --set)")
     data.add_argument("--images", metavar="DIR", help="folder of images with captions.jsonl or captions.csv")
@@ -42,14 +42,16 @@ def add_parser(sub):
                       help="images of --set (default: 16; photos: at most the photographs scikit-image ships)")
     data.add_argument("--size", metavar="HxW", help="scale to cover HxW and centre-crop first")
     data.add_argument("--fit", choices=("none", "crop", "resize"), default="none",
-                      help="sides not multiples of 8: skip the image (none, the default), crop or resize")
+                      help="sides not multiples of 8 (flow models: 16): skip the image (none, the default), crop or "
+                           "resize")
 
     meth = p.add_argument_group("methods")
     meth.add_argument("--methods", nargs="+", default=["paper-grid"], metavar="SPEC",
                       help="methods to compare (default: paper-grid)")
     meth.add_argument("--preset", help="the run's preset: 'preset' methods and the sampler, steps and guidance "
                                        "of all methods (default: from the model, e.g. sd15)")
-    meth.add_argument("--sampler", choices=("ddim", "euler_ancestral", "lcm"), help="the preset's unless given")
+    meth.add_argument("--sampler", choices=("ddim", "euler_ancestral", "lcm", "flow_euler"),
+                      help="the preset's unless given (flow models: flow_euler only)")
     meth.add_argument("--steps", type=int, metavar="N", help="inversion steps (the preset's unless given)")
     meth.add_argument("--guidance", type=float, metavar="G", help="inversion guidance (the preset's unless given)")
     meth.add_argument("--noise-correction", choices=("none", "override", "optimize"),
@@ -83,7 +85,11 @@ def add_parser(sub):
     run_ = p.add_argument_group("run")
     run_.add_argument("--model", default="demo",
                       help="'demo' (the built-in demo model, the default), a diffusers folder, a hub id or a "
-                           "single-file checkpoint")
+                           "single-file checkpoint; SD3 / SD 3.5 / FLUX.1 (flow models) too: see --methods "
+                           "flow-anchors")
+    run_.add_argument("--config", metavar="FOLDER",
+                      help="single-file checkpoints: a diffusers folder or hub id with the configs and tokenizers "
+                           "(default: the released model of the file's kind; offline: give the folder)")
     run_.add_argument("--device", default="auto",
                       help="auto (CUDA, MPS, CPU; under torchrun: LOCAL_RANK's GPU), cpu, cuda (default: auto)")
     run_.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -177,7 +183,7 @@ def _one_pair(args, editor, item, out, ctx, lpips, keep_images):
     from . import data, measure
     base = {"image": item.id, "method": editor.plan.name, "prompt": item.prompt}
     try:
-        x, mask = data.load(item, size=args.size_hw, fit=args.fit)
+        x, mask = data.load(item, size=args.size_hw, fit=args.fit, multiple=getattr(args, "multiple", 8))
     except (ValueError, OSError) as e:
         return {**base, "status": "bad_input", "error": " ".join(str(e).split())}
     try:
@@ -333,6 +339,11 @@ def run(args) -> dict | None:
         raise ValueError(f"the peers ({', '.join(peers)}) edit with their own protocols; editing modes "
                          "(--edit-mode, --self-inject, --local-blend, --mask-edits) apply to ReNoise methods only: "
                          "run the peers in a separate eval without them")
+    if args.config is not None and not Path(args.model).is_file():
+        raise ValueError(f"--config applies to single-file checkpoints; {args.model} is not a file (a diffusers "
+                         "folder or hub id carries its own configs): drop --config")
+    from .flows import check_methods, probe
+    check_methods(args, method_list, probe(args.model))     # flows: refuse what cannot run, before --out is touched
     out = Path(args.out)
     store.check_folder(out, own=("data",) if getattr(args, "set", None) is not None else ())
     items, source = _items(args)
@@ -352,13 +363,22 @@ def _run(args, ctx, method_list, items, source, out, started):
     from .. import devices
     from ..models import load_pipeline
     from . import plots
-    dtype = devices.resolve_dtype(args.dtype, ctx.device, devices.model_dtype(args.model))
-    pipe = load_pipeline(args.model, dtype=dtype, device=ctx.device, variant=args.variant)
+    dtype = devices.resolve_dtype(args.dtype, ctx.device, devices.model_dtype(args.config or args.model))
+    single = {"config": args.config, "tokenizer": args.config} if args.config is not None else {}
+    pipe = load_pipeline(args.model, dtype=dtype, device=ctx.device, variant=args.variant, **single)
+    from ..flow import is_flow_pipeline
+    args.multiple = 8
+    if is_flow_pipeline(pipe):               # a model probe() could not tell apart (a hub id): the same checks
+        from .flows import FlowFamily, check_methods
+        check_methods(args, method_list, FlowFamily(pipe.kind, pipe.guidance_embeds))
+        args.multiple = 16                   # flow transformers patch the latent 2×2: image sides multiples of 16
     preset, plans = _plans(args, pipe, method_list)
     settings = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "data": source,
                 "preset": preset, "seed": args.seed, "posterior": args.posterior,
                 "edit_guidance": args.edit_guidance, "size": args.size, "fit": args.fit,
                 "methods": {n: p.to_dict() for n, p in plans.items()}}
+    if args.config is not None:                                # only then: older runs resume as they were
+        settings["config"] = args.config
     if args.edit_control is not None or args.mask_edits:       # only then: older runs resume as they were
         settings["edit_control"] = _control_settings(args)
     peer_specs = {m.name: m.peer for m in method_list if m.peer is not None}

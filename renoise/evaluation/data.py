@@ -196,8 +196,9 @@ def from_demo(n: int, *, first: int = 0, max_shapes: int = 1) -> list[Item]:
     return items
 
 
-def load(item: Item, *, size=None, fit="none") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The item's image [1, 3, H, W] in [-1, 1] and its edit mask [H, W] (float, 1 = may change) or None.
+def load(item: Item, *, size=None, fit="none", multiple=8) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The item's image [1, 3, H, W] in [-1, 1] and its edit mask [H, W] (float, 1 = may change) or None;
+    sides multiples of `multiple` (8; flow transformers: 16) as --fit says.
     Raises ValueError / FileNotFoundError for an image that cannot be used."""
     if item.problem:
         raise ValueError(item.problem)
@@ -206,10 +207,10 @@ def load(item: Item, *, size=None, fit="none") -> tuple[torch.Tensor, torch.Tens
         scene = held_out(item.demo, max_shapes=item.demo_shapes)
         return render_tensor(scene), torch.from_numpy(shape_masks(scene)[0])
     from .. import images as imgs
-    x = imgs.to_tensor(imgs.load_image(item.path, size=size, mode=fit))
+    x = imgs.to_tensor(imgs.load_image(item.path, size=size, mode=fit, multiple=multiple))
     if item.mask is None:
         return x, None
-    m = imgs.to_tensor(imgs.load_image(item.mask, size=size, mode=fit))
+    m = imgs.to_tensor(imgs.load_image(item.mask, size=size, mode=fit, multiple=multiple))
     if m.shape != x.shape:
         raise ValueError(f"mask {item.mask} is {m.shape[2]}x{m.shape[3]} but its image is {x.shape[2]}x{x.shape[3]}")
     return x, ((m[0].mean(0) + 1) / 2).clamp(0, 1)

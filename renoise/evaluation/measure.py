@@ -3,12 +3,12 @@
     row = measure(editor, item, x, mask, seed=..., edit_guidance=1.0, lpips=scorer, posterior="mean")
 
 The row holds image PSNR/SSIM (and LPIPS when its weights are local) of the reconstruction,
-latent PSNR/SSIM/RMSE, UNet calls and seconds of each part, the inversion's cost (UNet
-evaluations at the image batch, backward passes, call-equivalents), the peak memory, and the fixed-point
-residuals of every inversion step (final and per iteration; the contraction estimate where the
-inversion reports one). With an edit prompt: the edit's calls and seconds, and where a mask is
-known the background PSNR (outside the mask grown by 3 px) and, for demo scenes, whether the shape
-took the target colour. Image PSNR is in [0, 1] units (data range 1), as the paper reports it.
+latent PSNR/SSIM/RMSE, model calls (a UNet's or a flow transformer's) and seconds of each part, the
+inversion's cost (model evaluations at the image batch, backward passes, call-equivalents), the peak
+memory, and the fixed-point residuals of every inversion step (final and per iteration; the
+contraction estimate where the inversion reports one). With an edit prompt: the edit's calls and
+seconds, and where a mask is known the background PSNR (outside the mask grown by 3 px) and, for
+demo scenes, whether the shape took the target colour. Image PSNR is in [0, 1] units (data range 1), as the paper reports it.
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def _residuals(result) -> dict:
     per_iteration = [_floats(r[:, 0]) for r in result.residuals]         # per step, [calls]
     out = {"final_residual": [r[-1] for r in per_iteration], "residuals": per_iteration,
            "timesteps": [int(t) for t in result.timesteps.flip(0)]}     # inversion order, like the residuals
-    if hasattr(result, "convergence"):                  # ReNoise plans; the peers' loops have no call budget
+    solver = getattr(getattr(result, "plan", None), "solver", "fixed-point")
+    if hasattr(result, "convergence") and solver == "fixed-point":   # ReNoise plans; peers and anchors have no budget
         conv = result.convergence()
         out["budget_used"] = conv["budget"][0]
         out["not_converged"] = [{k: v for k, v in c.items() if k != "sample"} for c in conv["not_converged"]]
@@ -105,6 +106,12 @@ def _costs(editor, inv) -> dict:
     return out
 
 
+def _network(pipe):
+    """The denoising network: a UNet pipeline's UNet, a flow pipeline's (SD3 / FLUX.1) transformer."""
+    from ..flow import is_flow_pipeline
+    return pipe.transformer if is_flow_pipeline(pipe) else pipe.unet
+
+
 @torch.no_grad()
 def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpips=None,
             posterior: str = "mean", control=None, mask_edits: bool = False) -> tuple[dict, dict]:
@@ -113,7 +120,7 @@ def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpi
     and the inversion ("inversion") for the caller to save. control: a renoise.editing.EditControl
     (None: the prompt swap); mask_edits: the image's mask is the edit's user mask."""
     pipe = editor.pipe
-    device = next(pipe.unet.parameters()).device
+    device = next(_network(pipe).parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     x = x.to(device)

@@ -1,7 +1,8 @@
 """Methods for `renoise eval`: named Plan overrides, written on the command line, and built-in grids.
 
     NAME:field=value,field=value      a Plan override (any renoise.presets.Plan field)
-    NAME                              a built-in grid (paper-grid, ablation, convergence, per-call, peers), a
+    NAME                              a built-in grid (paper-grid, ablation, convergence, per-call, peers,
+                                      flow-anchors: flow models), a
                                       method of one (plain, K3, anderson-K3, no-patch-kl, ...), a preset
                                       name, `preset` (the run's --preset), or a peer (edict, null-text, ...)
     NAME:peer=PEER,field=value        a peer (renoise.peers) with its settings changed
@@ -125,8 +126,26 @@ def _peers():
     return [_preset(RUN_PRESET)] + [Method(name, None, {}, peers.resolve(name)) for name in peers.GROUP]
 
 
+def _flow_anchors():
+    """Flow-matching models (issue 23): the published plain Euler inversion and ReNoise's K = 0 (v at the
+    noisier end), ReNoise K = 1..9 (plain iteration), each flow-inversion anchor (renoise.flow_anchors:
+    euler-inversion, rf-solver, fireflow, rf-inversion at its paper's γ = 0.5 and η = 0.9 on the first
+    quarter of the sampling steps; rf-inversion-eta0 without η, so that the image does not steer the
+    reconstruction), our best (warm start, Anderson, over-relaxation, tolerance stopping) at budgets
+    K = 2 and 9, and the run's preset; all at the run's steps. Calls per row are recorded: compare at
+    equal calls (fireflow n + 1, rf-solver 2n, euler-inversion and rf-inversion n, K: n(K + 1) at most)."""
+    grid = [Method("euler-inversion", "euler-inversion"), _plain("plain", iters=0)]
+    grid += [_plain(f"K{k}", iters=k, average=False) for k in range(1, 10)]
+    grid += [Method(name, name) for name in ("rf-solver", "fireflow", "rf-inversion")]
+    grid.append(Method("rf-inversion-eta0", "rf-inversion", {"rf_eta": 0.0}))
+    relaxed = dict(anderson=3, relax=2.0, average=False, warm_start="previous")
+    grid += [_plain("warm-anderson-relax2-K2-tol-1e-2", iters=2, tol=1e-2, **relaxed),
+             _plain("warm-anderson-relax2-tol-1e-2", iters=9, tol=1e-2, **relaxed), _preset(RUN_PRESET)]
+    return grid
+
+
 GRIDS = {"paper-grid": _paper_grid, "ablation": _ablation, "convergence": _convergence, "per-call": _per_call,
-         "peers": _peers}
+         "peers": _peers, "flow-anchors": _flow_anchors}
 
 
 def builtin_methods() -> dict:

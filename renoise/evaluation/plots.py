@@ -1,6 +1,7 @@
 """Plots of `renoise eval` as PNG files (matplotlib, imported only here; not a dependency of renoise).
 
     psnr_vs_calls.png    median PSNR (p10–p90 bars) against UNet calls per image, one point per method
+    latent_psnr_vs_calls.png  the latent PSNR (z0 of the reconstruction against the encoded image) the same way
     psnr_vs_cost.png     the same against the inversion's cost in call-equivalents (CFG evaluations
                          counted twice, backward passes at their measured cost)
     psnr_vs_seconds.png  the same against the inversion's seconds per image
@@ -42,6 +43,7 @@ def plot_all(out, summary: dict, rows: dict, methods: list[str], grid_ids: list[
     cost = ("cost_invert", "cost per image (inversion): UNet evaluations + backward passes, call-equivalents")
     secs = ("seconds_invert", "seconds per image (inversion, median)")
     for name, draw in (("psnr_vs_calls.png", lambda: _psnr_vs_calls(plt, summary)),
+                       ("latent_psnr_vs_calls.png", lambda: _psnr_vs_calls(plt, summary, metric="latent_psnr")),
                        ("psnr_vs_cost.png", lambda: _psnr_vs_calls(plt, summary, *cost)),
                        ("psnr_vs_seconds.png", lambda: _psnr_vs_calls(plt, summary, *secs)),
                        ("residuals.png", lambda: _residuals(plt, rows, methods)),
@@ -59,9 +61,9 @@ def plot_all(out, summary: dict, rows: dict, methods: list[str], grid_ids: list[
     return written, None
 
 
-def _psnr_vs_calls(plt, summary, key="calls_invert", label="UNet calls per image (inversion)"):
-    points = [(n, m["metrics"][key], m["metrics"]["psnr"]) for n, m in summary["methods"].items()
-              if "psnr" in m["metrics"] and key in m["metrics"]]
+def _psnr_vs_calls(plt, summary, key="calls_invert", label="model calls per image (inversion)", metric="psnr"):
+    points = [(n, m["metrics"][key], m["metrics"][metric]) for n, m in summary["methods"].items()
+              if metric in m["metrics"] and key in m["metrics"]]
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -70,7 +72,7 @@ def _psnr_vs_calls(plt, summary, key="calls_invert", label="UNet calls per image
         ax.errorbar(x, y, yerr=[[y - psnr["p10"]], [psnr["p90"] - y]], fmt="o", capsize=3)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4 - 10 * (i % 3)), fontsize=8)
     ax.set_xlabel(label)
-    ax.set_ylabel("reconstruction PSNR (dB), median, p10–p90")
+    ax.set_ylabel(f"reconstruction {'latent ' if metric == 'latent_psnr' else ''}PSNR (dB), median, p10–p90")
     ax.set_title(f"{summary.get('model', '')}: {summary['images']} images")
     ax.grid(alpha=0.3)
     return fig

@@ -20,8 +20,9 @@ METRICS = {                                   # row key -> label (the tables' or
     "psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS",
     "latent_psnr": "latent PSNR (dB)", "latent_ssim": "latent SSIM",
     "edit_success": "edit success", "edit_background_psnr": "edit background PSNR (dB)",
-    "calls_invert": "UNet calls (inversion)", "budget_used": "share of the call budget used",
-    "evals_invert": "UNet evaluations (inversion, CFG counts 2)",
+    "calls_invert": "model calls (inversion; UNet or flow transformer)",
+    "budget_used": "share of the call budget used",
+    "evals_invert": "model evaluations (inversion, CFG counts 2)",
     "cost_invert": "cost (inversion, call-equivalents: evaluations + backward passes at their measured cost)",
     "seconds_invert": "seconds (inversion)",
     "seconds_total": "seconds (all)", "peak_memory_mib": "peak memory (MiB)",
@@ -75,7 +76,7 @@ def markdown(s: dict) -> str:
     """summary.md: one table of headline numbers, then a table per metric over the methods."""
     lines = [f"# renoise eval: {s.get('model', '')}", "",
              f"{s['images']} images, {len(s['methods'])} methods; {len(s['bad_inputs'])} bad inputs skipped.", ""]
-    lines += ["| method | images | failed | median PSNR | p10 | p90 | mean ± 95% CI | UNet calls | seconds |",
+    lines += ["| method | images | failed | median PSNR | p10 | p90 | mean ± 95% CI | model calls | seconds |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, m in s["methods"].items():
         p, c, t = (m["metrics"].get(k, {}) for k in ("psnr", "calls_invert", "seconds_invert"))
