@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from . import fixed_point, noise_correction, presets, regularizers
+from . import compiling, fixed_point, noise_correction, presets, regularizers
 from . import samplers as _samplers
 from .schedules import FlowSchedule, Schedule
 
@@ -521,11 +521,10 @@ def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noi
         raise ValueError(f"jacobian_iters (power iterations, 0: off) must be an int >= 0, got {jacobian_iters!r}")
     region = None
     if compile is not None:
-        from . import speed
         if grad != "none" or jacobian_iters:
             raise ValueError("compile= runs the inversion for inference only; use grad='none' and jacobian_iters=0, "
                              "or compile=None")
-        region = speed.compiled_step(compile, z0.device if isinstance(z0, torch.Tensor) else None)
+        region = compiling.compiled(_step, compile, z0.device if isinstance(z0, torch.Tensor) else None)
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
         return _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator, strength, sampler_opts,
                        callback, grad, grad_opts, jacobian_iters, region)
@@ -616,10 +615,9 @@ def sample(denoiser, result: InversionResult, *, z_T=None, callback=None, grad="
                          f"implicitly), got {grad!r}")
     region = None
     if compile is not None:
-        from . import speed
         if grad != "none":
             raise ValueError("compile= runs sampling for inference only; use grad='none' or compile=None")
-        region = speed.compiled_denoise_step(compile, result.z_T.device)
+        region = compiling.compiled(_denoise_step, compile, result.z_T.device)
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
         return _sample(denoiser, result, z_T, callback, region)
 

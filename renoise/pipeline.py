@@ -46,7 +46,7 @@ import torch
 
 from . import samplers as _samplers
 from .images import FACTOR
-from .speed import nested_region
+from .compiling import check_mode, nested_region
 
 __all__ = ["Editor", "Inversion", "Conditioning", "GuidedDenoiser", "guided_denoiser", "guidance_embedding",
            "encode_images", "decode_latents", "encode_prompts", "negative_conditioning", "make_time_ids", "as_prompts"]
@@ -197,7 +197,7 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 @nested_region
 def _unet_call(unet, x, t, context, text_embeds, time_ids, timestep_cond):
-    """One UNet call: a nested compile region (renoise.speed.nested_region) inside compiled steps."""
+    """One UNet call: a nested compile region (renoise.compiling.nested_region) inside compiled steps."""
     return unet(x, t, context, text_embeds=text_embeds, time_ids=time_ids, timestep_cond=timestep_cond)
 
 
@@ -400,7 +400,6 @@ class Editor:
         self.sampler_opts = dict(sampler_opts or {})
         self.schedule = None if self.flow else Schedule.from_config(pipe.scheduler_config)  # flow: per image size
         if compile is not None:
-            from .speed import check_mode
             check_mode(compile, next((pipe.transformer if self.flow else pipe.unet).parameters()).device)
         self.compile = compile
 
