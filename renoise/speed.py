@@ -37,7 +37,7 @@ import torch
 
 from . import inversion
 from .compiling import MODES, RECOMPILE_LIMIT, _options, check_mode, compiled, nested_region  # noqa: F401 (public here)
-from .pipeline import GuidedDenoiser
+from .denoisers import GuidedDenoiser
 
 
 def compiled_step(mode, device=None):
