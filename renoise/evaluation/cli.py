@@ -313,7 +313,7 @@ def run(args) -> dict | None:
     import torch
 
     from .. import images
-    from ..__main__ import check_guidance, check_seed, check_text
+    from ..cli_checks import check_guidance, check_seed, check_text
     from . import distributed, methods, store
 
     started = time.perf_counter()
