@@ -199,3 +199,64 @@ def test_each_former_circle_imports_first(tmp_path):
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_new_schedule_kind_saves_and_loads_without_the_inversion_module(tmp_path, monkeypatch):
+    """A model family with a schedule class of its own registers it in renoise.schedules; inverting
+    with it, saving and loading the result need nothing of renoise.inversion (which names no kind)."""
+    import dataclasses
+
+    import torch
+
+    import renoise
+    from renoise import schedules
+    from renoise.inversion import InversionResult
+    from renoise.presets import Plan
+
+    @dataclasses.dataclass(frozen=True)
+    class TailFlow(schedules.FlowSchedule):       # a flow schedule of another family: one field more
+        tail: float = 0.25
+
+    monkeypatch.setitem(schedules.SCHEDULE_KINDS, "tail-flow", (TailFlow, ()))
+    sch = TailFlow(shift=3.0, tail=0.5)
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64)
+    den = lambda x, t: 0.5 * x      # noqa: E731 -- any velocity field
+    res = renoise.invert(den, z0, sch, "flow_euler", 4, Plan(sampler="flow_euler", num_steps=4, iters=2))
+    res.save(tmp_path / "inv.safetensors")
+    back = InversionResult.load(tmp_path / "inv.safetensors")
+    assert type(back.schedule) is TailFlow and back.schedule == sch and back.schedule.tail == 0.5
+    assert torch.equal(renoise.sample(den, back), renoise.sample(den, res))
+    monkeypatch.delitem(schedules.SCHEDULE_KINDS, "tail-flow")
+    with pytest.raises(ValueError, match="TailFlow"):
+        res.save(tmp_path / "again.safetensors")
+    import renoise.inversion
+    tree = ast.parse(Path(renoise.inversion.__file__).read_text())
+    flow_words = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in ("flow", "discrete")]
+    type_tests = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                  and getattr(n.func, "id", None) in ("isinstance", "type") and "Schedule" in ast.unparse(n)]
+    assert not flow_words and not type_tests, (flow_words, type_tests)
+
+
+def test_a_file_without_schedule_kind_is_read_as_discrete(tmp_path):
+    """Inversion files written before schedule kinds existed carry none: a discrete Schedule."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import renoise
+    from renoise.inversion import InversionResult
+    from renoise.presets import Plan
+    from renoise.schedules import Schedule
+
+    sch = Schedule.create()
+    z0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    res = renoise.invert(lambda x, t: 0.1 * x, z0, sch, "ddim", 3, Plan(sampler="ddim", num_steps=3, iters=1))
+    res.save(tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta.pop("schedule_kind") == "discrete"
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    back = InversionResult.load(tmp_path / "old.safetensors")
+    assert type(back.schedule) is Schedule and torch.equal(back.schedule.alphas_cumprod, sch.alphas_cumprod)
+    assert back.chain == res.chain
