@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from .sd_pipeline import Pipeline
-from .single_file import load_single_file
 
 __all__ = ["Pipeline", "load_pipeline"]
 
@@ -81,6 +80,7 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
     if source in BUILTIN:
         source = builtin_folder(source)
     if not is_hub_id(source) and Path(source).is_file():
+        from .single_file import load_single_file
         return load_single_file(source, config=config, tokenizer=tokenizer, dtype=dtype, device=device,
                                 allow_pickle=allow_pickle)
     if config is not None or tokenizer is not None:
