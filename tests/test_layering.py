@@ -174,6 +174,8 @@ def test_old_import_paths_are_the_moved_objects():
     for name in ("MODES", "RECOMPILE_LIMIT", "check_mode", "compiled", "nested_region"):
         assert getattr(renoise.speed, name) is getattr(renoise.compiling, name), name
     assert renoise.models.Pipeline is renoise.models.pipeline.Pipeline is renoise.models.sd_pipeline.Pipeline
+    assert renoise.__getattr__("denoisers") is renoise.denoisers      # the lazy package names the new homes
+    assert renoise.__getattr__("compiling") is renoise.compiling
     assert renoise.denoisers.warn_if_truncated is renoise.models.tokenizer.warn_if_truncated
     for name in ("UsageError", "check_seed", "check_guidance", "check_text"):
         assert getattr(cli, name) is getattr(renoise.cli_checks, name), name
