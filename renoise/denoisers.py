@@ -7,9 +7,9 @@
     denoiser(x, t) = ε_u + g·(ε_c − ε_u)  with  ε = UNet(model_input(x, t), t, conditioning)
 
 The layer between the models and the pipeline (docs/layers.md): it sees a loaded pipeline's parts
-and the samplers, never the inversion loop or the Editor. `renoise.pipeline` re-exports every name
-here (its documented home); `renoise.editing`, `renoise.flow` and `renoise.speed` import them from
-here. The details of prompts, guidance and LCM's guidance embedding: renoise.pipeline's docstring.
+and the samplers, never the inversion loop or the Editor. `renoise.pipeline` re-exports these
+names (their documented home; warn_if_truncated lives in models.tokenizer); `renoise.editing`,
+`renoise.flow` and `renoise.speed` import them from here. The details of prompts, guidance and LCM's guidance embedding: renoise.pipeline's docstring.
 """
 from __future__ import annotations
 
