@@ -126,7 +126,7 @@ def load_flow_pipeline(where, index: dict, scheduler_config: dict, family: str, 
 
 
 def _clip_ids(tokenizer, prompts, device):
-    from renoise.pipeline import warn_if_truncated
+    from .tokenizer import warn_if_truncated
     for p in prompts:
         warn_if_truncated(tokenizer, p)
     return torch.as_tensor(tokenizer(list(prompts)), dtype=torch.long).to(device)

@@ -10,36 +10,13 @@ the local cache when offline), or a single-file LDM/SGM checkpoint (see single_f
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from .sd_pipeline import Pipeline
 
 __all__ = ["Pipeline", "load_pipeline"]
-
-
-@dataclass
-class Pipeline:
-    unet: nn.Module
-    vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
-    text_encoder_2: nn.Module | None = None      # SDXL's OpenCLIP bigG (with projection)
-    tokenizer_2: object | None = None
-    scheduler_config: dict | None = None         # diffusers scheduler_config.json
-    kind: str = "sd"                             # "sd" (1.x / 2.x) | "sdxl"
-    force_zeros_for_empty_prompt: bool = False   # SDXL: the unconditional branch is zeros, not encode("")
-
-    @property
-    def prediction_type(self) -> str:
-        """The scheduler config's prediction type ("epsilon" when it names none)."""
-        return (self.scheduler_config or {}).get("prediction_type", "epsilon")
-
-    def modules(self) -> dict[str, nn.Module]:
-        """The present networks by their diffusers component name."""
-        names = ("unet", "vae", "text_encoder", "text_encoder_2")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
 _SMALL_FILES = ("model_index.json", "scheduler/scheduler_config.json")

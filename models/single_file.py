@@ -400,7 +400,7 @@ def load_single_file(path, *, config=None, kind: str | None = None, tokenizer=No
     512-base checkpoints are epsilon models; the file does not say).
     """
     from .loading import load_state_dict, model_from_state_dict
-    from .pipeline import Pipeline
+    from .sd_pipeline import Pipeline
     from .unet import UNet
     from .vae import AutoencoderKL
     from .clip import text_encoder_from_state_dict

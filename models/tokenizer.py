@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import unicodedata
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["CLIPTokenizer", "load_tokenizer", "bytes_to_unicode"]
+__all__ = ["CLIPTokenizer", "load_tokenizer", "bytes_to_unicode", "warn_if_truncated"]
 
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 # Unicode White_Space (what the tokenizers library's \s means); Python's str.isspace adds \x1c-\x1f.
@@ -314,3 +315,26 @@ def _resolve_folder(source, subfolder, **hub) -> Path:
         return root
     raise FileNotFoundError(f"no tokenizer in {root}: expected {root / (subfolder or '')} with vocab.json and "
                             "merges.txt, or tokenizer.json")
+
+
+_WARNED_LONG = set()     # prompts already warned about (once per prompt and token limit)
+
+
+def warn_if_truncated(tokenizer, prompt: str) -> None:
+    """Warn once per prompt that is longer than the text encoder's window (77 tokens with BOS and
+    EOS for CLIP): how many tokens it has and the text that is dropped. Long-prompt weighting
+    (splitting a prompt into several windows) is not supported."""
+    limit = getattr(tokenizer, "max_length", None)
+    encode = getattr(tokenizer, "encode", None)
+    if limit is None or encode is None or (prompt, limit) in _WARNED_LONG:
+        return
+    ids = encode(prompt)
+    if len(ids) <= limit - 2:
+        return
+    _WARNED_LONG.add((prompt, limit))
+    decode = getattr(tokenizer, "decode", None)
+    dropped = decode(ids[limit - 2:]) if decode is not None else f"{len(ids) - (limit - 2)} tokens"
+    dropped = dropped if len(dropped) <= 200 else dropped[:200] + "..."
+    warnings.warn(f"prompt {prompt[:60]!r}... has {len(ids) + 2} tokens with BOS and EOS, more than the text "
+                  f"encoder's {limit}; the text after token {limit - 2} is dropped: {dropped!r}. Long-prompt "
+                  "weighting (several windows) is not supported: shorten the prompt", UserWarning, stacklevel=3)

@@ -30,3 +30,4 @@ def __getattr__(name):
     if name in _ATTRIBUTES:
         return getattr(importlib.import_module(f"{__name__}.{_ATTRIBUTES[name]}"), name)
     raise AttributeError(f"module 'renoise' has no attribute {name!r}")
+_SUBMODULES.update({"denoisers", "compiling"})  # docs/layers.md: GuidedDenoiser & prompts; torch.compile machinery

@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import samplers as _samplers
+from .denoisers import Conditioning, GuidedDenoiser, as_prompts, encode_prompts, negative_conditioning
+
 __all__ = ["EditControl", "EditResult", "AttentionControl", "align_tokens", "word_positions", "run_pair",
            "latent_mask", "blend_mask", "attention_grid", "MODES", "INJECT_KINDS"]
 
@@ -311,9 +314,7 @@ def _positions(tokenizer, src_ids, edit_ids, control, edit_prompts):
 def run_pair(editor, inv, edit_prompts, control: EditControl, *, edit_guidance_scale=1.0, callback=None) -> EditResult:
     """Denoise [source; edit] from inv's z_T with its stored noises under `control`.
     callback(step_index, t, x_edit, x_source) after each step (and its blending)."""
-    from . import samplers as _samplers
     from .models.attention_hook import attention_hook
-    from .pipeline import Conditioning, GuidedDenoiser, as_prompts, encode_prompts, negative_conditioning
 
     if editor.compile is not None and not control.plain:
         raise ValueError("attention-controlled edits (p2p, self-injection, reweighting, local blending, masks, "
@@ -375,7 +376,6 @@ def run_pair(editor, inv, edit_prompts, control: EditControl, *, edit_guidance_s
 
 def cond_half(cond, B, half):
     """Rows [half·B, (half+1)·B) of a Conditioning."""
-    from .pipeline import Conditioning
     return Conditioning(*(None if v is None else v[half * B:(half + 1) * B] for v in cond._fields()))
 
 

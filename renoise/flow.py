@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import samplers as _samplers
-from .pipeline import Conditioning, as_prompts
+from .denoisers import Conditioning, as_prompts
 
 __all__ = ["FlowDenoiser", "encode_flow", "generate_flow", "is_flow_pipeline"]
 

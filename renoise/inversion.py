@@ -53,11 +53,11 @@ per step) follow the inversion order: trajectory[0] = z0, trajectory[-1] = z_T.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
-from . import fixed_point, noise_correction, presets, regularizers
+from . import compiling, fixed_point, noise_correction, presets, regularizers, schedules
 from . import samplers as _samplers
 from .schedules import FlowSchedule, Schedule
 
@@ -136,18 +136,15 @@ class InversionResult:
         A discrete Schedule is stored as its ᾱ table and fields; a FlowSchedule (schedule_kind "flow")
         as its fields (μ included), from which it is rebuilt exactly."""
         from safetensors.torch import save_file
-        flow = isinstance(self.schedule, FlowSchedule)
+        kind, sched, tables = schedules.schedule_state(self.schedule)
         t = {"z_T": self.z_T, "trajectory": self.trajectory, "timesteps": self.timesteps}
-        if not flow:
-            t["schedule.alphas_cumprod"] = self.schedule.alphas_cumprod
+        t.update({f"schedule.{k}": v for k, v in tables.items()})
         t.update({f"noise.{i}": n for i, n in enumerate(self.noises) if n is not None})
         t.update({f"residuals.{k}": r for k, r in enumerate(self.residuals)})
         t.update({f"contraction.{k}": r for k, r in enumerate(self.contraction)})
         t.update({f"jacobian_norm.{k}": r for k, r in enumerate(self.jacobian_norm or [])})
         t = {k: v.detach().to("cpu").contiguous().clone() for k, v in t.items()}
-        sched = {f.name: getattr(self.schedule, f.name) for f in fields(self.schedule)
-                 if f.init and f.name != "alphas_cumprod"}
-        meta = {"format": FORMAT, "schedule_kind": "flow" if flow else "discrete",
+        meta = {"format": FORMAT, "schedule_kind": kind,
                 "plan": json.dumps(self.plan.to_dict()), "sampler": self.sampler,
                 "sampler_opts": json.dumps(self.sampler_opts), "schedule": json.dumps(sched),
                 "model_calls": str(self.model_calls), "num_steps": str(self.num_steps), "start": str(self.start),
@@ -224,14 +221,8 @@ class InversionResult:
             num_jac = meta.get("num_jacobian_norm", "none")
             jac = None if num_jac == "none" else [get(f"jacobian_norm.{k}") for k in range(number("num_jacobian_norm"))]
             try:
-                kind = meta.get("schedule_kind", "discrete")
-                if kind == "flow":
-                    schedule = FlowSchedule(**parsed("schedule"))
-                elif kind == "discrete":
-                    schedule = Schedule(get("schedule.alphas_cumprod").cpu(), **parsed("schedule"))
-                else:
-                    raise ValueError(f"its schedule_kind is {kind!r} (expected 'discrete' or 'flow'); "
-                                     "was it written by a newer renoise?")
+                schedule = schedules.schedule_from_state(meta.get("schedule_kind"), parsed("schedule"),
+                                                         lambda name: get(f"schedule.{name}"))
                 plan = presets.Plan.from_dict({k: tuple(v) if isinstance(v, list) else v
                                                for k, v in parsed("plan").items()})
             except (TypeError, AttributeError) as e:
@@ -524,11 +515,10 @@ def invert(denoiser, z0, schedule, sampler, num_steps, plan="sdxl-turbo", *, noi
         raise ValueError(f"jacobian_iters (power iterations, 0: off) must be an int >= 0, got {jacobian_iters!r}")
     region = None
     if compile is not None:
-        from . import speed
         if grad != "none" or jacobian_iters:
             raise ValueError("compile= runs the inversion for inference only; use grad='none' and jacobian_iters=0, "
                              "or compile=None")
-        region = speed.compiled_step(compile, z0.device if isinstance(z0, torch.Tensor) else None)
+        region = compiling.compiled(_step, compile, z0.device if isinstance(z0, torch.Tensor) else None)
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
         return _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator, strength, sampler_opts,
                        callback, grad, grad_opts, jacobian_iters, region)
@@ -639,10 +629,9 @@ def sample(denoiser, result: InversionResult, *, z_T=None, callback=None, grad="
                          f"implicitly), got {grad!r}")
     region = None
     if compile is not None:
-        from . import speed
         if grad != "none":
             raise ValueError("compile= runs sampling for inference only; use grad='none' or compile=None")
-        region = speed.compiled_denoise_step(compile, result.z_T.device)
+        region = compiling.compiled(_denoise_step, compile, result.z_T.device)
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
         return _sample(denoiser, result, z_T, callback, region)
 

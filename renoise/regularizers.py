@@ -33,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .speed import nested_region
+from .compiling import nested_region
 
 EPS = 1e-6
 GRAD_CLIP = 100.0

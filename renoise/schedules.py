@@ -480,3 +480,34 @@ class FlowSchedule:
     def table(self, device) -> tuple:
         """Nothing to cache (σ(t) = t / T is computed); kept so that code written for `Schedule` runs."""
         return ()
+
+
+# ---------------------------------------------------------------------------------------------- storing
+
+# How a file (renoise.inversion.InversionResult.save) names each schedule class, and which of its
+# fields are tensors (stored as "schedule.<field>"); the other init fields go into JSON metadata.
+# A new kind of schedule registers here; the inversion module names none.
+SCHEDULE_KINDS = {"discrete": (Schedule, ("alphas_cumprod",)), "flow": (FlowSchedule, ())}
+
+
+def schedule_state(schedule) -> tuple:
+    """(kind, fields, tensors) of `schedule` for a file: its SCHEDULE_KINDS name, its other init fields
+    as a JSON-able dict, its tensor fields {name: tensor}; `schedule_from_state` rebuilds it exactly."""
+    kind = next((k for k, (cls, _) in SCHEDULE_KINDS.items() if type(schedule) is cls), None)
+    if kind is None:
+        raise ValueError(f"cannot store a schedule of type {type(schedule).__name__}; known: "
+                         f"{', '.join(cls.__name__ for cls, _ in SCHEDULE_KINDS.values())}")
+    names = SCHEDULE_KINDS[kind][1]
+    fields = {f.name: getattr(schedule, f.name) for f in _fields(schedule) if f.init and f.name not in names}
+    return kind, fields, {n: getattr(schedule, n) for n in names}
+
+
+def schedule_from_state(kind: str | None, fields: dict, tensor):
+    """The schedule `schedule_state` described; tensor(name) reads its stored tensor field `name`.
+    kind None: "discrete" (files written before there were other kinds name none)."""
+    kind = "discrete" if kind is None else kind
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"its schedule_kind is {kind!r} (expected {' or '.join(map(repr, SCHEDULE_KINDS))}); "
+                         "was it written by a newer renoise?")
+    cls, names = SCHEDULE_KINDS[kind]
+    return cls(**{n: tensor(n).cpu() for n in names}, **fields)

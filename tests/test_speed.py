@@ -137,7 +137,7 @@ def test_memory_mapped_weights_compile(unet, tmp_path):
     from safetensors.torch import save_file
 
     from renoise.models import load_unet
-    from renoise.pipeline import _unet_call
+    from renoise.denoisers import _unet_call
     save_file(unet.state_dict(), tmp_path / "unet.safetensors")
     mapped = load_unet(tmp_path / "unet.safetensors", config=unet.config)
     save_file(mapped.state_dict(), tmp_path / "again.safetensors")

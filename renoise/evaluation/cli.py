@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from .methods import run_plans as _plans       # (its home: methods; the name kept for callers)
+
 __all__ = ["add_parser", "run", "main"]
 
 
@@ -122,18 +124,6 @@ def _items(args):
         return items, {"demo": {"first": args.demo_first, "shapes": args.demo_shapes}}
     items = data.from_folder(args.images, captions=args.captions, prompt=args.prompt, edit_prompt=args.edit_prompt)
     return items, {"images": str(Path(args.images).resolve())}
-
-
-def _plans(args, pipe, methods):
-    """(run preset name, {method: Plan}) with the run's sampler/steps/guidance applied to every method."""
-    from .. import presets
-    preset = args.preset or presets.for_model(pipe, args.model)
-    given = {"sampler": args.sampler, "num_steps": args.steps, "guidance_scale": args.guidance}
-    base = presets.resolve(preset, **{k: v for k, v in given.items() if v is not None})
-    run_settings = {"sampler": base.sampler, "num_steps": base.num_steps, "guidance_scale": base.guidance_scale}
-    if args.noise_correction is not None:
-        run_settings["noise_correction"] = args.noise_correction
-    return preset, {m.name: m.plan(preset, run_settings) for m in methods}
 
 
 def _clean(obj):
@@ -319,7 +309,7 @@ def run(args) -> dict | None:
     import torch
 
     from .. import images
-    from ..__main__ import check_guidance, check_seed, check_text
+    from ..cli_checks import check_guidance, check_seed, check_text
     from . import distributed, methods, store
 
     started = time.perf_counter()

@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import presets
 from ..presets import PRESETS, WORD_FIELDS, Plan
 
 __all__ = ["Method", "parse_methods", "parse_spec", "builtin_methods", "GRIDS", "RUN_PRESET"]
@@ -265,3 +266,14 @@ def _value(text, name, key):
     if not text:
         raise ValueError(f"method {name!r}: {key} has no value")
     return text
+
+
+def run_plans(args, pipe, methods):
+    """(run preset name, {method: Plan}) with the run's sampler/steps/guidance applied to every method."""
+    preset = args.preset or presets.for_model(pipe, args.model)
+    given = {"sampler": args.sampler, "num_steps": args.steps, "guidance_scale": args.guidance}
+    base = presets.resolve(preset, **{k: v for k, v in given.items() if v is not None})
+    run_settings = {"sampler": base.sampler, "num_steps": base.num_steps, "guidance_scale": base.guidance_scale}
+    if args.noise_correction is not None:
+        run_settings["noise_correction"] = args.noise_correction
+    return preset, {m.name: m.plan(preset, run_settings) for m in methods}
