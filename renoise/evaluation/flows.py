@@ -121,7 +121,7 @@ def check_methods(args, method_list, family) -> None:
     if args.noise_correction not in (None, "none"):
         raise ValueError(f"{what}; --noise-correction {args.noise_correction} corrects the fresh noise of stochastic "
                          "samplers and the flow Euler step adds none: drop it (or pass none)")
-    from .cli import _plans
+    from .methods import run_plans as _plans
     try:
         _plans(args, family, method_list)      # a method's plan that a flow refuses (regularizer, ...) raises here
     except ValueError as e:
