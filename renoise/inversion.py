@@ -330,9 +330,9 @@ def _check_sampler(smod, schedule, plan, chain, opts):
     if plan.regularize and schedule.prediction_type != "epsilon":
         raise ValueError(f"the edit-enhancement regularizer acts on predicted noise, but the schedule's "
                          f"prediction_type is {schedule.prediction_type!r}; turn it off (reg_rounds=0) for this model")
-    if plan.noise_correction != "none" and schedule.prediction_type == "flow":
+    if plan.noise_correction != "none" and not smod.ADDS_NOISE:
         raise ValueError(f"noise_correction {plan.noise_correction!r} corrects the fresh noise of stochastic samplers; "
-                         f"the {smod.NAME!r} step of a flow model adds none: use noise_correction='none'")
+                         f"the {smod.NAME!r} step adds none: use noise_correction='none'")
     return stochastic
 
 

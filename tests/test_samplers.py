@@ -244,3 +244,16 @@ def test_bad_input_raises(sampler):
             mod.step(x, x, 500, 250, s, eta=-0.1)
     with pytest.raises(ValueError, match="sampler"):
         samplers.get("heun")
+
+
+def test_every_sampler_says_whether_it_adds_noise():
+    """The loop refuses noise correction from the sampler's ADDS_NOISE, not from the model family."""
+    import renoise
+    from renoise import samplers
+    from renoise.presets import Plan
+    from renoise.schedules import FlowSchedule
+    assert {n: samplers.get(n).ADDS_NOISE for n in samplers.NAMES} == {
+        "ddim": True, "euler_ancestral": True, "lcm": True, "flow_euler": False}
+    plan = Plan(name="nc", sampler="euler_ancestral", num_steps=2, noise_correction="optimize")
+    with pytest.raises(ValueError, match="the 'flow_euler' step adds none: use noise_correction='none'"):
+        renoise.invert(lambda x, t: torch.zeros_like(x), torch.zeros(1, 4, 2, 2), FlowSchedule(), "flow_euler", 2, plan)

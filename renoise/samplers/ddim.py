@@ -15,6 +15,7 @@ import torch
 from . import _common
 
 NAME = "ddim"
+ADDS_NOISE = True      # can a step add fresh noise (eta > 0 adds fresh noise): noise correction needs it
 
 
 def _check_eta(eta):

@@ -15,6 +15,7 @@ import torch
 from . import _common
 
 NAME = "euler_ancestral"
+ADDS_NOISE = True      # can a step add fresh noise (the ancestral step adds fresh noise): noise correction needs it
 
 
 def _sigmas(t, t_next, schedule):

@@ -14,6 +14,7 @@ import torch
 from . import _common
 
 NAME = "flow_euler"
+ADDS_NOISE = False      # can a step add fresh noise (a deterministic ODE step): noise correction needs it
 
 
 def _check_schedule(schedule):

@@ -14,6 +14,7 @@ import torch
 from . import _common
 
 NAME = "lcm"
+ADDS_NOISE = True      # can a step add fresh noise (each step re-noises its x0 estimate): noise correction needs it
 
 
 def scalings(t, schedule):
