@@ -214,3 +214,41 @@ class GuidedDenoiser:
 
 def guided_denoiser(unet, schedule, sampler, cond, uncond=None, guidance_scale=1.0) -> GuidedDenoiser:
     return GuidedDenoiser(unet, schedule, sampler, cond, uncond, guidance_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# model families: what the Editor asks of a pipeline (renoise.pipeline.FAMILIES picks one)
+
+class UNetFamily:
+    """SD 1.x / 2.x, SDXL, LCM: ε-, v- or x0-prediction UNets. Any sampler; the schedule comes
+    from the scheduler config (one for every image size); attention control works."""
+
+    name = "unet"
+    description = "UNet model"
+    sampler = None                      # the plan's
+    size_multiple = 8
+    attention_control = True
+
+    @staticmethod
+    def handles(pipe) -> bool:
+        return getattr(pipe, "unet", None) is not None
+
+    def __init__(self, pipe):
+        from .schedules import Schedule
+        self.pipe = pipe
+        self.default_schedule = Schedule.from_config(pipe.scheduler_config)
+
+    @property
+    def network(self):
+        return self.pipe.unet
+
+    def check_plan(self, plan) -> None:
+        pass
+
+    def schedule(self, latent_hw):
+        return self.default_schedule
+
+    def denoiser(self, cond, uncond, guidance_scale, schedule, sampler, *, prompts, size, negative_prompts):
+        return GuidedDenoiser(self.pipe.unet, schedule, sampler, cond, uncond, guidance_scale)
+
+    needs_encoding = True               # the Editor encodes the prompts (Editor.encode) for denoiser()

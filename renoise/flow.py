@@ -135,3 +135,40 @@ def generate_flow(pipe, prompts, *, num_steps: int = 28, guidance_scale: float =
     for t, t_next in schedule.chain(num_steps, smp.NAME):
         x = smp.step(x, den(x, t), t, t_next, schedule)
     return x
+
+
+class FlowFamily:
+    """SD3 / SD 3.5 / FLUX.1: velocity models with the deterministic flow Euler step; the schedule
+    depends on the image's size (dynamic shifting); sides multiples of 16 (2×2 patches of 8× latents);
+    plain edits only (attention control works on UNet cross-attention)."""
+
+    name = "flow"
+    description = "flow-matching model"
+    sampler = "flow_euler"
+    size_multiple = 16
+    attention_control = False
+    needs_encoding = False              # flow_denoiser encodes with the pipeline's own encoders
+
+    @staticmethod
+    def handles(pipe) -> bool:
+        return is_flow_pipeline(pipe)
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.default_schedule = None    # per image size: schedule(latent_hw)
+
+    @property
+    def network(self):
+        return self.pipe.transformer
+
+    def check_plan(self, plan) -> None:
+        check_flow_plan(plan)
+
+    def schedule(self, latent_hw):
+        return self.pipe.schedule(latent_hw)
+
+    def denoiser(self, cond, uncond, guidance_scale, schedule, sampler, *, prompts, size, negative_prompts):
+        if self.pipe.kind == "flux":
+            negative_prompts = None      # FLUX.1 has no negative branch (dev: guidance is a model input)
+        return flow_denoiser(self.pipe, prompts, (size[0] // 8, size[1] // 8), guidance_scale=guidance_scale,
+                             negative_prompts=negative_prompts)[0]

@@ -45,13 +45,12 @@ import torch
 
 from . import presets
 from .compiling import check_mode
-from .denoisers import (Conditioning, GuidedDenoiser, as_prompts, encode_prompts, guidance_embedding,  # noqa: F401
+from .denoisers import (UNetFamily, Conditioning, GuidedDenoiser, as_prompts, encode_prompts, guidance_embedding,  # noqa: F401
                         guided_denoiser, make_time_ids, negative_conditioning)
 from .editing import EditControl, run_pair
-from .flow import check_flow_plan, flow_denoiser, is_flow_pipeline
+from .flow import FlowFamily
 from .images import FACTOR
 from .inversion import InversionResult, NonFiniteLatentError, invert, sample
-from .schedules import Schedule
 
 __all__ = ["Editor", "Inversion", "Conditioning", "GuidedDenoiser", "guided_denoiser", "guidance_embedding",
            "encode_images", "decode_latents", "encode_prompts", "negative_conditioning", "make_time_ids", "as_prompts"]
@@ -153,6 +152,18 @@ def _valid_meta(meta, batch) -> bool:
             and isinstance(meta["extra"], dict))
 
 
+FAMILIES = (FlowFamily, UNetFamily)          # the one place that knows the model families; first match wins
+
+
+def family_of(pipe):
+    """The model family of a loaded pipeline (renoise.denoisers.UNetFamily, renoise.flow.FlowFamily):
+    its sampler, schedule, denoiser, image-size multiple and whether attention control applies."""
+    for family in FAMILIES:
+        if family.handles(pipe):
+            return family(pipe)
+    raise ValueError(f"{type(pipe).__name__} is no pipeline renoise knows: load it with renoise.models.load_pipeline")
+
+
 class Editor:
     """Invert, reconstruct and edit real images with a loaded pipeline and a ReNoise plan.
 
@@ -169,24 +180,24 @@ class Editor:
         for key, value in (("sampler", sampler), ("num_steps", num_steps), ("guidance_scale", guidance_scale)):
             if value is not None:
                 overrides[key] = value
-        self.flow = is_flow_pipeline(pipe)        # SD3 / FLUX.1: velocity models, the flow_euler sampler
-        if self.flow:
-            if overrides.get("sampler", "flow_euler") != "flow_euler":
-                raise ValueError(f"{pipe.kind} is a flow-matching model: it runs with the 'flow_euler' sampler, "
+        self.family = family_of(pipe)
+        fixed = self.family.sampler
+        if fixed is not None:
+            if overrides.get("sampler", fixed) != fixed:
+                raise ValueError(f"{pipe.kind} is a {self.family.description}: it runs with the {fixed!r} sampler, "
                                  f"not {overrides['sampler']!r}")
-            overrides["sampler"] = "flow_euler"
+            overrides["sampler"] = fixed
         self.pipe = pipe
         self.plan = presets.resolve(preset, **overrides)
-        if self.flow:
-            check_flow_plan(self.plan)
+        self.family.check_plan(self.plan)
         self.strength = float(strength)
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         self.clip_skip = clip_skip
         self.sampler_opts = dict(sampler_opts or {})
-        self.schedule = None if self.flow else Schedule.from_config(pipe.scheduler_config)  # flow: per image size
+        self.schedule = self.family.default_schedule          # None where it depends on the image size
         if compile is not None:
-            check_mode(compile, next((pipe.transformer if self.flow else pipe.unet).parameters()).device)
+            check_mode(compile, next(self.family.network.parameters()).device)
         self.compile = compile
 
     # -- pieces --------------------------------------------------------------------------------
@@ -198,14 +209,12 @@ class Editor:
 
     def denoiser(self, prompts, size, *, negative_prompts=None, guidance_scale=1.0, clip_skip=None,
                  schedule=None, sampler=None) -> GuidedDenoiser:
-        if self.flow:            # schedule and sampler: the flow pipeline's own for the image size
-            if self.pipe.kind == "flux":
-                negative_prompts = None          # FLUX.1 has no negative branch (dev: guidance is a model input)
-            return flow_denoiser(self.pipe, prompts, (size[0] // 8, size[1] // 8), guidance_scale=guidance_scale,
-                                 negative_prompts=negative_prompts)[0]
-        cond, uncond = self.encode(prompts, size, negative_prompts, guidance_scale, clip_skip)
-        return GuidedDenoiser(self.pipe.unet, schedule or self.schedule, sampler or self.plan.sampler, cond,
-                              uncond, guidance_scale)
+        cond = uncond = None
+        if self.family.needs_encoding:
+            cond, uncond = self.encode(prompts, size, negative_prompts, guidance_scale, clip_skip)
+        return self.family.denoiser(cond, uncond, guidance_scale, schedule or self.schedule,
+                                    sampler or self.plan.sampler, prompts=prompts, size=size,
+                                    negative_prompts=negative_prompts)
 
     # -- the three jobs ------------------------------------------------------------------------
     def invert(self, images: torch.Tensor, prompts, *, negative_prompts=None, generator=None,
@@ -216,14 +225,15 @@ class Editor:
         prompts = as_prompts(prompts, batch)
         if negative_prompts is not None:
             negative_prompts = as_prompts(negative_prompts, batch, "negative prompt")
-        if self.flow and (size[0] % 16 or size[1] % 16):
-            raise ValueError(f"image size {size[0]}x{size[1]}: flow transformers need multiples of 16; "
+        m = self.family.size_multiple
+        if size[0] % m or size[1] % m:
+            raise ValueError(f"image size {size[0]}x{size[1]}: {self.family.description}s need multiples of {m}; "
                              "fit it with renoise.images.fit")
         z0 = encode_images(self.pipe, images, generator, sample=sample_posterior)
         g = self.plan.guidance_scale
         den = self.denoiser(prompts, size, negative_prompts=negative_prompts, guidance_scale=g,
                             clip_skip=self.clip_skip)
-        schedule = self.pipe.schedule(z0.shape[-2:]) if self.flow else self.schedule
+        schedule = self.family.schedule(tuple(z0.shape[-2:]))
         result = invert(den, z0, schedule, self.plan.sampler, self.plan.num_steps, self.plan, noises=noises,
                         generator=generator, strength=self.strength, sampler_opts=self.sampler_opts,
                         callback=callback, compile=self.compile)
@@ -267,7 +277,7 @@ class Editor:
                      callback=None, control=None):
         """`edit` before decoding: (z0', the denoiser used; with a control, the EditResult)."""
         if control is not None and not control.plain:
-            if self.flow:
+            if not self.family.attention_control:
                 raise ValueError("editing modes (p2p, self-attention injection, re-weighting, local blend, masks) "
                                  "work on UNet cross-attention; flow models (SD3 / FLUX.1) take plain edits only")
             out = self.edit_pair(inv, edit_prompts, control, edit_guidance_scale=edit_guidance_scale,

@@ -263,3 +263,73 @@ def test_a_file_without_schedule_kind_is_read_as_discrete(tmp_path):
     back = InversionResult.load(tmp_path / "old.safetensors")
     assert type(back.schedule) is Schedule and torch.equal(back.schedule.alphas_cumprod, sch.alphas_cumprod)
     assert back.chain == res.chain
+
+
+def test_a_new_model_family_is_one_entry_in_the_pipeline(monkeypatch):
+    """The Editor asks the pipeline's family (renoise.pipeline.FAMILIES) for its sampler, schedule,
+    denoiser, size rule and attention control: a family added there (here a linear "model" on the
+    demo model's VAE) inverts and reconstructs with no change to the loop or the Editor."""
+    import dataclasses
+
+    import torch
+
+    import renoise
+    from renoise import pipeline
+    from renoise.models import load_pipeline
+    from renoise.schedules import Schedule
+
+    class Linear:
+        def __init__(self):
+            self.evals, self.ts = 0, []
+
+        def __call__(self, x, t):
+            self.evals += 1
+            self.ts.append(int(t))
+            return 0.1 * x
+
+    made = []
+
+    class ToyFamily:
+        name, description, sampler, size_multiple = "toy", "toy model", "ddim", 32
+        attention_control, needs_encoding = False, False
+
+        @staticmethod
+        def handles(pipe):
+            return pipe.kind == "toy"
+
+        def __init__(self, pipe):
+            self.default_schedule = Schedule.from_config(pipe.scheduler_config)
+            self.network = pipe.vae
+
+        def check_plan(self, plan):
+            if plan.noise_correction != "none":
+                raise ValueError("toy: no noise correction")
+
+        def schedule(self, latent_hw):
+            return self.default_schedule
+
+        def denoiser(self, cond, uncond, guidance_scale, schedule, sampler, *, prompts, size, negative_prompts):
+            assert cond is None and sampler == "ddim"
+            made.append(Linear())
+            return made[-1]
+
+    monkeypatch.setattr(pipeline, "FAMILIES", (ToyFamily,) + pipeline.FAMILIES)
+    toy = dataclasses.replace(load_pipeline("demo"), kind="toy")
+    plan = renoise.presets.Plan(name="K9", sampler="euler_ancestral", num_steps=4, iters=9, window=(9, 10),
+                                average=False)
+    with pytest.raises(ValueError, match="toy is a toy model: it runs with the 'ddim' sampler"):
+        pipeline.Editor(toy, plan, sampler="lcm")
+    editor = pipeline.Editor(toy, plan.replace(sampler="ddim"))
+    assert editor.plan.sampler == "ddim" and isinstance(editor.family, ToyFamily)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with pytest.raises(ValueError, match="toy models need multiples of 32"):
+        editor.invert(x[..., :48, :48], "a scene")
+    with torch.no_grad():
+        inv = editor.invert(x, "a scene", sample_posterior=False)
+        z, den = editor.reconstruct_latents(inv)
+    assert inv.result.model_calls == made[0].evals == 4 * 10 and den is made[1] and den.evals == 4
+    assert set(made[0].ts) <= {t for pair in editor.schedule.chain(4, "ddim") for t in pair}   # the family's schedule
+    assert (z - inv.z0).abs().max() < 1e-4 * inv.z0.abs().max()          # the linear model's fixed points: exact
+    with pytest.raises(ValueError, match="take plain edits only"):
+        from renoise.editing import EditControl
+        editor.edit_latents(inv, "another scene", control=EditControl(mode="p2p"))

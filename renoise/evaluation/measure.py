@@ -108,8 +108,8 @@ def _costs(editor, inv) -> dict:
 
 def _network(pipe):
     """The denoising network: a UNet pipeline's UNet, a flow pipeline's (SD3 / FLUX.1) transformer."""
-    from ..flow import is_flow_pipeline
-    return pipe.transformer if is_flow_pipeline(pipe) else pipe.unet
+    from ..pipeline import family_of
+    return family_of(pipe).network
 
 
 @torch.no_grad()
