@@ -57,6 +57,20 @@ def test_ships_fp16_in_the_sd3_layout_with_the_demo_parts_frozen():
     assert (FLOW_MODEL_DIR / "README.md").is_file()
 
 
+def test_setup_package_data_ships_every_file_of_the_folder():
+    """setup.py's package_data globs (setuptools' semantics: relative to renoise/demo) cover the flow folder."""
+    import ast
+    import glob
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    data = next(ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                for k in node.keywords if k.arg == "package_data")
+    demo = ROOT / "renoise" / "demo"
+    shipped = {Path(f) for pattern in data["renoise.demo"] for f in glob.glob(str(demo / pattern))}
+    files = {p for p in FLOW_MODEL_DIR.rglob("*") if p.is_file()}
+    assert files and files <= shipped, sorted(map(str, files - shipped))
+    assert demo / "FLOW_MODEL_CARD.md" in shipped
+
+
 def test_loads_by_name_with_no_network(pipe, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     again = load_pipeline("demo-flow")
