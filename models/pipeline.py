@@ -92,7 +92,8 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the scheduler config.
 
     `source`: "demo" (the trained demo model shipped with renoise; a local folder of that name is
-    "./demo"), "demo-flow" (the demo flow model shipped with renoise, a FlowPipeline), a diffusers pipeline folder, a hub id, or a single-file `.safetensors` checkpoint
+    "./demo"), "demo-flow" (the demo flow model shipped with renoise, a FlowPipeline), a diffusers
+    pipeline folder, a hub id, or a single-file `.safetensors` checkpoint
     (then `config` and `tokenizer` are passed to `load_single_file`; an SD3 / SD 3.5 single file or
     a Black Forest Labs FLUX.1 file gives a FlowPipeline, with `config` the diffusers folder or hub id
     of the matching model for its tokenizers and missing parts: see flow_single_file.py). `variant`: e.g. "fp16" for
