@@ -133,9 +133,13 @@ def test_renoise_reconstructs_held_out_scenes(pipe):
     plain = evaluate.reconstruction(pipe, "euler-inversion", 8, num_steps=10)
     ours = evaluate.reconstruction(pipe, "demo-flow", 8)
     assert ours["psnr"].median() >= PSNR_MIN, ours["psnr"]
-    assert ours["latent_psnr"].median() > plain["latent_psnr"].median() + 1.0, (plain["latent_psnr"],
-                                                                                 ours["latent_psnr"])
+    assert ours["latent_psnr"].median() > plain["latent_psnr"].median() + LATENT_GAIN_MIN, (plain["latent_psnr"],
+                                                                                             ours["latent_psnr"])
 
 
-COLOUR_MIN = 0.5       # set from the measured values (FLOW_MODEL_CARD.md)
-PSNR_MIN = 20.0
+# measured on the shipped weights (2026-12-06): colour right on 16 of 16 captions (10 steps, CFG 4); the
+# demo-flow preset 34.9 dB median image PSNR and 53.5 dB latent PSNR on 8 scenes, against plain Euler
+# inversion's 32.1 / 38.6 dB at the same 10 steps
+COLOUR_MIN = 0.75
+PSNR_MIN = 31.0
+LATENT_GAIN_MIN = 5.0
