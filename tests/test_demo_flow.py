@@ -71,6 +71,39 @@ def test_setup_package_data_ships_every_file_of_the_folder():
     assert demo / "FLOW_MODEL_CARD.md" in shipped
 
 
+def test_missing_flow_weights_get_a_clear_error(tmp_path, monkeypatch):
+    import renoise.demo
+    monkeypatch.setattr(renoise.demo, "FLOW_MODEL_DIR", tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="demo-flow model's weights are missing.*renoise.demo.train_flow"):
+        load_pipeline("demo-flow")
+
+
+def test_flow_targets_are_the_rectified_flow_path():
+    from renoise.demo.train_flow import flow_targets, logit_normal_sigmas
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    sigma = torch.tensor([0.0, 0.3, 1.0])
+    x, v = flow_targets(z0, eps, sigma)
+    assert torch.equal(x[0], z0[0]) and torch.equal(x[2], eps[2]) and torch.equal(v, eps - z0)
+    h = 1e-3                                                  # v = d x_σ / dσ
+    x2, _ = flow_targets(z0, eps, sigma + h)
+    assert torch.allclose((x2 - x) / h, v, atol=1e-3)
+    s = logit_normal_sigmas(20000, g)
+    assert 0 < s.min() and s.max() < 1 and abs(s.median() - 0.5) < 0.02 and abs(torch.logit(s).std() - 1) < 0.03
+
+
+def test_training_script_runs_and_writes_a_loadable_folder(tmp_path):
+    from renoise.demo import train_flow
+    out = train_flow.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--minutes", "0.001",
+                           "--pool", "4", "--batch", "2", "--no-samples", "--threads", str(torch.get_num_threads())])
+    log = json.loads((out / "training.json").read_text())
+    assert log["steps"] >= 1 and log["transformer_parameters"] == sum(
+        p.numel() for p in load_pipeline(out).transformer.parameters())
+    trained = _tensors(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    blank = _tensors(tmp_path / "work" / "blank" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(trained[k], blank[k]) for k in blank)        # one AdamW step moved the weights
+
+
 def test_loads_by_name_with_no_network(pipe, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     again = load_pipeline("demo-flow")
