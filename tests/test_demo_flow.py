@@ -54,7 +54,7 @@ def test_ships_fp16_in_the_sd3_layout_with_the_demo_parts_frozen():
         assert t.keys() == demo_text.keys() and all(torch.equal(t[k], demo_text[k]) for k in t)
     for sub in ("tokenizer", "tokenizer_2"):
         assert (FLOW_MODEL_DIR / sub / "vocab.json").read_text() == (MODEL_DIR / "tokenizer" / "vocab.json").read_text()
-    assert (FLOW_MODEL_DIR / "README.md").is_file()
+    assert (FLOW_MODEL_DIR / "README.md").read_text() == (FLOW_MODEL_DIR.parent / "FLOW_MODEL_CARD.md").read_text()
 
 
 def test_setup_package_data_ships_every_file_of_the_folder():
