@@ -35,7 +35,10 @@ setup(
     packages=packages(),
     package_dir=package_dir(),
     package_data={"renoise.demo": ["MODEL_CARD.md", "weights/*.json", "weights/*.md", "weights/*.png",
-                                   "weights/*/*.json", "weights/*/*.txt", "weights/*/*.safetensors"]},
+                                   "weights/*/*.json", "weights/*/*.txt", "weights/*/*.safetensors",
+                                   "FLOW_MODEL_CARD.md", "flow_weights/*.json", "flow_weights/*.md",
+                                   "flow_weights/*.png", "flow_weights/*/*.json", "flow_weights/*/*.txt",
+                                   "flow_weights/*/*.safetensors"]},
     install_requires=[          # minimums tested by .ci/minimums (pinned in .ci/minimums.txt)
         "torch>=2.13",
         "numpy>=1.26.4",

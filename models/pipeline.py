@@ -29,20 +29,22 @@ def _read_json(path: Path, what: str) -> dict:
         raise ValueError(f"{path} ({what}) is not valid JSON: {e}") from None
 
 
-BUILTIN = ("demo",)        # names of the pipelines shipped inside the package
+BUILTIN = ("demo", "demo-flow")        # names of the pipelines shipped inside the package
 
 
 def builtin_folder(name: str) -> Path:
-    """The folder of a pipeline shipped with renoise ("demo": the trained demo model)."""
-    from ..demo import MODEL_DIR
+    """The folder of a pipeline shipped with renoise ("demo": the trained demo model; "demo-flow": the
+    demo flow model, an SD3-layout rectified flow of the same scenes)."""
+    from ..demo import FLOW_MODEL_DIR, MODEL_DIR
 
     if name not in BUILTIN:
         raise ValueError(f"unknown built-in pipeline {name!r}; built in: {BUILTIN}")
-    if not (MODEL_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(f"the demo model's weights are missing from this installation ({MODEL_DIR}); "
+    folder, trainer = (FLOW_MODEL_DIR, "train_flow") if name == "demo-flow" else (MODEL_DIR, "train")
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"the {name} model's weights are missing from this installation ({folder}); "
                                 "reinstall renoise with its package data, or train them with "
-                                "`python -m renoise.demo.train --out <folder>` and pass that folder")
-    return MODEL_DIR
+                                f"`python -m renoise.demo.{trainer} --out <folder>` and pass that folder")
+    return folder
 
 
 def _pipeline_root(source, hub: dict) -> Path:
@@ -67,7 +69,8 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the scheduler config.
 
     `source`: "demo" (the trained demo model shipped with renoise; a local folder of that name is
-    "./demo"), a diffusers pipeline folder, a hub id, or a single-file `.safetensors` checkpoint
+    "./demo"), "demo-flow" (the demo flow model shipped with renoise, a FlowPipeline), a diffusers
+    pipeline folder, a hub id, or a single-file `.safetensors` checkpoint
     (then `config` and `tokenizer` are passed to `load_single_file`; an SD3 / SD 3.5 single file or
     a Black Forest Labs FLUX.1 file gives a FlowPipeline, with `config` the diffusers folder or hub id
     of the matching model for its tokenizers and missing parts: see flow_single_file.py). `variant`: e.g. "fp16" for
@@ -79,6 +82,12 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
     from .loading import is_hub_id, load_unet, load_vae
     from .tokenizer import load_tokenizer
 
+    if source == "demo-flow":                     # trained with this many zero T5 tokens (flow_model.py)
+        from ..demo.flow_model import MAX_SEQUENCE_LENGTH
+        pipe = load_pipeline(builtin_folder(source), dtype=dtype, device=device, variant=variant,
+                             allow_pickle=allow_pickle, config=config, tokenizer=tokenizer, **hub)
+        pipe.max_sequence_length = MAX_SEQUENCE_LENGTH
+        return pipe
     if source in BUILTIN:
         source = builtin_folder(source)
     if not is_hub_id(source) and Path(source).is_file():

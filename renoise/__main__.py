@@ -62,7 +62,8 @@ def _common(p, command):
     io = p.add_argument_group("input and output")
     io.add_argument("--model", default="demo",
                     help='diffusers folder, hub id, or single-file checkpoint; default "demo": the small trained '
-                         'demo model shipped with renoise (128 px scenes of coloured shapes; runs offline). '
+                         'demo model shipped with renoise (128 px scenes of coloured shapes; runs offline); '
+                         '"demo-flow": its rectified-flow sibling (SD3 layout), also shipped and offline. '
                          'Single files: SD 1.x/2.x/SDXL, an SD3/3.5 single file (all-in-one or transformer-only) '
                          'or a Black Forest Labs FLUX.1 file; these hold no tokenizers, so give --config the '
                          'diffusers folder or hub id of the matching model (it also gives what the file lacks)')
@@ -94,8 +95,9 @@ def _common(p, command):
     inv = p.add_argument_group("inversion")
     inv.add_argument("--preset", default=None,
                      help="ReNoise preset (sd14, sd15, sdxl, sdxl-turbo, lcm-lora, sdxl-turbo-reference, demo, "
-                          "demo-4, demo-euler-4, flow, flux-schnell, flux-dev, sd35-large-turbo, sd3-medium); "
-                          "default: from the model (demo for the demo model, sdxl-turbo "
+                          "demo-4, demo-euler-4, demo-flow, flow, flux-schnell, flux-dev, sd35-large-turbo, "
+                          "sd3-medium); "
+                          "default: from the model (demo for the demo model, demo-flow for demo-flow, sdxl-turbo "
                           "for SDXL with trailing steps, sdxl, sd15; FLUX.1: flux-dev with a guidance embedding, "
                           "else flux-schnell; SD3 / 3.5: sd35-large-turbo when the model's id or path says "
                           "turbo, else sd3-medium)")
@@ -399,7 +401,7 @@ def _sync(device):
 
 
 def _check_model_path(model):
-    """--model must be a built-in name ("demo"), an existing folder or file, or a hub id ('owner/name')."""
+    """--model must be a built-in name ("demo", "demo-flow"), an existing folder or file, or a hub id ('owner/name')."""
     from .models.loading import is_hub_id
     from .models.pipeline import BUILTIN
     if model not in BUILTIN and not is_hub_id(model) and not Path(model).expanduser().exists():
@@ -501,6 +503,10 @@ def run(args) -> dict:
         if args.model == "demo":
             print("renoise: model demo, the small trained demo model shipped with renoise "
                   "(pass --model for real weights, e.g. stabilityai/sdxl-turbo)", file=sys.stderr)
+        if args.model == "demo-flow":
+            print("renoise: model demo-flow, the small trained demo flow model (SD3 layout) shipped with renoise "
+                  "(pass --model for real weights, e.g. stabilityai/stable-diffusion-3-medium-diffusers)",
+                  file=sys.stderr)
         print(f"renoise {command}: device {device}, dtype {dtype_name}", file=sys.stderr)
 
     stage = Staging(args.out)

@@ -29,10 +29,13 @@ def generate(pipe, prompts, *, num_steps: int = 25, guidance_scale: float = 4.0,
              negative_prompts=None, size=None, latents: torch.Tensor | None = None,
              generator: torch.Generator | None = None, return_latents: bool = False):
     """Images [B, 3, H, W] in [-1, 1] for `prompts` (with return_latents: also z0). `size`
-    (H, W) in pixels defaults to the UNet's sample size × 8."""
+    (H, W) in pixels defaults to the UNet's (SD3: the transformer's) sample size × 8."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     from .flow import generate_flow, is_flow_pipeline
     if is_flow_pipeline(pipe):             # SD3 / FLUX.1: the flow Euler chain (the sampler argument does not apply)
+        sample = getattr(pipe.transformer.config, "sample_size", None)
+        if size is None and latents is None and sample:          # SD3: diffusers' default, sample_size × 8
+            size = (sample * 8, sample * 8)
         x = generate_flow(pipe, prompts, num_steps=num_steps, guidance_scale=guidance_scale,
                           negative_prompts=negative_prompts, size=size, latents=latents, generator=generator)
         images = decode_latents(pipe, x)

@@ -359,6 +359,11 @@ PRESETS = {
                              iters=9, window=(7, 10), first_iters=3, first_window=(0, 4), first_until=300),
     "sd3-medium": Plan(name="sd3-medium", sampler="flow_euler", num_steps=28, guidance_scale=1.0, iters=1,
                        window=(1, 2), first_iters=1, first_window=(0, 2)),
+    # renoise's own demo flow model (renoise.demo, "demo-flow"): the demo preset's fixed-point machinery (K <= 9,
+    # warm start, Anderson m = 3, relax 2, tol 1e-2) with the flow Euler step at 10 steps, no CFG while inverting.
+    # OURS, carried over from the demo model; not tuned on the flow model
+    "demo-flow": Plan(name="demo-flow", sampler="flow_euler", num_steps=10, guidance_scale=1.0, iters=9,
+                      window=(9, 10), average=False, anderson=3, relax=2.0, tol=1e-2, warm_start="previous"),
     # the flow-inversion anchors (issue 23, renoise.flow_anchors) at their repositories' step counts: plain Euler
     # inversion and RF-Inversion (γ = 0.5, η = 0.9 on the first 25 % of the sampling steps) at 28 steps, RF-Solver
     # at 25 (its edit.py default), FireFlow at 8 (its README: "8-step inversion and 8-step editing")
@@ -371,7 +376,7 @@ PRESETS = {
 
 
 def for_model(pipe, model=None) -> str:
-    """The preset a pipeline defaults to: the demo model's own ("demo"), SDXL-Turbo for SDXL with
+    """The preset a pipeline defaults to: the demo models' own ("demo", "demo-flow"), SDXL-Turbo for SDXL with
     trailing timesteps, SDXL, else SD 1.5. `model` is what was loaded (a name, folder or id).
 
     Flow models: FLUX.1 with a guidance embedding is "flux-dev", without one "flux-schnell"; SD3 / 3.5 is
@@ -379,6 +384,8 @@ def for_model(pipe, model=None) -> str:
     transformer and scheduler configs are those of SD 3.5 large), else "sd3-medium"."""
     if model == "demo":
         return "demo"
+    if model == "demo-flow":
+        return "demo-flow"
     if pipe.kind == "flux":
         return "flux-dev" if pipe.guidance_embeds else "flux-schnell"
     if pipe.kind == "sd3":

@@ -18,10 +18,11 @@ import torch
 
 from .scenes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, random_scene, render, shape_masks
 
-__all__ = ["MODEL_DIR", "HELD_OUT", "held_out", "render_tensor", "Scene", "Shape", "random_scene", "render",
+__all__ = ["MODEL_DIR", "FLOW_MODEL_DIR", "HELD_OUT", "held_out", "render_tensor", "Scene", "Shape", "random_scene", "render",
            "shape_masks", "COLOURS", "SHAPES", "SIZES", "POSITIONS"]
 
 MODEL_DIR = Path(__file__).with_name("weights")      # the diffusers folder of the trained model
+FLOW_MODEL_DIR = Path(__file__).with_name("flow_weights")   # the demo flow model (StableDiffusion3Pipeline folder)
 HELD_OUT = 10 ** 9                                   # training uses seeds below this; held-out scenes above
 
 
