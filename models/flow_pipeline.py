@@ -92,13 +92,18 @@ def _present(index: dict, name: str) -> bool:
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
 
 
+def load_t5_tokenizer(where, subfolder, **hub):
+    """The T5 tokenizer, imported only when a pipeline has T5 (it needs the `renoise[t5]` extra)."""
+    from .t5_tokenizer import load_t5_tokenizer as load
+    return load(where, subfolder, **hub)
+
+
 def load_flow_pipeline(where, index: dict, scheduler_config: dict, family: str, *, dtype, device, variant,
                        allow_pickle, **hub) -> FlowPipeline:
     """The components of an SD3 / FLUX diffusers folder or hub id (`where`), `index` its model_index.json."""
     from .clip import load_text_encoder
     from .loading import load_vae
     from .t5 import load_t5_encoder
-    from .t5_tokenizer import load_t5_tokenizer
     from .tokenizer import load_tokenizer
     from .transformer_loading import load_transformer
 

@@ -290,10 +290,9 @@ def load_flow_single_file(path, *, config=None, tokenizer=None, dtype=torch.floa
     read from a reference hub id.
     """
     from .clip import load_text_encoder
-    from .flow_pipeline import FlowPipeline
+    from .flow_pipeline import FlowPipeline, load_t5_tokenizer
     from .loading import load_vae
     from .t5 import load_t5_encoder
-    from .t5_tokenizer import load_t5_tokenizer
     from .tokenizer import load_tokenizer
     from .transformer_loading import load_single_file_transformer
 

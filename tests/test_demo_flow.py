@@ -176,3 +176,18 @@ def test_renoise_reconstructs_held_out_scenes(pipe):
 COLOUR_MIN = 0.75
 PSNR_MIN = 31.0
 LATENT_GAIN_MIN = 5.0
+
+
+def test_loads_and_edits_without_the_t5_extra(monkeypatch):
+    """demo-flow has no T5, so it needs no `tokenizers` (the renoise[t5] extra): the README's flow
+    command works on the plain install (`pip install -e .`)."""
+    import sys
+
+    import renoise.models.t5_tokenizer  # noqa: F401  (imported once with tokenizers, then hidden)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    monkeypatch.delitem(sys.modules, "renoise.models.t5_tokenizer")
+    from renoise.models import load_pipeline
+    pipe = load_pipeline("demo-flow")
+    assert pipe.text_encoder_3 is None and "renoise.models.t5_tokenizer" not in sys.modules
+    with pytest.raises(ImportError, match=r"pip install renoise\[t5\]"):
+        import renoise.models.t5_tokenizer  # noqa: F401,F811
