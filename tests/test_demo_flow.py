@@ -102,6 +102,9 @@ def test_training_script_runs_and_writes_a_loadable_folder(tmp_path):
     trained = _tensors(out / "transformer" / "diffusion_pytorch_model.safetensors")
     blank = _tensors(tmp_path / "work" / "blank" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(trained[k], blank[k]) for k in blank)        # one AdamW step moved the weights
+    captions = train_flow.sample_grid(out, tmp_path / "samples.png", n=4, steps=1)
+    from PIL import Image
+    assert len(captions) == 4 and Image.open(tmp_path / "samples.png").size == (4 * 256, 128)   # [target | sample] x 4
 
 
 def test_loads_by_name_with_no_network(pipe, monkeypatch):

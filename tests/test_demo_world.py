@@ -120,6 +120,9 @@ def test_one_training_step_of_each_part_runs_and_saves_a_loadable_folder(tmp_pat
         ours = getattr(pipe, name).state_dict()
         for k, v in module.state_dict().items():
             assert torch.equal(ours[k], v.half().float()), (name, k)
+    captions = train.sample_grid(folder, tmp_path / "samples.png", n=4, steps=1)
+    from PIL import Image
+    assert len(captions) == 4 and Image.open(tmp_path / "samples.png").size == (4 * 256, 128)   # [target | sample] x 4
 
 
 def test_training_step_changes_the_weights():

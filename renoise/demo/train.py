@@ -191,18 +191,25 @@ def sample_grid(folder, path, n: int = 16, steps: int = 25, guidance: float = 4.
     """Generate the held-out captions HELD_OUT..HELD_OUT+n from the saved folder; save
     [rendered target | generated] pairs as one PNG. Returns the captions."""
     from ..generate import generate
-    from ..images import save_image
     from ..models import load_pipeline
 
     pipe = load_pipeline(folder)
     scenes = [random_scene(HELD_OUT + i) for i in range(n)]
     gen = torch.Generator().manual_seed(seed)
     imgs = generate(pipe, [s.caption for s in scenes], num_steps=steps, guidance_scale=guidance, generator=gen)
+    save_sample_sheet(imgs, path)
+    return [s.caption for s in scenes]
+
+
+def save_sample_sheet(imgs, path) -> None:
+    """imgs [n, 3, 128, 128] generated for the held-out captions HELD_OUT..HELD_OUT+n: one PNG of
+    [rendered target | generated] pairs, four to a row."""
+    from ..images import save_image
+    n = imgs.shape[0]
     targets = render_batch([HELD_OUT + i for i in range(n)])
     pairs = torch.cat([targets, imgs.clamp(-1, 1)], dim=3)                # [n, 3, 128, 256]
     rows = [torch.cat(list(pairs[i:i + 4]), dim=2) for i in range(0, n, 4)]
     save_image(torch.cat(rows, dim=1)[None], path)
-    return [s.caption for s in scenes]
 
 
 def main(argv=None):

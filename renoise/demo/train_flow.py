@@ -30,7 +30,7 @@ import torch
 from . import HELD_OUT
 from .flow_model import MAX_SEQUENCE_LENGTH, TRANSFORMER, init_transformer, write_flow_folder
 from .scenes import random_scene
-from .train import TRAIN_SEED_OFFSET, _ema_update, _smooth, encode_pool, render_batch
+from .train import TRAIN_SEED_OFFSET, _ema_update, _smooth, encode_pool, save_sample_sheet
 
 __all__ = ["logit_normal_sigmas", "flow_targets", "main"]
 
@@ -77,7 +77,6 @@ def plot_losses(path, losses):
 def sample_grid(folder, path, n: int = 16, steps: int = 20, guidance: float = 4.0, seed: int = 0):
     """Held-out captions HELD_OUT..HELD_OUT+n generated from the saved folder, as [target | generated] pairs."""
     from ..flow import generate_flow
-    from ..images import save_image
     from ..models import load_pipeline
 
     pipe = load_pipeline(folder)
@@ -86,10 +85,7 @@ def sample_grid(folder, path, n: int = 16, steps: int = 20, guidance: float = 4.
     z = generate_flow(pipe, [s.caption for s in scenes], num_steps=steps, guidance_scale=guidance, size=(128, 128),
                       generator=torch.Generator().manual_seed(seed))
     imgs = pipe.vae.decode(z / pipe.vae.scaling_factor + pipe.vae.shift_factor)
-    targets = render_batch([HELD_OUT + i for i in range(n)])
-    pairs = torch.cat([targets, imgs.clamp(-1, 1)], dim=3)
-    rows = [torch.cat(list(pairs[i:i + 4]), dim=2) for i in range(0, n, 4)]
-    save_image(torch.cat(rows, dim=1)[None], path)
+    save_sample_sheet(imgs, path)
     return [s.caption for s in scenes]
 
 
