@@ -87,11 +87,6 @@ class FlowPipeline:
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
-def _present(index: dict, name: str) -> bool:
-    entry = index.get(name)
-    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
-
-
 def load_t5_tokenizer(where, subfolder, **hub):
     """The T5 tokenizer, imported only when a pipeline has T5 (it needs the `renoise[t5]` extra)."""
     from .t5_tokenizer import load_t5_tokenizer as load
@@ -102,7 +97,7 @@ def load_flow_pipeline(where, index: dict, scheduler_config: dict, family: str, 
                        allow_pickle, **hub) -> FlowPipeline:
     """The components of an SD3 / FLUX diffusers folder or hub id (`where`), `index` its model_index.json."""
     from .clip import load_text_encoder
-    from .loading import load_vae
+    from .loading import component_present, load_vae
     from .t5 import load_t5_encoder
     from .tokenizer import load_tokenizer
     from .transformer_loading import load_transformer
@@ -116,7 +111,7 @@ def load_flow_pipeline(where, index: dict, scheduler_config: dict, family: str, 
     tok = load_tokenizer(where, "tokenizer", **hub)
     if family == "flux":
         for name in ("text_encoder_2", "tokenizer_2"):
-            if not _present(index, name):
+            if not component_present(index, name):
                 raise ValueError(f"{where}: a FLUX pipeline needs {name} (the T5 encoder and its tokenizer)")
         t5 = load_t5_encoder(where, subfolder="text_encoder_2", **common, **hub)
         return FlowPipeline(transformer, vae, te, tok, t5, load_t5_tokenizer(where, "tokenizer_2", **hub),
@@ -124,7 +119,7 @@ def load_flow_pipeline(where, index: dict, scheduler_config: dict, family: str, 
     te2 = load_text_encoder(where, subfolder="text_encoder_2", **common, **hub)
     tok2 = load_tokenizer(where, "tokenizer_2", **hub)
     t5 = tok3 = None
-    if _present(index, "text_encoder_3"):
+    if component_present(index, "text_encoder_3"):
         t5 = load_t5_encoder(where, subfolder="text_encoder_3", **common, **hub)
         tok3 = load_t5_tokenizer(where, "tokenizer_3", **hub)
     return FlowPipeline(transformer, vae, te, tok, te2, tok2, t5, tok3, scheduler_config=scheduler_config, kind="sd3")

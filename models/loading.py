@@ -25,6 +25,12 @@ from pathlib import Path
 import torch
 
 from .configs import UNetConfig, VAEConfig, read_config, unet_config, vae_config
+
+
+def component_present(index: dict, name: str) -> bool:
+    """Whether a pipeline's model_index.json lists component `name` (diffusers writes [null, null] for an absent one)."""
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
 from .unet import UNet
 from .vae import AutoencoderKL
 

@@ -59,11 +59,6 @@ def _pipeline_root(source, hub: dict) -> Path:
     return root
 
 
-def _present(index: dict, name: str) -> bool:
-    entry = index.get(name)
-    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
-
-
 def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | None = None,
                   allow_pickle: bool = False, config=None, tokenizer=None, **hub) -> Pipeline:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the scheduler config.
@@ -79,7 +74,7 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
     a `models.flow_pipeline.FlowPipeline` (`kind` "sd3" | "flux").
     """
     from .clip import load_text_encoder
-    from .loading import is_hub_id, load_unet, load_vae
+    from .loading import component_present, is_hub_id, load_unet, load_vae
     from .tokenizer import load_tokenizer
 
     if source == "demo-flow":                     # trained with this many zero T5 tokens (flow_model.py)
@@ -122,10 +117,10 @@ def load_pipeline(source, *, dtype=torch.float32, device="cpu", variant: str | N
     vae = load_vae(where, **common, **hub)
     text_encoder = load_text_encoder(where, **common, **hub)
     tok = load_tokenizer(where, "tokenizer", **hub)
-    sdxl = _present(index, "text_encoder_2") or unet.config.addition_embed_type == "text_time"
+    sdxl = component_present(index, "text_encoder_2") or unet.config.addition_embed_type == "text_time"
     text_encoder_2 = tok2 = None
     if sdxl:
-        if not _present(index, "text_encoder_2"):
+        if not component_present(index, "text_encoder_2"):
             raise ValueError(f"{source}: an SDXL UNet (text_time conditioning) without text_encoder_2 "
                              "(e.g. the SDXL refiner) is not supported")
         text_encoder_2 = load_text_encoder(where, subfolder="text_encoder_2", **common, **hub)

@@ -242,9 +242,6 @@ class UNetFamily:
     def network(self):
         return self.pipe.unet
 
-    def check_plan(self, plan) -> None:
-        pass
-
     def schedule(self, latent_hw):
         return self.default_schedule
 

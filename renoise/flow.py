@@ -25,16 +25,6 @@ def is_flow_pipeline(pipe) -> bool:
     return getattr(pipe, "kind", None) in ("sd3", "flux")
 
 
-def check_flow_plan(plan) -> None:
-    """Refuse the plan parts that do not apply to a velocity model with the deterministic flow Euler step."""
-    if plan.noise_correction != "none":
-        raise ValueError(f"noise_correction {plan.noise_correction!r} corrects the fresh noise of stochastic samplers; "
-                         "the flow Euler step adds none: use noise_correction='none' with SD3 / FLUX.1")
-    if plan.regularize:
-        raise ValueError("the edit-enhancement regularizer acts on predicted noise (epsilon models); SD3 / FLUX.1 "
-                         "predict velocity: turn it off (reg_rounds=0 or lambda_ac = lambda_kl = 0)")
-
-
 def encode_flow(pipe, prompts, *, max_sequence_length=None) -> Conditioning:
     """Conditioning(context, text_embeds=pooled) of a flow pipeline."""
     from .models.flow_pipeline import encode_flow_prompts
@@ -110,7 +100,8 @@ def flow_denoiser(pipe, prompts, latent_hw, *, guidance_scale=1.0, negative_prom
     elif pipe.kind == "flux" and negative_prompts is not None:
         raise ValueError("FLUX.1 pipelines take no negative prompt (dev: the guidance scale is a model input; "
                          "schnell: no guidance)")
-    return FlowDenoiser(pipe, pipe.schedule(latent_hw), cond, uncond, guidance_scale), pipe.schedule(latent_hw)
+    schedule = pipe.schedule(latent_hw)
+    return FlowDenoiser(pipe, schedule, cond, uncond, guidance_scale), schedule
 
 
 @torch.no_grad()
@@ -140,7 +131,8 @@ def generate_flow(pipe, prompts, *, num_steps: int = 28, guidance_scale: float =
 class FlowFamily:
     """SD3 / SD 3.5 / FLUX.1: velocity models with the deterministic flow Euler step; the schedule
     depends on the image's size (dynamic shifting); sides multiples of 16 (2×2 patches of 8× latents);
-    plain edits only (attention control works on UNet cross-attention)."""
+    plain edits only (attention control works on UNet cross-attention). Noise correction and the
+    regularizer need no check here: a Plan with the flow_euler sampler refuses them when it is made."""
 
     name = "flow"
     description = "flow-matching model"
@@ -160,9 +152,6 @@ class FlowFamily:
     @property
     def network(self):
         return self.pipe.transformer
-
-    def check_plan(self, plan) -> None:
-        check_flow_plan(plan)
 
     def schedule(self, latent_hw):
         return self.pipe.schedule(latent_hw)

@@ -189,7 +189,6 @@ class Editor:
             overrides["sampler"] = fixed
         self.pipe = pipe
         self.plan = presets.resolve(preset, **overrides)
-        self.family.check_plan(self.plan)
         self.strength = float(strength)
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")

@@ -136,8 +136,8 @@ def test_anchors_on_a_unet_model_are_refused_before_out_is_touched(tmp_path, cap
 
 def test_probe_reads_folders_and_single_file_headers(folders, tmp_path):
     from safetensors.torch import save_file
-    assert flows.probe(str(folders["schnell"])) == flows.FlowFamily("flux", False)
-    assert flows.probe(str(folders["sd3"])) == flows.FlowFamily("sd3", False)
+    assert flows.probe(str(folders["schnell"])) == flows.FlowModel("flux", False)
+    assert flows.probe(str(folders["sd3"])) == flows.FlowModel("sd3", False)
     assert flows.probe("demo") == flows.UNET
     assert flows.probe(str(tmp_path / "missing")) is None
 
@@ -146,10 +146,10 @@ def test_probe_reads_folders_and_single_file_headers(folders, tmp_path):
 
     dev = tmp_path / "dev.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": one(), "guidance_in.in_layer.weight": one()}, str(dev))
-    assert flows.probe(str(dev)) == flows.FlowFamily("flux", True)
+    assert flows.probe(str(dev)) == flows.FlowModel("flux", True)
     sd3 = tmp_path / "sd3.safetensors"
     save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": one()}, str(sd3))
-    assert flows.probe(str(sd3)) == flows.FlowFamily("sd3", False)
+    assert flows.probe(str(sd3)) == flows.FlowModel("sd3", False)
     other = tmp_path / "unet.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": one()}, str(other))
     assert flows.probe(str(other)) == flows.UNET

@@ -301,10 +301,6 @@ def test_a_new_model_family_is_one_entry_in_the_pipeline(monkeypatch):
             self.default_schedule = Schedule.from_config(pipe.scheduler_config)
             self.network = pipe.vae
 
-        def check_plan(self, plan):
-            if plan.noise_correction != "none":
-                raise ValueError("toy: no noise correction")
-
         def schedule(self, latent_hw):
             return self.default_schedule
 

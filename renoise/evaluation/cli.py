@@ -356,12 +356,12 @@ def _run(args, ctx, method_list, items, source, out, started):
     dtype = devices.resolve_dtype(args.dtype, ctx.device, devices.model_dtype(args.config or args.model))
     single = {"config": args.config, "tokenizer": args.config} if args.config is not None else {}
     pipe = load_pipeline(args.model, dtype=dtype, device=ctx.device, variant=args.variant, **single)
-    from ..flow import is_flow_pipeline
-    args.multiple = 8
-    if is_flow_pipeline(pipe):               # a model probe() could not tell apart (a hub id): the same checks
-        from .flows import FlowFamily, check_methods
-        check_methods(args, method_list, FlowFamily(pipe.kind, pipe.guidance_embeds))
-        args.multiple = 16                   # flow transformers patch the latent 2×2: image sides multiples of 16
+    from ..pipeline import family_of
+    family = family_of(pipe)
+    args.multiple = family.size_multiple     # image sides: 8 (UNets), 16 (flow transformers patch the latent 2×2)
+    if family.name == "flow":                # a model probe() could not tell apart (a hub id): the same checks
+        from .flows import FlowModel, check_methods
+        check_methods(args, method_list, FlowModel(pipe.kind, pipe.guidance_embeds))
     preset, plans = _plans(args, pipe, method_list)
     settings = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "data": source,
                 "preset": preset, "seed": args.seed, "posterior": args.posterior,

@@ -2,7 +2,7 @@
 configs before anything is loaded, and the checks that refuse what cannot run on a flow before
 --out is touched.
 
-    family = probe(args.model)     # FlowFamily("flux", guidance_embeds=True), "unet", or None (unknown)
+    family = probe(args.model)     # FlowModel("flux", guidance_embeds=True), "unet", or None (unknown)
     check_methods(args, methods, family)       # ValueError naming what cannot run and what to do
 
 A flow model runs with the flow Euler sampler and velocity outputs: the peers (renoise.peers, UNet
@@ -16,13 +16,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FlowFamily", "probe", "check_methods", "solver_of", "UNET"]
+__all__ = ["FlowModel", "probe", "check_methods", "solver_of", "UNET"]
 
 UNET = "unet"
 
 
 @dataclass(frozen=True)
-class FlowFamily:
+class FlowModel:
     """What presets.for_model reads off a flow pipeline: its kind ("sd3" | "flux") and whether its
     transformer takes the guidance scale as an input (FLUX.1-dev)."""
     kind: str
@@ -30,7 +30,7 @@ class FlowFamily:
 
 
 def probe(model: str):
-    """FlowFamily for a flow pipeline folder or single file, UNET for a UNet one (the built-in demo,
+    """FlowModel for a flow pipeline folder or single file, UNET for a UNet one (the built-in demo,
     a folder whose model_index.json names no flow pipeline, a non-flow single file), None when that
     cannot be told without loading (a hub id not on disk, an unreadable file): then the run's own
     checks after loading apply. Reads configs and safetensors headers only."""
@@ -61,7 +61,7 @@ def _probe_folder(root: Path):
         if not config.is_file():
             return None
         embeds = bool(json.loads(config.read_text(encoding="utf-8")).get("guidance_embeds", False))
-    return FlowFamily(kind, embeds)
+    return FlowModel(kind, embeds)
 
 
 def _probe_file(path: Path):
@@ -75,7 +75,7 @@ def _probe_file(path: Path):
         return UNET
     kind = family.removeprefix("diffusers-")
     embeds = kind == "flux" and any("guidance_in." in k or "guidance_embedder." in k for k in keys)
-    return FlowFamily(kind, embeds)
+    return FlowModel(kind, embeds)
 
 
 def solver_of(method, run_preset: str) -> str:
