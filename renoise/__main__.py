@@ -235,8 +235,9 @@ _PLAN_HELP = {
                    "(plain) or at --relax (relaxed)",
     "tol": "stop a step's iterations once the residual (RMS change, in the model's input scale) is <= V "
            "(none: run all K+1 calls)",
-    "warm_start": "none | previous | previous-noise: start each step from the inverse step with the previous "
-                  "step's model output (previous-noise: less the step's fresh noise, on stochastic steps)",
+    "warm_start": "none | previous | previous-noise | extrapolate: start each step from the inverse step with the "
+                  "previous step's model output (previous-noise: less the step's fresh noise, on stochastic steps; "
+                  "extrapolate: the line through the last two steps' outputs, on deterministic steps)",
     "solver": "fixed-point (ReNoise) | euler | rf-solver | fireflow | rf-inversion: the flow-inversion anchors "
               "(flow models only; renoise.flow_anchors)",
     "rf_gamma": "RF-Inversion: controller pulling the inversion towards a fixed noise, in [0, 1]",

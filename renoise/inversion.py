@@ -8,7 +8,9 @@ the inversion walks it backwards. At (t, t') with the latent z_prev at t' it sol
 with `fixed_point.iterate` from z = z_prev (or, with the plan's warm_start="previous", from
 inverse_step(z_prev, e_prev), e_prev the previous step's last model output: no extra call; with
 "previous-noise", from inverse_step(z_prev, e_prev - c·n_t), c = the step's noise coefficient over
-x's noise level at t', which takes the fresh noise of an ancestral step out of the guess), as the
+x's noise level at t', which takes the fresh noise of an ancestral step out of the guess; with
+"extrapolate", on deterministic steps, from inverse_step(z_prev, ê), ê = e_1 + (t - t_1)/(t_1 - t_2)·(e_1 - e_2)
+the straight line in t through the last two steps' model outputs e_1 at t_1 and e_2 at t_2), as the
 plan says for t (renoise.presets): K + 1 model calls (K = 0: plain DDIM / Euler inversion; fewer
 per sample once the residual reaches the plan's tol), then either the last iterate or — averaging — one
 inverse step with the weighted mean of the window's *raw* model outputs (regularized when the
@@ -407,12 +409,21 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
     return res, inv, last["e"]
 
 
+def _extrapolated(e1, e2, t, t1, t2):
+    """The model output at t on the straight line through e1 (at t1) and e2 (at t2):
+    e1 + (t - t1)/(t1 - t2)·(e1 - e2). The steps' timesteps are numbers or 0-d tensors."""
+    r = (t - t1) / (t1 - t2)
+    if isinstance(r, torch.Tensor):
+        r = r.to(e1.dtype)
+    return e1 + r * (e1 - e2)
+
+
 def _warm_output(plan, smod, schedule, opts, e_prev, noise, t, tn):
     """The model output a warm start guesses for step (t, t'): e_prev, or ("previous-noise", on a
     stochastic step) e_prev - c·n with c = noise_coeff(t, t') / (x's noise level at t'): e_prev was
     the output at z_prev, whose noise the step's own noise n is part of (Euler-ancestral:
     c = σ_up / σ_t')."""
-    if plan.warm_start != "previous-noise" or noise is None:
+    if plan.warm_start not in ("previous-noise", "extrapolate") or noise is None:
         return e_prev
     one = torch.ones((), dtype=torch.float64)
     level = smod.add_noise(torch.zeros((), dtype=torch.float64), one, tn, schedule)
@@ -557,7 +568,7 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
 
     z, trajectory, residuals, calls = z0, [z0], [], 0
     contraction, jacobian_norm = [], [] if jacobian_iters else None
-    e_last, warm = None, plan.warm_start != "none"
+    e_last, e_older, warm = None, None, plan.warm_start != "none"
     for step_index, i in enumerate(reversed(range(len(chain)))):
         t, tn = chain[i]
         z_ref = None
@@ -565,6 +576,9 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
             z_ref = z0 if z_ref_noise is None else smod.add_noise(z0, z_ref_noise, t, schedule)
         z_prev = z
         e_guess = e_last if warm else None
+        if plan.warm_start == "extrapolate" and e_older is not None and not any(stochastic[i:i + 3]):
+            e_guess = _extrapolated(e_last, e_older, t, chain[i + 1][0], chain[i + 2][0])
+        e_older = e_last
         if region is not None:
             z, res, noises[i], evals, e_last = _compiled_step(region, denoiser, smod, schedule, plan, opts, z_prev,
                                                               t, tn, noises[i], z_ref, generator, stochastic[i],

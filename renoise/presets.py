@@ -31,7 +31,7 @@ from . import samplers as _samplers
 
 NOISE_CORRECTIONS = ("none", "override", "optimize")
 REFERENCE_NOISES = ("noised", "clean")
-WARM_STARTS = ("none", "previous", "previous-noise")
+WARM_STARTS = ("none", "previous", "previous-noise", "extrapolate")
 RELAX_STARTS = ("plain", "relaxed")
 SOLVERS = ("fixed-point", "euler", "rf-solver", "fireflow", "rf-inversion")   # = renoise.flow_anchors.SOLVERS
 
@@ -71,7 +71,10 @@ class Plan:
                                         inverse_step(z_{t'}, e_prev), e_prev the previous step's last model
                                         output (no extra call; the first step starts from z_{t'});
                                         "previous-noise": the same with the step's fresh noise taken out
-                                        of e_prev on stochastic steps (renoise.inversion._warm_output)
+                                        of e_prev on stochastic steps (renoise.inversion._warm_output);
+                                        "extrapolate": from the straight line in t through the last two
+                                        steps' model outputs, on a deterministic step after two others
+                                        (else as "previous-noise"): one order closer on smooth ODE paths
     solver                              "fixed-point" (ReNoise, everything above); or a flow-inversion anchor
                                         (flow_euler only, none of the fixed-point fields): "euler" (plain
                                         Euler inversion, v at the known point's own σ), "rf-solver",
