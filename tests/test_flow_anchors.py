@@ -390,6 +390,7 @@ def test_anchor_plans_refuse_fixed_point_settings():
         renoise.invert(mix.flow_denoiser(FLUX), x0, FLUX, "flow_euler", 4, plan("euler", 4), compile="trace")
     for name in flow_anchors.ANCHORS:
         assert Plan.preset({"euler": "euler-inversion"}.get(name, name)).solver == name
+    assert Plan.preset("uni-inv").num_steps == Plan.preset("ftedit").num_steps == 30
     for name in ("uni-inv", "ftedit"):
         with pytest.raises(ValueError, match="iters"):
             plan(name, 8, iters=2, window=(2, 3), average=False)
