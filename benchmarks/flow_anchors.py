@@ -10,8 +10,8 @@ e = ‖x̂0 - x0‖ / ‖x0‖ (dB = -20·log10 e), and the noise error ‖z_T -
 ODE's noise end z1 (RK4, 1000 steps): how far the inverted noise is from the flow's own.
 
 Budgets B (total calls): each anchor at the step count that fits (Euler 2n, RF-Solver 4n, FireFlow
-2n + 2, RF-Inversion 2n, Uni-Inv 2n + 1, FTEdit's Stage I 4n), ReNoise K = 0..9 at n = B // (K + 2) steps (K = 0: v at the known point but the
-step's upper σ, DDIM inversion's convention), and "ours": the fixed-point
+2n + 2, RF-Inversion 2n, Uni-Inv 2n + 1, FTEdit's Stage I 4n), ReNoise K = 0..9 at n = B // (K + 2) steps
+(K = 0: v at the known point but the step's upper σ, DDIM inversion's convention), and "ours": the fixed-point
 configuration (K, steps, Anderson, warm start, relax, tol) with the lowest worst-case error on a
 *different* mixture (seed 1) whose worst case fits B, then run on the evaluation mixture (seed 0).
 Two regimes: sharp modes (component std 0.05) and broad ones (0.3).

@@ -1,5 +1,6 @@
 """The flow-inversion anchors: plain Euler inversion, RF-Solver, FireFlow, RF-Inversion, and the newer
-iterative inversions Uni-Inv (UniEdit-Flow) and FTEdit's fixed-point Stage I, as solvers of the same core (renoise.invert / renoise.sample run them when a Plan's `solver` names one).
+iterative inversions Uni-Inv (UniEdit-Flow) and FTEdit's fixed-point Stage I, as solvers of the same core
+(renoise.invert / renoise.sample run them when a Plan's `solver` names one).
 
 Notation (renoise.samplers.flow_euler): x_σ = (1-σ)·x0 + σ·ε, the model gives the velocity
 v(x, σ) = dx/dσ (denoiser(x, t) with t = σ·T, T = schedule.num_train_timesteps). One step goes from

@@ -33,7 +33,8 @@ NOISE_CORRECTIONS = ("none", "override", "optimize")
 REFERENCE_NOISES = ("noised", "clean")
 WARM_STARTS = ("none", "previous", "previous-noise")
 RELAX_STARTS = ("plain", "relaxed")
-SOLVERS = ("fixed-point", "euler", "rf-solver", "fireflow", "rf-inversion", "uni-inv", "ftedit")   # = renoise.flow_anchors.SOLVERS
+SOLVERS = ("fixed-point", "euler", "rf-solver", "fireflow", "rf-inversion", "uni-inv",
+           "ftedit")   # = renoise.flow_anchors.SOLVERS
 
 
 @dataclass(frozen=True)

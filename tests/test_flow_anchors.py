@@ -1,6 +1,6 @@
 """The exact flow-matching velocity of a Gaussian mixture (renoise.toy) and the flow-inversion anchors
-(renoise.flow_anchors: plain Euler inversion, RF-Solver, FireFlow, RF-Inversion, Uni-Inv, FTEdit) run by renoise.invert /
-renoise.sample, each checked against its published formula on that analytic flow."""
+(renoise.flow_anchors: plain Euler inversion, RF-Solver, FireFlow, RF-Inversion, Uni-Inv, FTEdit) run by
+renoise.invert / renoise.sample, each checked against its published formula on that analytic flow."""
 import math
 
 import numpy as np

@@ -133,9 +133,9 @@ def _flow_anchors():
     euler-inversion, rf-solver, fireflow, rf-inversion at its paper's γ = 0.5 and η = 0.9 on the first
     quarter of the sampling steps; rf-inversion-eta0 without η, so that the image does not steer the
     reconstruction; the newer iterative uni-inv (UniEdit-Flow) and ftedit (FTEdit's Stage I)), our best
-    (warm start, Anderson, over-relaxation, tolerance stopping) at budgets K = 2 and 9, and the run's preset; all at the run's steps. Calls per row are recorded: compare at
-    equal calls (fireflow and uni-inv n + 1, rf-solver 2n, euler-inversion and rf-inversion n, ftedit 3n,
-    K: n(K + 1) at most)."""
+    (warm start, Anderson, over-relaxation, tolerance stopping) at budgets K = 2 and 9, and the run's preset;
+    all at the run's steps. Calls per row are recorded: compare at equal calls (fireflow and uni-inv n + 1,
+    rf-solver 2n, euler-inversion and rf-inversion n, ftedit 3n, K: n(K + 1) at most)."""
     grid = [Method("euler-inversion", "euler-inversion"), _plain("plain", iters=0)]
     grid += [_plain(f"K{k}", iters=k, average=False) for k in range(1, 10)]
     grid += [Method(name, name) for name in ("rf-solver", "fireflow", "rf-inversion", "uni-inv", "ftedit")]
