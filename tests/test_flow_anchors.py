@@ -478,3 +478,7 @@ def test_cli_plan_flags_name_the_anchors():
     assert over == {"solver": "rf-inversion", "rf_gamma": 0.7, "rf_eta": 0.9, "rf_eta_window": (0, 0.3)}
     p = renoise.presets.resolve(args.preset, **over)
     assert (p.solver, p.rf_gamma, p.rf_eta_window, p.num_steps) == ("rf-inversion", 0.7, (0, 0.3), 28)
+    for name in ("uni-inv", "ftedit"):
+        args = build_parser().parse_args([*base, "--preset", "euler-inversion", "--solver", name])
+        p = renoise.presets.resolve(args.preset, **_plan_overrides(args))
+        assert p.solver == name and p.iters == 0
