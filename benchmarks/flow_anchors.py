@@ -3,14 +3,15 @@
 The data are a Gaussian mixture (16 components in 64 dimensions, shaped [4, 4, 4] like a latent) whose
 exact flow-matching velocity is known (renoise.toy.GaussianMixture.velocity); the schedule is FLUX.1-dev's
 at 512² (dynamic shift, μ = 0.63). Each method inverts 32 data points and samples them back with its own
-sampler (ReNoise: the flow Euler chain; RF-Solver, FireFlow: their own steps; RF-Inversion: Algorithm 2).
+sampler (ReNoise, Uni-Inv, FTEdit: the flow Euler chain; RF-Solver, FireFlow: their own steps; RF-Inversion:
+Algorithm 2).
 Calls = inversion + sampling model calls (the most any sample used). Per sample: the reconstruction error
 e = ‖x̂0 - x0‖ / ‖x0‖ (dB = -20·log10 e), and the noise error ‖z_T - z1‖ / ‖z1‖ against the exact
 ODE's noise end z1 (RK4, 1000 steps): how far the inverted noise is from the flow's own.
 
 Budgets B (total calls): each anchor at the step count that fits (Euler 2n, RF-Solver 4n, FireFlow
-2n + 2, RF-Inversion 2n), ReNoise K = 0..9 at n = B // (K + 2) steps (K = 0: v at the known point but the
-step's upper σ, DDIM inversion's convention), and "ours": the fixed-point
+2n + 2, RF-Inversion 2n, Uni-Inv 2n + 1, FTEdit's Stage I 4n), ReNoise K = 0..9 at n = B // (K + 2) steps
+(K = 0: v at the known point but the step's upper σ, DDIM inversion's convention), and "ours": the fixed-point
 configuration (K, steps, Anderson, warm start, relax, tol) with the lowest worst-case error on a
 *different* mixture (seed 1) whose worst case fits B, then run on the evaluation mixture (seed 0).
 Two regimes: sharp modes (component std 0.05) and broad ones (0.3).
@@ -71,7 +72,9 @@ def anchors(budget):
             ("rf-solver", fit(budget // 4, "rf-solver")),
             ("fireflow", fit(budget // 2 - 1, "fireflow")),
             ("rf-inversion (γ=0.5, η=0)", fit(budget // 2, "rf-inversion", rf_gamma=0.5)),
-            ("rf-inversion (γ=0.5, η=0.9 on 25 %)*", fit(budget // 2, "rf-inversion", rf_gamma=0.5, rf_eta=0.9))]
+            ("rf-inversion (γ=0.5, η=0.9 on 25 %)*", fit(budget // 2, "rf-inversion", rf_gamma=0.5, rf_eta=0.9)),
+            ("uni-inv", fit((budget - 1) // 2, "uni-inv")),
+            ("ftedit (stage I)", fit(budget // 4, "ftedit"))]
 
 
 OURS = {"plain": {}, "anderson": dict(anderson=3), "warm+anderson": dict(anderson=3, warm_start="previous"),
@@ -123,9 +126,9 @@ def run(std, samples, budgets):
             if n >= 1:
                 rows.append({"budget": b, "method": f"renoise K={k}",
                              **(evaluate(*ev, fp_plan(n, k)) or {"diverged": True})})
-        # K = 0 from the previous step's velocity (warm start, one call a step): the predictor-corrector
-        # inversion of UniEdit-Flow's Uni-Inv as third-party summaries describe it (not checked against its paper)
-        rows.append({"budget": b, "method": "renoise K=0 warm (≈ Uni-Inv)",
+        # K = 0 from the previous step's velocity (warm start, one call a step): Uni-Inv with its zero_init
+        # option (the first step's predictor velocity 0, so v(x0, σ_1)), one call fewer than the uni-inv row
+        rows.append({"budget": b, "method": "renoise K=0 warm (= Uni-Inv zero_init)",
                      **(evaluate(*ev, fp_plan(b // 2, 0, warm_start="previous")) or {"diverged": True})})
         pick = select_ours(tune, b)
         if pick is not None:

@@ -238,7 +238,8 @@ _PLAN_HELP = {
     "warm_start": "none | previous | previous-noise | extrapolate: start each step from the inverse step with the "
                   "previous step's model output (previous-noise: less the step's fresh noise, on stochastic steps; "
                   "extrapolate: the line through the last two steps' outputs, on deterministic steps)",
-    "solver": "fixed-point (ReNoise) | euler | rf-solver | fireflow | rf-inversion: the flow-inversion anchors "
+    "solver": "fixed-point (ReNoise) | euler | rf-solver | fireflow | rf-inversion | uni-inv | ftedit: the "
+              "flow-inversion anchors "
               "(flow models only; renoise.flow_anchors)",
     "rf_gamma": "RF-Inversion: controller pulling the inversion towards a fixed noise, in [0, 1]",
     "rf_eta": "RF-Inversion: controller pulling sampling towards the inverted image, in [0, 1] (0: off)",

@@ -1,5 +1,6 @@
-"""The flow-inversion anchors: plain Euler inversion, RF-Solver, FireFlow and RF-Inversion, as
-solvers of the same core (renoise.invert / renoise.sample run them when a Plan's `solver` names one).
+"""The flow-inversion anchors: plain Euler inversion, RF-Solver, FireFlow, RF-Inversion, and the newer
+iterative inversions Uni-Inv (UniEdit-Flow) and FTEdit's fixed-point Stage I, as solvers of the same core
+(renoise.invert / renoise.sample run them when a Plan's `solver` names one).
 
 Notation (renoise.samplers.flow_euler): x_σ = (1-σ)·x0 + σ·ε, the model gives the velocity
 v(x, σ) = dx/dσ (denoiser(x, t) with t = σ·T, T = schedule.num_train_timesteps). One step goes from
@@ -29,6 +30,36 @@ v(x, σ) = dx/dσ (denoiser(x, t) with t = σ·T, T = schedule.num_train_timeste
                 (η = 0: plain Euler sampling; η = 1 at every step lands on y0 whatever X is: the
                 controller, not the inversion, then makes the reconstruction).
 
+    uni-inv     Jiao et al., "UniEdit-Flow: Unleashing Inversion and Editing in the Era of Flow Models"
+                (arXiv 2504.13109, ICLR 2026), Uni-Inv: a predictor-corrector step that predicts the
+                noisier point with the previous step's velocity and takes the step with the velocity there,
+                    v_i = v(x_0, σ_0) at the first step, else ṽ_{i-1};  x̂ = x_i + h·v_i
+                    ṽ_i = v(x̂, σ_{i+1});  x_{i+1} = x_i + h·ṽ_i              n + 1 calls for n steps
+                i.e. one fixed-point iteration of the exact inverse of the Euler sampling step
+                (z = x_i + h·v(z, σ_{i+1})) from a predicted start; the paper claims an O(h³) local
+                inversion-reconstruction error. It samples by plain Euler. Source: the authors' code,
+                DSL-Lab/UniEdit-Flow @ e3633bc1, UniEdit-Flow_FLUX/src/flux/sampling.py `denoise_uniinv`
+                (inverse=True; inverse=False falls back to plain `denoise`) and the same recursion in
+                UniEdit-Flow_diffusers/schedulers/UniInvEulerScheduler.py (first step v at σ = 0, then
+                the corrected latent plus the next step's predictor); settings: its FLUX README's
+                reconstruction example (30 steps, guidance 1, alpha 1 = invert all the way, no zero_init:
+                edit.py's --zero_init defaults to False and `denoise_uniinv` ignores it).
+    ftedit      Xu et al., "Unveil Inversion and Invariance in Flow Transformer for Versatile Image
+                Editing" (arXiv 2411.15843, CVPR 2025), Stage I "fixed-point" inversion: K = 2
+                fixed-point iterations of the exact inverse of the Euler sampling step, all at σ',
+                started at the known point, and the step taken with the MEAN of all K + 1 velocities,
+                    z_0 = x;  u_k = v(z_k, σ');  z_{k+1} = x + h·u_k  (k = 0..K);  x' = x + h·mean(u_0..u_K)
+                                                                             3 calls a step
+                (this is ReNoise's averaged iteration with K = 2 and the window [0, 3), tests check it).
+                It samples by plain Euler. Source: the authors' code, Pengchengpcx/FTEdit @ 442ef0f,
+                inversion/flow_fixpoint_residual_new.py `fixpoint_step` (model at the upper timestep,
+                average over iterations in average_step_ranges) with edit_real_sd35.py's settings
+                num_fixpoint_steps=2, average_step_ranges=(0, 5) (covers all 3 iterations), num_steps=30.
+                Stage II ("velocity compensation", `edit_img_with_residual`) adds to each sampling step the
+                residual between the stored inversion latent and the step's result, so the source branch
+                reproduces the stored trajectory exactly by construction; it is an editing device that
+                needs the whole trajectory, not an inversion, and is not modelled here.
+
 We write the model's timesteps as σ·T for the midpoints and the less noisy end (t' = None: 0); the
 diffusers RF-Inversion pipeline feeds the model unshifted timesteps i/N during inversion, which we do
 not copy (FACTS-FLOW §7.4). Settings from the papers' repositories: RF-Inversion γ = 0.5 (inversion),
@@ -38,9 +69,12 @@ from __future__ import annotations
 
 import torch
 
-SOLVERS = ("fixed-point", "euler", "rf-solver", "fireflow", "rf-inversion")
+SOLVERS = ("fixed-point", "euler", "rf-solver", "fireflow", "rf-inversion", "uni-inv", "ftedit")
 ANCHORS = SOLVERS[1:]
-CALLS = {"euler": "n", "rf-solver": "2n", "fireflow": "n + 1", "rf-inversion": "n"}
+CALLS = {"euler": "n", "rf-solver": "2n", "fireflow": "n + 1", "rf-inversion": "n", "uni-inv": "n + 1",
+         "ftedit": "3n"}
+FTEDIT_ITERS = 2             # FTEdit's num_fixpoint_steps (edit_real_sd35.py): K + 1 = 3 calls a step
+FTEDIT_AVERAGE = (0, 5)      # its average_step_ranges: the iterations [a, b) whose velocities are averaged
 
 
 def _t(schedule, sigma):
@@ -90,6 +124,31 @@ def rf_inversion_sample_step(denoiser, x, s, s_next, schedule, y0, eta):
     return x + (s_next - s) * (u + eta * (u_c - u))
 
 
+def uni_inv_step(denoiser, x, s, s_next, schedule, v=None):
+    """Uni-Inv's predictor-corrector step: -> (x', ṽ), ṽ = v(x + h·v, σ') the velocity the next step
+    predicts with. 1 call (2 when v is None: the chain's first step evaluates v(x, σ) itself)."""
+    h = s_next - s
+    if v is None:
+        v = denoiser(x, _t(schedule, s))
+    v_next = denoiser(x + h * v, _t(schedule, s_next))
+    return x + h * v_next, v_next
+
+
+def ftedit_step(denoiser, x, s, s_next, schedule, iters=FTEDIT_ITERS, average=FTEDIT_AVERAGE):
+    """FTEdit's Stage I step: iters + 1 fixed-point iterations z <- x + h·v(z, σ') from z = x, then
+    x + h·(mean of the velocities of iterations [a, b)) (no iteration in [a, b): the last iterate).
+    iters + 1 calls."""
+    h, t_next = s_next - s, _t(schedule, s_next)
+    z, mean, m = x, None, 0
+    for k in range(iters + 1):
+        u = denoiser(z, t_next)
+        if average[0] <= k < average[1]:
+            mean = u if mean is None else (m * mean + u) / (m + 1)
+            m += 1
+        z = x + h * u
+    return z if mean is None else x + h * mean
+
+
 def eta_at(plan, i, n):
     """RF-Inversion's η for sampling step i of n: plan.rf_eta inside [start·n, stop·n), else 0."""
     start, stop = plan.rf_eta_window
@@ -128,6 +187,11 @@ def invert_chain(denoiser, z0, schedule, chain, plan, generator=None, callback=N
         elif solver == "fireflow":
             c = 1 if v is not None else 2
             z, v = fireflow_step(denoiser, z, s, s_next, schedule, v)
+        elif solver == "uni-inv":
+            c = 1 if v is not None else 2
+            z, v = uni_inv_step(denoiser, z, s, s_next, schedule, v)
+        elif solver == "ftedit":
+            z, c = ftedit_step(denoiser, z, s, s_next, schedule), FTEDIT_ITERS + 1
         else:
             z, c = rf_inversion_step(denoiser, z, s, s_next, schedule, y1, plan.rf_gamma), 1
         calls += c
@@ -139,8 +203,8 @@ def invert_chain(denoiser, z0, schedule, chain, plan, generator=None, callback=N
 
 
 def sample_chain(denoiser, x, schedule, chain, plan, y0=None, callback=None):
-    """Denoise x along `chain` with the anchor plan.solver's own sampler (euler: plain Euler;
-    rf-solver / fireflow: their steps; rf-inversion: Algorithm 2 with η towards the image y0)."""
+    """Denoise x along `chain` with the anchor plan.solver's own sampler (euler, uni-inv, ftedit: plain
+    Euler; rf-solver / fireflow: their steps; rf-inversion: Algorithm 2 with η towards the image y0)."""
     solver = plan.solver
     if solver not in ANCHORS:
         raise ValueError(f"unknown flow anchor {solver!r}; expected one of {', '.join(ANCHORS)}")

@@ -33,7 +33,8 @@ NOISE_CORRECTIONS = ("none", "override", "optimize")
 REFERENCE_NOISES = ("noised", "clean")
 WARM_STARTS = ("none", "previous", "previous-noise", "extrapolate")
 RELAX_STARTS = ("plain", "relaxed")
-SOLVERS = ("fixed-point", "euler", "rf-solver", "fireflow", "rf-inversion")   # = renoise.flow_anchors.SOLVERS
+SOLVERS = ("fixed-point", "euler", "rf-solver", "fireflow", "rf-inversion", "uni-inv",
+           "ftedit")   # = renoise.flow_anchors.SOLVERS
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ class Plan:
     solver                              "fixed-point" (ReNoise, everything above); or a flow-inversion anchor
                                         (flow_euler only, none of the fixed-point fields): "euler" (plain
                                         Euler inversion, v at the known point's own σ), "rf-solver",
-                                        "fireflow", "rf-inversion" (renoise.flow_anchors); renoise.sample
+                                        "fireflow", "rf-inversion", "uni-inv" (UniEdit-Flow), "ftedit"
+                                        (FTEdit's Stage I) (renoise.flow_anchors); renoise.sample
                                         then samples with the anchor's own steps
     rf_gamma, rf_eta, rf_eta_window     RF-Inversion's controllers: γ pulls the inversion towards a fixed
                                         noise (0.5, its paper's default); η pulls sampling towards the
@@ -375,6 +377,10 @@ PRESETS = {
     "fireflow": Plan(name="fireflow", sampler="flow_euler", num_steps=8, solver="fireflow"),
     "rf-inversion": Plan(name="rf-inversion", sampler="flow_euler", num_steps=28, solver="rf-inversion", rf_gamma=0.5,
                          rf_eta=0.9, rf_eta_window=(0.0, 0.25)),
+    # the newer iterative inversions: Uni-Inv (UniEdit-Flow) at its FLUX README's reconstruction example's 30 steps,
+    # FTEdit's fixed-point Stage I (K = 2, all 3 velocities averaged) at its edit_real_sd35.py default of 30
+    "uni-inv": Plan(name="uni-inv", sampler="flow_euler", num_steps=30, solver="uni-inv"),
+    "ftedit": Plan(name="ftedit", sampler="flow_euler", num_steps=30, solver="ftedit"),
 }
 
 

@@ -1,6 +1,6 @@
 """The exact flow-matching velocity of a Gaussian mixture (renoise.toy) and the flow-inversion anchors
-(renoise.flow_anchors: plain Euler inversion, RF-Solver, FireFlow, RF-Inversion) run by renoise.invert /
-renoise.sample, each checked against its published formula on that analytic flow."""
+(renoise.flow_anchors: plain Euler inversion, RF-Solver, FireFlow, RF-Inversion, Uni-Inv, FTEdit) run by
+renoise.invert / renoise.sample, each checked against its published formula on that analytic flow."""
 import math
 
 import numpy as np
@@ -262,6 +262,113 @@ def test_rf_inversion_sampling_eta():
         assert (seen[i] - x).abs().max() < 1e-12
 
 
+def test_uni_inv_predictor_corrector_formula_and_calls():
+    """Uni-Inv (UniEdit-Flow `denoise_uniinv`): n + 1 calls; the first at (x0, σ = 0), every later one at
+    the predictor x_i + h·ṽ_{i-1} and the step's UPPER σ; x_{i+1} = x_i + h·ṽ_i; it samples by plain Euler
+    (n calls, the flow_euler sampler's own loop)."""
+    mix, g = mixture(15)
+    x0 = mix.sample(2, g)
+    den = recording(mix.flow_denoiser(FLUX))
+    n = 6
+    res = renoise.invert(den, x0, FLUX, "flow_euler", n, plan("uni-inv", n))
+    assert res.model_calls == n + 1 and len(den.log) == n + 1
+    sig = [0.0] + [FLUX.sig(t) for t, _ in reversed(FLUX.chain(n))]
+    x, v, calls = x0, mix.velocity(x0, 0.0), [(x0, 0.0)]
+    for i in range(n):
+        h = sig[i + 1] - sig[i]
+        xp = x + h * v
+        calls.append((xp, sig[i + 1]))
+        v = mix.velocity(xp, sig[i + 1])
+        x = x + h * v
+        assert (res.trajectory[i + 1] - x).abs().max() < 1e-12
+    for (xa, ta), (xb, sb) in zip(den.log, calls):
+        assert ta == pytest.approx(sb * 1000) and (xa - xb).abs().max() < 1e-12
+    den.log.clear()
+    back = renoise.sample(den, res)
+    assert len(den.log) == n
+    res.plan = Plan(sampler="flow_euler", num_steps=n)
+    assert (renoise.sample(mix.flow_denoiser(FLUX), res) - back).abs().max() < 1e-13
+
+
+def test_uni_inv_round_trip_is_second_order_euler_first():
+    """The paper's claim: Uni-Inv's local inversion-reconstruction error is O(h³), so inverting and sampling
+    back by plain Euler on n uniform steps errs as n^-2; plain Euler inversion (v at the known point) as n^-1."""
+    mix, g = mixture(8, std=0.5)
+    x0 = mix.sample(4, g)
+    den = mix.flow_denoiser(UNIFORM)
+    ns = [16, 32, 64, 128]
+    slopes = {}
+    for solver in ("euler", "uni-inv"):
+        errs = []
+        for n in ns:
+            r = renoise.invert(den, x0, UNIFORM, "flow_euler", n, plan(solver, n))
+            errs.append(float((renoise.sample(den, r) - x0).norm()))
+        slopes[solver] = _slope(ns, errs)
+    assert 0.8 < slopes["euler"] < 1.2, slopes
+    assert 1.8 < slopes["uni-inv"] < 2.4, slopes
+
+
+def test_ftedit_fixed_point_average_formula_and_calls():
+    """FTEdit's Stage I (`fixpoint_step`, num_fixpoint_steps = 2, average_step_ranges = (0, 5)): 3 calls a
+    step, all at the UPPER σ, at x, x + h·u_0, x + h·u_1; the step is x + h·(u_0 + u_1 + u_2)/3; it samples by
+    plain Euler (n calls)."""
+    mix, g = mixture(16)
+    x = mix.sample(3, g)
+    den = recording(mix.flow_denoiser(FLUX))
+    s, s2 = 0.3, 0.42
+    h = s2 - s
+    got = flow_anchors.ftedit_step(den, x, s, s2, FLUX)
+    u0 = mix.velocity(x, s2)
+    u1 = mix.velocity(x + h * u0, s2)
+    u2 = mix.velocity(x + h * u1, s2)
+    assert len(den.log) == 3 and all(t == pytest.approx(s2 * 1000) for _, t in den.log)
+    for (xa, _), xb in zip(den.log, (x, x + h * u0, x + h * u1)):
+        assert (xa - xb).abs().max() < 1e-14
+    assert (got - (x + h * (u0 + u1 + u2) / 3)).abs().max() < 1e-12
+    # with no iteration in the averaging window the answer is the last iterate x + h·u_K
+    assert (flow_anchors.ftedit_step(mix.flow_denoiser(FLUX), x, s, s2, FLUX, average=(5, 6))
+            - (x + h * u2)).abs().max() < 1e-12
+    den.log.clear()
+    n = 5
+    res = renoise.invert(den, x, FLUX, "flow_euler", n, Plan.preset("ftedit").replace(num_steps=n))
+    assert res.model_calls == 3 * n and len(den.log) == 3 * n
+    den.log.clear()
+    renoise.sample(den, res)
+    assert len(den.log) == n
+
+
+def test_ftedit_is_renoise_averaging_k2_over_all_iterates():
+    """FTEdit's Stage I is ReNoise's averaged fixed-point iteration with K = 2 and the window [0, 3) (the
+    paper's iteration from the known point, model at the upper σ, mean of every iterate's velocity)."""
+    mix, g = mixture(17)
+    x0 = mix.sample(3, g)
+    den = mix.flow_denoiser(FLUX)
+    n = 7
+    a = renoise.invert(den, x0, FLUX, "flow_euler", n, plan("ftedit", n))
+    b = renoise.invert(den, x0, FLUX, "flow_euler", n, Plan(sampler="flow_euler", num_steps=n, iters=2,
+                                                             window=(0, 3), average=True))
+    assert (a.trajectory - b.trajectory).abs().max() < 1e-12 and a.model_calls == b.model_calls == 3 * n
+
+
+def test_ftedit_round_trip_is_a_third_of_k0():
+    """Averaging in the iteration-0 velocity u_0 = v(x, σ') (error O(h) against the exact inverse's velocity;
+    u_1, u_2: O(h²), O(h³)) keeps FTEdit's Stage I first order: its Euler round trip errs as n^-1, and as
+    n grows its error tends to a third of ReNoise K = 0's (which takes u_0 alone)."""
+    mix, g = mixture(8, std=0.5)
+    x0 = mix.sample(4, g)
+    den = mix.flow_denoiser(UNIFORM)
+    ns = [16, 32, 64, 128]
+
+    def err(p):
+        return float((renoise.sample(den, renoise.invert(den, x0, UNIFORM, "flow_euler", p.num_steps, p))
+                      - x0).norm())
+    ft = [err(plan("ftedit", n)) for n in ns]
+    k0 = [err(Plan(sampler="flow_euler", num_steps=n)) for n in ns]
+    assert 0.8 < _slope(ns, ft) < 1.2, ft
+    ratio = [a / b for a, b in zip(ft, k0)]
+    assert abs(ratio[-1] - 1 / 3) < 0.03 and abs(ratio[-1] - 1 / 3) < abs(ratio[0] - 1 / 3), ratio
+
+
 # ------------------------------------------------------------------------------ plans, files, eval names
 
 def test_anchor_plans_refuse_fixed_point_settings():
@@ -283,6 +390,10 @@ def test_anchor_plans_refuse_fixed_point_settings():
         renoise.invert(mix.flow_denoiser(FLUX), x0, FLUX, "flow_euler", 4, plan("euler", 4), compile="trace")
     for name in flow_anchors.ANCHORS:
         assert Plan.preset({"euler": "euler-inversion"}.get(name, name)).solver == name
+    assert Plan.preset("uni-inv").num_steps == Plan.preset("ftedit").num_steps == 30
+    for name in ("uni-inv", "ftedit"):
+        with pytest.raises(ValueError, match="iters"):
+            plan(name, 8, iters=2, window=(2, 3), average=False)
 
 
 def test_anchor_result_saves_and_samples_the_same(tmp_path):
@@ -304,6 +415,10 @@ def test_eval_names_the_anchors():
     assert p.solver == "rf-solver" and p.num_steps == 12 and p.iters == 0
     [m] = parse_spec("fireflow")
     assert m.plan("flow", {"sampler": "flow_euler"}).solver == "fireflow"
+    for name in ("uni-inv", "ftedit"):
+        [m] = parse_spec(name)
+        p = m.plan("flow", {"sampler": "flow_euler", "num_steps": 4})
+        assert p.solver == name and p.num_steps == 4
     [m] = parse_spec("rfi:solver=rf-inversion,rf_gamma=0.7,rf_eta=0.9,rf_eta_window=[0,0.3]")
     p = m.plan("flow", {"sampler": "flow_euler"})
     assert (p.rf_gamma, p.rf_eta, p.rf_eta_window) == (0.7, 0.9, (0, 0.3))
@@ -363,3 +478,7 @@ def test_cli_plan_flags_name_the_anchors():
     assert over == {"solver": "rf-inversion", "rf_gamma": 0.7, "rf_eta": 0.9, "rf_eta_window": (0, 0.3)}
     p = renoise.presets.resolve(args.preset, **over)
     assert (p.solver, p.rf_gamma, p.rf_eta_window, p.num_steps) == ("rf-inversion", 0.7, (0, 0.3), 28)
+    for name in ("uni-inv", "ftedit"):
+        args = build_parser().parse_args([*base, "--preset", "euler-inversion", "--solver", name])
+        p = renoise.presets.resolve(args.preset, **_plan_overrides(args))
+        assert p.solver == name and p.iters == 0

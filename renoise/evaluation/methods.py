@@ -132,12 +132,13 @@ def _flow_anchors():
     noisier end), ReNoise K = 1..9 (plain iteration), each flow-inversion anchor (renoise.flow_anchors:
     euler-inversion, rf-solver, fireflow, rf-inversion at its paper's γ = 0.5 and η = 0.9 on the first
     quarter of the sampling steps; rf-inversion-eta0 without η, so that the image does not steer the
-    reconstruction), our best (warm start, Anderson, over-relaxation, tolerance stopping) at budgets
-    K = 2 and 9, and the run's preset; all at the run's steps. Calls per row are recorded: compare at
-    equal calls (fireflow n + 1, rf-solver 2n, euler-inversion and rf-inversion n, K: n(K + 1) at most)."""
+    reconstruction; the newer iterative uni-inv (UniEdit-Flow) and ftedit (FTEdit's Stage I)), our best
+    (warm start, Anderson, over-relaxation, tolerance stopping) at budgets K = 2 and 9, and the run's preset;
+    all at the run's steps. Calls per row are recorded: compare at equal calls (fireflow and uni-inv n + 1,
+    rf-solver 2n, euler-inversion and rf-inversion n, ftedit 3n, K: n(K + 1) at most)."""
     grid = [Method("euler-inversion", "euler-inversion"), _plain("plain", iters=0)]
     grid += [_plain(f"K{k}", iters=k, average=False) for k in range(1, 10)]
-    grid += [Method(name, name) for name in ("rf-solver", "fireflow", "rf-inversion")]
+    grid += [Method(name, name) for name in ("rf-solver", "fireflow", "rf-inversion", "uni-inv", "ftedit")]
     grid.append(Method("rf-inversion-eta0", "rf-inversion", {"rf_eta": 0.0}))
     relaxed = dict(anderson=3, relax=2.0, average=False, warm_start="previous")
     grid += [_plain("warm-anderson-relax2-K2-tol-1e-2", iters=2, tol=1e-2, **relaxed),
