@@ -369,6 +369,14 @@ PRESETS = {
     # OURS, carried over from the demo model; not tuned on the flow model
     "demo-flow": Plan(name="demo-flow", sampler="flow_euler", num_steps=10, guidance_scale=1.0, iters=9,
                       window=(9, 10), average=False, anderson=3, relax=2.0, tol=1e-2, warm_start="previous"),
+    # the demo flow model at about one call a step (issue 23): each step starts from the straight line through the
+    # last two steps' velocities (warm_start="extrapolate") and takes one call; the step that leaves the image
+    # (t = 112 -> 1 at 10 steps, where the fixed-point map contracts worst and no history exists) takes up to 3,
+    # the first (t = 1: sigma 0 -> 0.001) stops after one at tol. 12 calls at 10 steps. OURS, measured on the demo
+    # flow model (benchmarks/RESULTS.md); first_until = 150 fits 10 steps (at 4 steps the same step is t = 334)
+    "demo-flow-fast": Plan(name="demo-flow-fast", sampler="flow_euler", num_steps=10, guidance_scale=1.0, iters=0,
+                           window=(0, 1), average=False, first_iters=2, first_window=(2, 3), first_until=150,
+                           tol=1e-2, warm_start="extrapolate"),
     # the flow-inversion anchors (issue 23, renoise.flow_anchors) at their repositories' step counts: plain Euler
     # inversion and RF-Inversion (γ = 0.5, η = 0.9 on the first 25 % of the sampling steps) at 28 steps, RF-Solver
     # at 25 (its edit.py default), FireFlow at 8 (its README: "8-step inversion and 8-step editing")

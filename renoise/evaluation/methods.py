@@ -133,8 +133,10 @@ def _flow_anchors():
     euler-inversion, rf-solver, fireflow, rf-inversion at its paper's γ = 0.5 and η = 0.9 on the first
     quarter of the sampling steps; rf-inversion-eta0 without η, so that the image does not steer the
     reconstruction; the newer iterative uni-inv (UniEdit-Flow) and ftedit (FTEdit's Stage I)), our best
-    (warm start, Anderson, over-relaxation, tolerance stopping) at budgets K = 2 and 9, and the run's preset;
-    all at the run's steps. Calls per row are recorded: compare at equal calls (fireflow and uni-inv n + 1,
+    (warm start, Anderson, over-relaxation, tolerance stopping) at budgets K = 2 and 9, one call a step from
+    the previous step's velocity (warm-K0) or the line through the last two (extrap-K0), the demo-flow-fast
+    preset (extrapolated, one call a step, up to 3 on the step leaving the image) and the run's preset; all at
+    the run's steps. Calls per row are recorded: compare at equal calls (fireflow and uni-inv n + 1,
     rf-solver 2n, euler-inversion and rf-inversion n, ftedit 3n, K: n(K + 1) at most)."""
     grid = [Method("euler-inversion", "euler-inversion"), _plain("plain", iters=0)]
     grid += [_plain(f"K{k}", iters=k, average=False) for k in range(1, 10)]
@@ -142,7 +144,10 @@ def _flow_anchors():
     grid.append(Method("rf-inversion-eta0", "rf-inversion", {"rf_eta": 0.0}))
     relaxed = dict(anderson=3, relax=2.0, average=False, warm_start="previous")
     grid += [_plain("warm-anderson-relax2-K2-tol-1e-2", iters=2, tol=1e-2, **relaxed),
-             _plain("warm-anderson-relax2-tol-1e-2", iters=9, tol=1e-2, **relaxed), _preset(RUN_PRESET)]
+             _plain("warm-anderson-relax2-tol-1e-2", iters=9, tol=1e-2, **relaxed)]
+    grid += [_plain(f"{name}-K0", iters=0, average=False, warm_start=ws)
+             for name, ws in (("warm", "previous"), ("extrap", "extrapolate"))]
+    grid += [Method("demo-flow-fast", "demo-flow-fast"), _preset(RUN_PRESET)]
     return grid
 
 
