@@ -219,6 +219,44 @@ def guided_denoiser(unet, schedule, sampler, cond, uncond=None, guidance_scale=1
 # ---------------------------------------------------------------------------------------------
 # model families: what the Editor asks of a pipeline (renoise.pipeline.FAMILIES picks one)
 
+def initial_latents(pipe, batch: int, size, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z_T ~ N(0, I), [batch, C, H/8, W/8], drawn on the generator's device, float32."""
+    c = pipe.unet.config.in_channels
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn((batch, c, size[0] // 8, size[1] // 8), generator=generator, device=device)
+
+
+def generate_unet(pipe, prompts, *, num_steps, guidance_scale, sampler, negative_prompts=None, size=None,
+                  latents=None, generator=None) -> torch.Tensor:
+    """z0 [B, C, H/8, W/8] from z_T = `latents` (or N(0, I) from `generator`) by `sampler`'s chain with
+    classifier-free guidance ε = ε_u + g·(ε_c − ε_u) (negative prompt "" or the model's zeros); stochastic
+    samplers draw their step noises from the same generator. `size` (H, W) in pixels."""
+    from .schedules import Schedule
+    if size is None:
+        s = pipe.unet.config.sample_size * 8
+        size = (s, s)
+    schedule = Schedule.from_config(pipe.scheduler_config)
+    smp = _samplers.get(sampler)
+    cond = encode_prompts(pipe, prompts, size=size)
+    uncond = None
+    if guidance_scale > 1:
+        neg = None if negative_prompts is None else as_prompts(negative_prompts, len(prompts), "negative prompt")
+        uncond = negative_conditioning(pipe, neg, cond, size=size)
+    den = GuidedDenoiser(pipe.unet, schedule, smp, cond, uncond, guidance_scale)
+    x = initial_latents(pipe, len(prompts), size, generator) if latents is None else latents
+    x = x.to(device=pipe.unet.device, dtype=torch.float32)
+    chain = schedule.chain(num_steps, smp.NAME)
+    if smp.NAME == "euler_ancestral":
+        x = x * float(schedule.sigma(chain[0][0]))          # σ-space: x = x0 + σ·ε
+    for t, t_next in chain:
+        noise = None
+        if smp.is_stochastic(t_next):
+            noise = torch.randn(x.shape, generator=generator, device=x.device if generator is None
+                                else generator.device).to(x.device)
+        x = smp.step(x, den(x, t), t, t_next, schedule, noise=noise)
+    return x
+
+
 class UNetFamily:
     """SD 1.x / 2.x, SDXL, LCM: ε-, v- or x0-prediction UNets. Any sampler; the schedule comes
     from the scheduler config (one for every image size); attention control works."""
@@ -247,5 +285,9 @@ class UNetFamily:
 
     def denoiser(self, cond, uncond, guidance_scale, schedule, sampler, *, prompts, size, negative_prompts):
         return GuidedDenoiser(self.pipe.unet, schedule, sampler, cond, uncond, guidance_scale)
+
+    def generate(self, prompts, **kw):
+        """z0 from noise (renoise.generate): generate_unet."""
+        return generate_unet(self.pipe, prompts, **kw)
 
     needs_encoding = True               # the Editor encodes the prompts (Editor.encode) for denoiser()

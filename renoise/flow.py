@@ -156,6 +156,16 @@ class FlowFamily:
     def schedule(self, latent_hw):
         return self.pipe.schedule(latent_hw)
 
+    def generate(self, prompts, *, num_steps, guidance_scale, sampler=None, negative_prompts=None, size=None,
+                 latents=None, generator=None):
+        """z0 from noise (renoise.generate) by generate_flow; `sampler` does not apply (the flow Euler step).
+        size defaults to SD3's sample_size × 8 (FLUX.1 has none: pass size or latents)."""
+        sample = getattr(self.pipe.transformer.config, "sample_size", None)
+        if size is None and latents is None and sample:
+            size = (sample * 8, sample * 8)
+        return generate_flow(self.pipe, prompts, num_steps=num_steps, guidance_scale=guidance_scale,
+                             negative_prompts=negative_prompts, size=size, latents=latents, generator=generator)
+
     def denoiser(self, cond, uncond, guidance_scale, schedule, sampler, *, prompts, size, negative_prompts):
         if self.pipe.kind == "flux":
             negative_prompts = None      # FLUX.1 has no negative branch (dev: guidance is a model input)
