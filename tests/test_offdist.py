@@ -80,10 +80,11 @@ def _latent_psnr_and_calls(pipe, plan, x, captions):
 EULER_GAP = ("issue 20, not met: demo-euler-4 (Euler-ancestral 4 + noise correction, <= 3 calls a step, noise-aware "
              "warm start) loses up to 12.3 dB latent PSNR to plain iteration at equal calls on an other-renderer "
              "image (relax_start='relaxed'; 6.5 with 'plain', which puts its home median 3.0 dB under K = 9's); "
-             "demo (Anderson, K <= 9) is the preset that never loses there; benchmarks/RESULTS.md. Why (RESULTS, 'Why "
-             "demo-euler-4 loses'): noise correction 'optimize' leaves a triangle wave of the solve error (test below), "
-             "so the shortfall of the same preset moves from -0.6 to +9.3 dB with the noise draws; and on a textured "
-             "other-renderer image the noise-aware warm start leaves slow-mode error that 3 calls do not remove")
+             "demo (Anderson, K <= 9) is the preset that never loses there; benchmarks/RESULTS.md. Why (RESULTS, "
+             "'Why demo-euler-4 loses'): noise correction 'optimize' leaves a triangle wave of the solve error (test "
+             "below), so the shortfall of the same preset moves from -0.6 to +9.3 dB with the noise draws; and on a "
+             "textured other-renderer image the noise-aware warm start leaves slow-mode error that 3 calls do not "
+             "remove")
 
 
 EULER_LOSES_ON = ("other-renderer", "photos")       # where demo-euler-4 loses today; it holds on the others
