@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from renoise.evaluation.store import ok_rows
+
 PLAIN = {"plain": 0, "K1": 1, "K2": 2, "K3": 3, "K5": 5, "K9": 9}
 NC = {"reference": (10, 1.8), "fine": (1000, 0.018)}
 
@@ -48,12 +50,7 @@ def run(data, images, seed, variant, out, threads):
            "--steps", "4", "--noise-correction", "optimize", "--seed", str(seed), "--methods", *methods(variant),
            "--out", str(folder), "--quiet", "--no-plots", "--threads", str(threads)]
     subprocess.run(cmd, check=True)
-    rows = {}
-    for line in (folder / "rows.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["status"] == "ok":
-            rows.setdefault(r["method"], {})[r["image"]] = r
-    return rows
+    return ok_rows(folder)
 
 
 def shortfall(rows, method="demo-euler-4"):

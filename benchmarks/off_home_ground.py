@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from renoise.evaluation.store import ok_rows
+
 CONFIGS = {"ddim-4": ["--sampler", "ddim", "--steps", "4"],
            "ddim-10": ["--sampler", "ddim", "--steps", "10"],
            "ddim-50": ["--sampler", "ddim", "--steps", "50"],
@@ -40,15 +42,6 @@ def run_eval(config, data, images, out, threads, methods):
     if threads:
         cmd += ["--threads", str(threads)]
     subprocess.run(cmd, check=True)
-
-
-def rows_of(folder):
-    rows = {}
-    for line in (folder / "rows.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["status"] == "ok":
-            rows.setdefault(r["method"], {})[r["image"]] = r
-    return rows
 
 
 def table(rows):
@@ -88,7 +81,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             if not a.tabulate_only:
                 run_eval(config, data, a.images, a.out, a.threads, a.methods)
-            rows = table(rows_of(a.out / config / data))
+            rows = table(ok_rows(a.out / config / data))
             result["configs"].setdefault(config, {})[data] = {"seconds": time.perf_counter() - t0, "rows": rows}
             print(f"\n#### {config}, {data} ({a.images} images)\n")
             print("| method | calls (median) | calls / K9's | latent PSNR median | vs K9 median | worst vs K9 | "

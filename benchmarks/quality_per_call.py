@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from renoise.evaluation.store import ok_rows
+
 CONFIGS = {"ddim-4": ["--sampler", "ddim", "--steps", "4"],
            "ddim-10": ["--sampler", "ddim", "--steps", "10"],
            "ddim-50": ["--sampler", "ddim", "--steps", "50"],
@@ -36,15 +38,6 @@ def run_eval(name, images, out, threads, methods):
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     return time.perf_counter() - t0
-
-
-def rows_of(folder):
-    rows = {}
-    for line in (folder / "rows.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["status"] == "ok":
-            rows.setdefault(r["method"], {})[r["image"]] = r
-    return rows
 
 
 def shortfall(rows, method, key):
@@ -86,7 +79,7 @@ def main(argv=None):
     result = {"date": time.strftime("%Y-%m-%d"), "images": a.images, "configs": {}}
     for name in a.configs:
         seconds = None if a.tabulate_only else run_eval(name, a.images, a.out, a.threads, a.methods)
-        rows = table(name, rows_of(a.out / name))
+        rows = table(name, ok_rows(a.out / name))
         result["configs"][name] = {"seconds": seconds, "rows": rows}
         print(f"\n### {name} ({a.images} held-out scenes)\n")
         print("| method | calls | median PSNR | p10 PSNR | latent PSNR median | p10 | edit ok | vs plain (dB) |")

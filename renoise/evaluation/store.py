@@ -191,6 +191,15 @@ def read_rows(out, fingerprints=None, stale=None) -> dict:
     return rows
 
 
+def ok_rows(out) -> dict:
+    """{method: {image: row}} of a finished run's rows with status "ok" (read_rows; what benchmarks tabulate)."""
+    rows = {}
+    for (image, method), row in read_rows(out).items():
+        if row["status"] == "ok":
+            rows.setdefault(method, {})[image] = row
+    return rows
+
+
 def check_settings(out, settings: dict) -> None:
     """Write out/run.json, or check that the run already there used the same settings. Methods may
     be added to a run (and images to its data set); a method kept under its name must keep its plan
