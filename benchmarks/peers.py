@@ -16,7 +16,8 @@ with every method on it, to benchmarks/plots/peers_ddim<N>.png, and JSON beside 
 With --sets: the same methods on the off-distribution sets of `renoise eval --set` (no edits: they
 have no edit prompts) at --set-steps, --set-images images each, into OUT/sets/ddim<N>/<set>; per set
 the table adds the worst image's image and latent PSNR, and the verdict the best ReNoise method
-within the peer's median seconds; then one line per peer and set; JSON in OUT/sets/peers_sets.json.
+within the peer's median seconds; then one line per peer and set; JSON in
+OUT/sets/peers_sets_ddim<N>.json.
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def run_sets(args):
                     c += f"; ≤s {v['best_within_seconds']} {''.join(v['best_s_vs'])}"
                 cells.append(c)
             print(f"| {steps[4:]} | {name} | " + " | ".join(cells) + " |")
-    path = Path(args.out) / "sets" / "peers_sets.json"
+    path = Path(args.out) / "sets" / f"peers_sets_ddim{'-'.join(map(str, args.set_steps))}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {path}")
 
