@@ -158,8 +158,8 @@ def run_sets(args):
                 "wall_seconds": wall, "summary": summary["methods"], "worst": w, "verdicts": vs}
     print("\n## Per peer and set: preset vs peer (img med, p10; latent med, p10), and the best ReNoise method "
           "within the peer's cost / seconds where the preset is dearer / slower\n")
-    print("| DDIM | set | " + " | ".join(v["peer"] for v in next(iter(next(iter(report["sets"].values())).values()))
-                                         ["verdicts"]) + " |")
+    names = [v["peer"] for v in next(iter(next(iter(report["sets"].values())).values()))["verdicts"]]
+    print("| DDIM | set | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
     for steps, per in report["sets"].items():
         for name, r in per.items():
             cells = []
