@@ -14,7 +14,8 @@ latent PSNR. Writes one figure per step count, image and latent PSNR against cos
 with every method on it, to benchmarks/plots/peers_ddim<N>.png, and JSON beside the runs. Rows are reused (eval resumes).
 
 With --sets: the same methods on the off-distribution sets of `renoise eval --set` (no edits: they
-have no edit prompts) at --set-steps, --set-images images each, into OUT/sets/ddim<N>/<set>; per set
+have no edit prompts), plus `demo-K5` (the demo preset at AIDI's budget: K = 5, no tolerance), at
+--set-steps, --set-images images each, into OUT/sets/ddim<N>/<set>; per set
 the table adds the worst image's image and latent PSNR, and the verdict the best ReNoise method
 within the peer's median seconds; then one line per peer and set; JSON in
 OUT/sets/peers_sets_ddim<N>.json.
@@ -38,12 +39,14 @@ KEYS = [("psnr", "median"), ("psnr", "p10"), ("latent_psnr", "median"), ("latent
 
 
 SETS = ["other-renderer", "unknown-words", "photos", "degraded"]
+# off home ground also: the demo preset at AIDI's budget (K = 5, no tolerance: 6 calls a step, as AIDI)
+SET_RENOISE = ["demo-K5:preset=demo,iters=5,window=[5,6],tol=none"]
 
 
 def run_eval(steps, images, out, threads, data_set=None):
     data = ["--set", data_set, "--set-size", str(images), "--no-plots"] if data_set else ["--demo", str(images)]
     cmd = [sys.executable, "-m", "renoise", "eval", "--model", "demo", *data, "--steps", str(steps),
-           "--methods", "peers", *RENOISE, *EXTRA, "--out", str(out), "--quiet"]
+           "--methods", "peers", *RENOISE, *EXTRA, *(SET_RENOISE if data_set else []), "--out", str(out), "--quiet"]
     if threads:
         cmd += ["--threads", str(threads)]
     t0 = time.perf_counter()
@@ -74,7 +77,7 @@ def verdicts(summary):
     the peer's cost. `ddim-inversion` is ReNoise's own K = 0 (Plan(iters=0), the `plain` method),
     so it counts as ours and is not judged."""
     ms = summary["methods"]
-    ours = {n: ms[n] for n in RENOISE + ["ddim-inversion"] if n in ms}
+    ours = {n: ms[n] for n in RENOISE + [m.split(":")[0] for m in SET_RENOISE] + ["ddim-inversion"] if n in ms}
     keys = [(k, w) for k in ("psnr", "latent_psnr") for w in ("median", "p10")]
     preset = ms["preset"]
     out = []
