@@ -219,6 +219,14 @@ def test_resolve_names_settings_and_refuses_unknown_fields():
     with pytest.raises(ValueError, match="edit_negative"):
         peers.resolve("bdia", edit_negative="other")
     assert set(peers.GROUP) == set(peers.PAPERS)
+    # the settings checked against their sources (renoise.peers.PAPERS, RESULTS): GNRI's paper and authors'
+    # code (2 iterations, λ = 0.1, no backward pass), AIDI's public reimplementation (K = 5, m = 3, mixing 1)
+    assert {k: peers.PEERS["gnri"][k] for k in newton.GNRI} == newton.GNRI == dict(iters=2, lam=0.1, autograd=False,
+                                                                                eta=1e-3)
+    assert peers.PEERS["aidi"]["plan"] == dict(iters=5, anderson=3, average=False)
+    assert presets.Plan().relax == 1.0 and presets.Plan().tol is None and presets.Plan().warm_start == "none"
+    assert "dvirsamuel/NewtonRaphsonInversion" in peers.PAPERS["gnri"]
+    assert "wmchen/diffusion-inversion" in peers.PAPERS["aidi"]
 
 
 # ---------------------------------------------------------------------------- eval, demo model
