@@ -114,18 +114,36 @@ def test_null_text_optimised_embeddings_lower_each_steps_error(problem):
 
 # ------------------------------------------------------------------------------------------ GNRI
 
-def test_gnri_objective_falls_at_every_step(problem):
+@pytest.mark.parametrize("autograd", [False, True])
+def test_gnri_objective_falls_at_every_step_off_the_first(problem, autograd):
+    """GNRI's Newton scheme lowers its objective F = ‖z - G(z)‖₁ + λ‖z - μ‖₂/β from the start z_{t'}
+    to the answer, at the paper's settings (2 calls a step; backward passes only with autograd), on
+    every step whose kernel variance β is >= 0.15. On the first step (β ≈ 1e-3, λ/β ≈ 100) F
+    rises: z⁰ = z_{t'} sits on μ, and the answer G(z) is pulled off it (F = 0 has no root)."""
     mix, x0, s, _ = problem
     den = mix.denoiser(s, "ddim")
-    r = newton.gnri_invert(den, x0, s, "ddim", 10, track_objective=True)
-    assert r.model_calls == 30 and r.backward == 20
+    r = newton.gnri_invert(den, x0, s, "ddim", 10, autograd=autograd, track_objective=True)
+    assert r.model_calls == 20 and r.backward == (20 if autograd else 0)
     ratios = []
-    for F in r.log["objective"]:                         # [iters + 1, B]: the guess, each iterate's answer
-        assert F.shape == (3, x0.shape[0])
-        assert bool((F[-1] < F[0]).float().mean() >= 0.8), F
-        assert float(F[-1].median()) < float(F[0].median())
-        ratios.append(float((F[-1] / F[0]).median()))
-    assert sum(ratios) / len(ratios) < 0.7, ratios
+    for (t, tn), F in zip(reversed(s.chain(10, "ddim")), r.log["objective"]):
+        assert F.shape == (3, x0.shape[0])               # [iters + 1, B]: each iterate (z⁰ = z_{t'}), the answer
+        beta = float(newton.prior_terms(s, x0, t, tn)[1])
+        if tn is None:
+            assert bool((F[-1] > F[0]).all()), F
+        elif beta >= 0.15:
+            assert bool((F[-1] < F[0]).all()), (t, F)
+            ratios.append(float((F[-1] / F[0]).median()))
+    assert len(ratios) == 8 and sum(ratios) / len(ratios) < 0.6, ratios
+
+
+def test_gnri_frozen_gradient_is_the_objective_gradient_with_the_model_output_held_fixed(problem):
+    """The default (the authors' code) differentiates F with G(z) held fixed: the closed form
+    matches autograd on F(z, g) with g a constant."""
+    mix, x0, s, gen = problem
+    z, g, mu = (torch.randn(x0.shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    x = z.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(newton.objective(x, g, mu, 0.3, 0.1).sum(), x)
+    assert torch.allclose(newton._frozen_grad(z, g, mu, 0.1, 0.3), auto, rtol=1e-12, atol=1e-12)
 
 
 def test_gnri_beats_ddim_inversion_on_the_mixture(problem):
@@ -140,7 +158,7 @@ def test_gnri_beats_ddim_inversion_on_the_mixture(problem):
 
     ddim = invert(den, x0, s, "ddim", 10, presets.Plan(num_steps=10)).z_T
     gnri = newton.gnri_invert(den, x0, s, "ddim", 10).z_T
-    assert round_trip(gnri) < 0.3 * round_trip(ddim)
+    assert round_trip(gnri) < 0.9 * round_trip(ddim)
 
 
 # ------------------------------------------------------------------------------------------ AIDI
@@ -201,6 +219,14 @@ def test_resolve_names_settings_and_refuses_unknown_fields():
     with pytest.raises(ValueError, match="edit_negative"):
         peers.resolve("bdia", edit_negative="other")
     assert set(peers.GROUP) == set(peers.PAPERS)
+    # the settings checked against their sources (renoise.peers.PAPERS, RESULTS): GNRI's paper and authors'
+    # code (2 iterations, λ = 0.1, no backward pass), AIDI's public reimplementation (K = 5, m = 3, mixing 1)
+    assert {k: peers.PEERS["gnri"][k] for k in newton.GNRI} == newton.GNRI == dict(iters=2, lam=0.1, autograd=False,
+                                                                                eta=1e-3)
+    assert peers.PEERS["aidi"]["plan"] == dict(iters=5, anderson=3, average=False)
+    assert presets.Plan().relax == 1.0 and presets.Plan().tol is None and presets.Plan().warm_start == "none"
+    assert "dvirsamuel/NewtonRaphsonInversion" in peers.PAPERS["gnri"]
+    assert "wmchen/diffusion-inversion" in peers.PAPERS["aidi"]
 
 
 # ---------------------------------------------------------------------------- eval, demo model
@@ -225,9 +251,10 @@ def test_every_peer_runs_through_eval_on_the_demo_model(tmp_path):
     from renoise.__main__ import main
     out = tmp_path / "o"
     assert main(["eval", "--demo", "1", "--steps", "2", "--methods", "peers", "edict-g1:peer=edict,guidance=1",
+                 "gnri-autograd:peer=gnri,autograd=true",
                  "--out", str(out), "--threads", "1", "--quiet", "--no-plots"]) == 0
     rows = {r["method"]: r for r in map(json.loads, Path(out, "rows.jsonl").read_text().splitlines())}
-    assert set(rows) == {"preset", "edict-g1", *peers.GROUP}
+    assert set(rows) == {"preset", "edict-g1", "gnri-autograd", *peers.GROUP}
     assert all(r["status"] == "ok" for r in rows.values())
     for name in ("edict", "edict-g1", "bdia"):
         assert rows[name]["latent_psnr"] > 90, name
@@ -235,11 +262,12 @@ def test_every_peer_runs_through_eval_on_the_demo_model(tmp_path):
     assert rows["edict"]["evals_invert"] == 2 * rows["edict"]["calls_invert"] == 8       # CFG (guidance 3): 2
     assert rows["edict-g1"]["evals_invert"] == rows["edict-g1"]["calls_invert"] == 4
     assert rows["ddim-inversion-cfg"]["evals_invert"] == 2 * rows["ddim-inversion-cfg"]["calls_invert"]
-    for name in ("null-text", "gnri"):
+    for name in ("null-text", "gnri-autograd"):
         r = rows[name]
         assert r["backward_invert"] > 0 and r["backward_ratio"] > 0
         assert r["cost_invert"] == pytest.approx(r["evals_invert"] + r["backward_ratio"] * r["backward_invert"])
-    assert rows["gnri"]["backward_invert"] == 4 and rows["gnri"]["calls_invert"] == 6
+    assert rows["gnri-autograd"]["backward_invert"] == 4 and rows["gnri-autograd"]["calls_invert"] == 4
+    assert rows["gnri"]["backward_invert"] == 0 and rows["gnri"]["calls_invert"] == 4       # the authors' code
     assert rows["null-text"]["calls_invert"] == 2 + 2 + rows["null-text"]["backward_invert"] + 2
     assert all("edit_success" in r for r in rows.values())
     summary = json.loads(Path(out, "summary.json").read_text())

@@ -1,6 +1,6 @@
 """Honest costs: a backward pass through the network in call-equivalents, measured on the machine.
 
-Null-text inversion and GNRI differentiate through the denoiser; a backward pass costs about as much
+Null-text inversion (and GNRI with autograd=True) differentiate through the denoiser; a backward pass costs about as much
 as one to two forward calls, depending on the network, batch, device and dtype. `backward_ratio`
 times a forward call and a forward + backward at the same inputs, and returns
 

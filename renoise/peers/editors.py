@@ -133,7 +133,8 @@ class BDIAPeer(_LoopPeer):
 class GNRIPeer(_LoopPeer):
     def _invert(self, den, z0):
         return newton.gnri_invert(den, z0, self.schedule, self.plan.sampler, self.plan.num_steps,
-                                  iters=self.spec["iters"], lam=self.spec["lam"])
+                                  iters=self.spec["iters"], lam=self.spec["lam"], autograd=self.spec["autograd"],
+                                  eta=self.spec["eta"])
 
     def _sample(self, den, inv):
         return nulltext.sample(lambda i: den, inv.result)
