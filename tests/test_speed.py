@@ -239,12 +239,15 @@ def test_cuda_graphs_equal_eager(unet, dtype):
 
 
 def test_warm_started_plans_trace_and_regions_have_room_for_many_specialisations(unet):
-    """A warm-started (and relaxed) plan gives eager's numbers in the compiled region; one process may
-    run more step kinds than dynamo's default recompile limit (8) through the same fullgraph region."""
+    """A warm-started (relaxed; extrapolated) plan gives eager's numbers in the compiled region; one process
+    may run more step kinds than dynamo's default recompile limit (8) through the same fullgraph region."""
     z0 = latent()
     for k in (1, 2, 3):              # 3 plans x (first, main) x (cold first step, warm later) > 8 variants
         plan = PLAN.replace(iters=k, window=(k, k + 1), first_iters=k, first_window=(k - 1, k + 1),
-                            warm_start="previous" if k < 3 else "previous-noise", relax=1.5 if k == 2 else 1.0)
+                            warm_start=("previous", "extrapolate", "previous-noise")[k - 1],
+                            relax=1.5 if k == 2 else 1.0)
+        if k == 2:                   # extrapolation acts on deterministic steps
+            plan = plan.replace(sampler="ddim", noise_correction="none")
         run = [renoise.invert(denoiser(unet), z0, SCHEDULE, plan.sampler, plan.num_steps, plan,
                               generator=torch.Generator().manual_seed(1), compile=c) for c in (None, "trace")]
         assert_same_inversion(run[1], run[0], 1e-6)
