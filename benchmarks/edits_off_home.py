@@ -23,7 +23,9 @@ Per set and background group (second renderer: the ground of its caption, plain 
 patterned = gradient, stripes or checkerboard; degraded: the demo scene's ground, plain / two-tone /
 black / white): edit success, background PSNR median and minimum (the edit against the input outside
 the mask grown by 3 px), and beside it the reconstruction's background PSNR (from the saved PNGs) and
-the VAE round trip's (encode, decode: no latent edit keeps more of the input), and the UNet calls.
+the VAE round trip's (encode, decode: no latent edit keeps more of the input), the edit's against the
+reconstruction (what the edit itself changed outside the mask), and the UNet calls (invert + edit; a
+pair mode's call is one UNet call on the [source; edit] batch).
 Goal of issue 21: success >= 90 % and background PSNR >= 35 dB (median) in every group.
 Writes JSON to OUT/edits_off_home.json (or edits_off_home_peers.json).
 """
@@ -97,17 +99,18 @@ def vae_ceiling(folder, pipe):
 
 
 def recon_ceiling(folder, images_dir):
-    """{id: background PSNR of the saved reconstruction} (8-bit PNGs) outside each mask grown by 3 px."""
+    """{id: (background PSNR of the saved reconstruction against the input, of the saved edit against
+    the reconstruction)} (8-bit PNGs) outside each mask grown by 3 px."""
     import torch
 
     from renoise.evaluation.measure import background_psnr
     out = {}
     for r in map(json.loads, (folder / "captions.jsonl").read_text().splitlines()):
-        path = images_dir / f"{r['id']}_reconstruction.png"
-        if "mask" in r and path.is_file():
-            x = torch.from_numpy(_png(folder / r["image"]))[None] * 2 - 1
-            recon = torch.from_numpy(_png(path))[None] * 2 - 1
-            out[r["id"]] = background_psnr(recon, x, torch.from_numpy(_png(folder / r["mask"])[0]))
+        path, edit = (images_dir / f"{r['id']}_{part}.png" for part in ("reconstruction", "edit"))
+        if "mask" in r and path.is_file() and edit.is_file():
+            x, recon, edit = (torch.from_numpy(_png(p))[None] * 2 - 1 for p in (folder / r["image"], path, edit))
+            mask = torch.from_numpy(_png(folder / r["mask"])[0])
+            out[r["id"]] = (background_psnr(recon, x, mask), background_psnr(edit, recon, mask))
     return out
 
 
@@ -125,7 +128,8 @@ def stats(rows, vae=None, recon=None):
          "calls_invert": statistics.median(r["calls_invert"] for r in ok),
          "calls_edit": statistics.median(r["calls_edit"] for r in ok)}
     rec = [recon[r["image"]] for r in ok if r["image"] in (recon or {})]
-    s["recon_bg"] = statistics.median(rec) if rec else None
+    s["recon_bg"] = statistics.median(x for x, _ in rec) if rec else None
+    s["edit_vs_recon_bg"] = statistics.median(y for _, y in rec) if rec else None
     s["vae_bg"] = statistics.median(vae[r["image"]] for r in ok) if vae else None
     s["goal_met"] = s["success"] >= 0.9 and s["bg_median"] >= 35
     return s
@@ -188,13 +192,13 @@ def table(data_set, per, peers):
     print(f"\n#### {data_set} ({sum(per['groups'].values())} images: "
           + ", ".join(f"{g} {k}" for g, k in per["groups"].items()) + ")\n")
     head = ["method" if peers else "mode", "all: success, bg PSNR median (min)", *names,
-            "recon PSNR", "recon bg / VAE bg", "calls", "goal met in"]
+            "recon PSNR", "recon bg / VAE bg / edit-vs-recon bg", "calls", "goal met in"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for key, run in per["runs"].items():
         a = run["all"]
         met = [g for g in names if run["groups"][g].get("goal_met")]
-        ceil = " / ".join("–" if a.get(k) is None else f"{a[k]:.1f}" for k in ("recon_bg", "vae_bg"))
+        ceil = " / ".join("–" if a.get(k) is None else f"{a[k]:.1f}" for k in ("recon_bg", "vae_bg", "edit_vs_recon_bg"))
         cells = [key, fmt(a), *(fmt(run["groups"][g]) for g in names),
                  f"{a['recon_psnr']:.1f}" if a.get("n") else "–", ceil,
                  f"{a['calls_invert']:.0f} + {a['calls_edit']:.0f}" if a.get("n") else "–",
