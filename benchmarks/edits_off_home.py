@@ -151,7 +151,11 @@ def main():
     ap.add_argument("--peers", action="store_true", help="the peers' edits (--methods peers) instead of the modes")
     ap.add_argument("--out", default="benchmarks/out/edits_off_home")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grid", metavar="PNG", help="only write an image grid of the runs in --out: per set of --sets, "
+                                                  "3 images as rows (96 px), input | mask | each of --modes")
     args = ap.parse_args()
+    if args.grid:
+        return grid(Path(args.out), args.sets, args.modes, 3, args.grid)
     import torch
     torch.set_num_threads(args.threads)
     from renoise.models import load_pipeline
@@ -185,6 +189,22 @@ def main():
     root.mkdir(parents=True, exist_ok=True)
     (root / name).write_text(json.dumps(result, indent=1))
     print(f"wrote {root / name}")
+
+
+def grid(root, data_sets, modes, n, path):
+    """PNG: per set, its first n images as rows: input | mask | the edit of each mode (from --save-images)."""
+    from PIL import Image
+    rows = []
+    for data_set in data_sets:
+        folder = root / data_set / modes[0] / "data" / data_set
+        for r in list(map(json.loads, (folder / "captions.jsonl").read_text().splitlines()))[:n]:
+            cells = [folder / r["image"], folder / r["mask"],
+                     *(root / data_set / m / "images" / "preset" / f"{r['id']}_edit.png" for m in modes)]
+            rows.append(np.concatenate([np.asarray(Image.open(c).convert("RGB").resize((96, 96), Image.Resampling.LANCZOS))
+                                        for c in cells], 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, 0)).quantize(256).save(path, optimize=True)     # 256 colours: small
+    print(f"wrote {path}")
 
 
 def table(data_set, per, peers):
