@@ -154,6 +154,7 @@ def main():
     ap.add_argument("--peers", action="store_true", help="the peers' edits (--methods peers) instead of the modes")
     ap.add_argument("--out", default="benchmarks/out/edits_off_home")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-run", action="store_true", help="tabulate the rows already in --out (no eval runs)")
     ap.add_argument("--grid", metavar="PNG", help="only write an image grid of the runs in --out: per set of --sets, "
                                                   "3 images as rows (96 px), input | mask | each of --modes")
     args = ap.parse_args()
@@ -176,8 +177,9 @@ def main():
         for mode, flags in runs.items():
             out = root / data_set / mode
             methods = ("peers",) if args.peers else ("preset",)
-            wall = run_eval(data_set, args.set_size, args.steps, out, args.threads, flags, methods)
-            rows = rows_of(out)
+            wall = None if args.no_run else run_eval(data_set, args.set_size, args.steps, out, args.threads, flags,
+                                                     methods)
+            rows = [r for r in rows_of(out) if r["image"] in group_of]     # this --set-size's images
             folder = out / "data" / data_set
             vae = vae if vae is not None else vae_ceiling(folder, pipe)
             for method in dict.fromkeys(r["method"] for r in rows):
