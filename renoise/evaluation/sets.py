@@ -199,7 +199,7 @@ def _unknown_caption(rng, k):
     w = lambda key: str(rng.choice(UNKNOWN[key]))        # noqa: E731
     if k % 3 == 1:
         text = " ".join("".join(rng.choice(list("bcdfgklmnprstvzqx"), 1)[0] + rng.choice(list("aeiou"), 1)[0]
-                                for _ in range(3)) for _ in range(3))
+                              for _ in range(3)) for _ in range(3))
         return text, "a {colour} " + text
     colour, shape, ground_colour, ground = w("colours"), w("shapes"), w("colours"), w("grounds")
     return (f"a {colour} {shape} on a {ground_colour} {ground}",
