@@ -13,8 +13,8 @@ median seconds, is at most the peer's, and whether it beats the peer in median a
 latent PSNR. Writes one figure per step count, image and latent PSNR against cost and seconds
 with every method on it, to benchmarks/plots/peers_ddim<N>.png, and JSON beside the runs. Rows are reused (eval resumes).
 
-With --sets: the same methods on the off-distribution sets of `renoise eval --set` (no edits: they
-have no edit prompts), plus `demo-K5` (the demo preset at AIDI's budget: K = 5, no tolerance), at
+With --sets: the same methods on the off-distribution sets of `renoise eval --set` (edits: since
+the sets carry them, all but photos; benchmarks/edits_off_home.py tabulates them), plus `demo-K5` (the demo preset at AIDI's budget: K = 5, no tolerance), at
 --set-steps, --set-images images each, into OUT/sets/ddim<N>/<set>; per set
 the table adds the worst image's image and latent PSNR, and the verdict always names the best ReNoise
 method (by median latent PSNR: image PSNR sits at the VAE's ceiling there) within the peer's median

@@ -205,7 +205,7 @@ def test_eval_set_runs_and_rows_report_stalls(tmp_path, capsys):
                "stall:iters=1,average=false,tol=1e-9", "--out", str(out), "--quiet", "--no-plots", "--threads", "1"])
     assert rc == 0
     assert sorted(p.name for p in (out / "data" / "unknown-words").iterdir()) == [
-        "captions.jsonl", "unknown-0000.png"]
+        "captions.jsonl", "unknown-0000.png", "unknown-0000_mask.png"]
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     for r in rows:

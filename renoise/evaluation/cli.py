@@ -39,7 +39,8 @@ def add_parser(sub):
     data.add_argument("--demo-shapes", type=int, default=1, choices=(1, 2, 3), help="most shapes per scene (default: 1)")
     data.add_argument("--set", metavar="NAME", choices=sorted(_set_names()),
                       help="a built-in set off the demo model's home ground, built into OUT/data/NAME: "
-                           "other-renderer, unknown-words, photos (scikit-image's), degraded (see docs/eval.md)")
+                           "other-renderer, unknown-words, photos (scikit-image's), degraded; all but photos with a "
+                           "colour-swap edit and its mask per image (see docs/eval.md)")
     data.add_argument("--set-size", type=int, default=16, metavar="N",
                       help="images of --set (default: 16; photos: at most the photographs scikit-image ships)")
     data.add_argument("--size", metavar="HxW", help="scale to cover HxW and centre-crop first")

@@ -6,9 +6,13 @@
 
 Captions: one JSON object a line, or a CSV with a header, with the fields `image` (a path relative
 to the folder), `prompt`, and optionally `edit_prompt`, `mask` (an image file: white marks the
-region the edit may change) and `id`. Without a captions file every image in the folder is used
+region the edit may change), `target_colour` (the colour the masked region should turn, a name of
+renoise.demo.checks' palette: red, green, blue, yellow, orange, purple, white, black; the edit is
+judged like a demo edit: `edit_success` when the dominant palette colour of the edit where the mask
+is > 0.99 is this one) and `id`. Without a captions file every image in the folder is used
 with `--prompt`. A problem with one image (missing caption or file, unreadable, odd size, a field
-of the wrong type, an id that is not a plain relative name) is not an error: the item carries it
+of the wrong type, an id that is not a plain relative name, a `target_colour` the checker does not
+know or without a mask and an edit prompt) is not an error: the item carries it
 in `problem`, and the evaluation reports and skips it. A file that is not a captions file at all
 (not UTF-8, invalid JSON, a line that is not an object, a CSV without an `image` column or rows)
 is an error that names the file and the line. `fingerprint(item)` hashes what a pair's numbers
@@ -28,9 +32,9 @@ import numpy as np
 import torch
 
 __all__ = ["Item", "from_folder", "from_demo", "load", "demo_scene", "as_numpy01", "IMAGE_SUFFIXES", "CAPTION_FILES",
-           "fingerprint", "read_utf8", "id_problem"]
+           "fingerprint", "read_utf8", "id_problem", "demo_edit"]
 
-FIELDS = ("image", "prompt", "edit_prompt", "mask", "id")      # each a string when given
+FIELDS = ("image", "prompt", "edit_prompt", "mask", "id", "target_colour")      # each a string when given
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
@@ -46,7 +50,7 @@ class Item:
     mask: str | None = None
     demo: int | None = None
     demo_shapes: int = 1
-    target_colour: str | None = None       # demo edits: the colour the shape should turn
+    target_colour: str | None = None       # the colour the masked shape should turn (judged: edit_success)
     problem: str | None = None             # why this item cannot run (reported, skipped)
 
 
@@ -99,7 +103,7 @@ def _read_captions(path: Path) -> list[tuple[int, dict]]:
         header = [h.strip() for h in reader.fieldnames or []]
         if "image" not in header:
             raise ValueError(f"{path}: the CSV header needs an 'image' column (and 'prompt', optionally "
-                             f"'edit_prompt', 'mask', 'id'); its header is {header}")
+                             f"'edit_prompt', 'mask', 'id', 'target_colour'); its header is {header}")
         if not rows:
             raise ValueError(f"{path} lists no images: it has a header but no rows")
         return [(n, {k.strip(): v for k, v in r.items() if k is not None and v not in (None, "")}) for n, r in rows]
@@ -142,6 +146,7 @@ def _item(folder, r, line, prompt, edit_prompt) -> Item:
     text = r.get("prompt", prompt) if "prompt" not in wrong else None
     edit = r.get("edit_prompt", edit_prompt) if "edit_prompt" not in wrong else None
     mask = r.get("mask") if "mask" not in wrong else None
+    target = r.get("target_colour") if "target_colour" not in wrong else None
     image = None if image_name is None else folder / image_name
     problem = None
     if wrong:
@@ -159,8 +164,24 @@ def _item(folder, r, line, prompt, edit_prompt) -> Item:
         problem = f"image file not found: {image}"
     if problem is None and mask is not None and not (folder / mask).is_file():
         problem = f"mask file not found: {folder / mask}"
+    if problem is None and target is not None:
+        problem = _target_problem(target, mask, edit, line)
     return Item(item_id, text, edit, None if image is None else str(image),
-                None if mask is None else str(folder / mask), problem=problem)
+                None if mask is None else str(folder / mask), target_colour=target, problem=problem)
+
+
+def _target_problem(target, mask, edit, line) -> str | None:
+    """Why a `target_colour` cannot be judged (None if it can)."""
+    from ..demo.checks import COLOURS
+    if target not in COLOURS:
+        return (f"target_colour {target!r} (captions line {line}) is not a colour the checker knows "
+                f"(renoise.demo.checks); use one of {', '.join(COLOURS)}")
+    if mask is None:
+        return f"target_colour {target!r} (captions line {line}) needs a 'mask': the region whose colour is judged"
+    if not edit:
+        return (f"target_colour {target!r} (captions line {line}) needs an edit prompt ('edit_prompt' or "
+                "--edit-prompt): there is no edit to judge")
+    return None
 
 
 def _text_ok(text: str) -> bool:
@@ -183,17 +204,25 @@ def _check_unique(items):
 def from_demo(n: int, *, first: int = 0, max_shapes: int = 1) -> list[Item]:
     """Held-out demo scenes first..first+n-1, each with a colour swap of its first shape as the edit
     (to a colour chosen per scene among those not already in it)."""
-    from ..demo import COLOURS, HELD_OUT, held_out
+    from ..demo import held_out
     if n < 1:
         raise ValueError(f"--demo needs a number of scenes >= 1, got {n}")
     items = []
     for i in range(first, first + n):
-        scene = held_out(i, max_shapes=max_shapes)
-        used = {s.colour for s in scene.shapes} | set(scene.background)
-        target = random.Random(HELD_OUT + i).choice([c for c in COLOURS if c not in used])
-        edit = scene.replace_shape(0, colour=target).caption
-        items.append(Item(f"demo-{i:05d}", scene.caption, edit, demo=i, demo_shapes=max_shapes, target_colour=target))
+        edit, target = demo_edit(i, max_shapes=max_shapes)
+        items.append(Item(f"demo-{i:05d}", held_out(i, max_shapes=max_shapes).caption, edit, demo=i,
+                          demo_shapes=max_shapes, target_colour=target))
     return items
+
+
+def demo_edit(i: int, *, max_shapes: int = 1) -> tuple[str, str]:
+    """(edit caption, target colour) of held-out scene i: its first shape turned to a colour chosen
+    per scene among those not already in it."""
+    from ..demo import COLOURS, HELD_OUT, held_out
+    scene = held_out(i, max_shapes=max_shapes)
+    used = {s.colour for s in scene.shapes} | set(scene.background)
+    target = random.Random(HELD_OUT + i).choice([c for c in COLOURS if c not in used])
+    return scene.replace_shape(0, colour=target).caption, target
 
 
 def load(item: Item, *, size=None, fit="none", multiple=8) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -231,6 +260,8 @@ def fingerprint(item: Item) -> str:
     field("problem", item.problem)
     if item.demo is not None:
         field("demo", [item.demo, item.demo_shapes, item.target_colour])
+    elif item.target_colour is not None:                # only then: older folder rows keep their digests
+        field("target_colour", item.target_colour)
     for name, path in (("image", item.path), ("mask", item.mask)):
         if path is None:
             field(name, None)

@@ -8,7 +8,9 @@ inversion's cost (model evaluations at the image batch, backward passes, call-eq
 memory, and the fixed-point residuals of every inversion step (final and per iteration; the
 contraction estimate where the inversion reports one). With an edit prompt: the edit's calls and
 seconds, and where a mask is known the background PSNR (outside the mask grown by 3 px) and, for
-demo scenes, whether the shape took the target colour. Image PSNR is in [0, 1] units (data range 1), as the paper reports it.
+items with a target colour (demo scenes, the built sets, a folder's `target_colour`), whether the
+masked shape took it (`edit_success`; `edit_colour`: the dominant palette colour found, `target_colour`:
+the one asked). Image PSNR is in [0, 1] units (data range 1), as the paper reports it.
 """
 from __future__ import annotations
 
@@ -164,8 +166,8 @@ def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpi
         if item.target_colour is not None:
             from ..demo.checks import dominant_colour
             from .data import as_numpy01
-            got = dominant_colour(as_numpy01(edited), mask.numpy() > 0.99)
-            row.update(edit_colour=got, edit_success=got == item.target_colour)
+            got = dominant_colour(as_numpy01(edited), mask.cpu().numpy() > 0.99)
+            row.update(edit_colour=got, edit_success=got == item.target_colour, target_colour=item.target_colour)
     row["seconds_total"] = time.perf_counter() - t0
     row["peak_memory_mib"], row["memory_kind"] = _peak_memory_mib(device)
     row.update(_residuals(inv.result))

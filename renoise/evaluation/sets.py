@@ -18,6 +18,16 @@ data); `degraded` starts from its held-out scenes and damages them.
   Gaussian pixel noise (σ 0.02-0.1).
 
 Each set is deterministic in (n, seed): the same images and captions every time.
+
+Edits (`entries`, written by `build` as `edit_prompt`, `mask` and `target_colour`): every set but the
+photographs (no masks) has one per image, a colour swap of one shape to a colour the demo model knows
+that is in neither the shapes nor the ground; the mask is the shape's visible coverage.
+- `other-renderer`: the main shape (the most fully covered visible pixels), its colour word swapped
+  in the renderer's own grammar ("a red circle ..." -> "a green circle ...");
+- `unknown-words`: the same, in its captions: the first unknown colour word replaced by the known
+  target ("a vermilion lozenge on a cerulean backdrop" -> "a green lozenge on a cerulean backdrop"),
+  "a green " before nonsense words, "a green shape" for an empty caption;
+- `degraded`: the demo's own edit of the scene (`data.demo_edit`: its first shape's colour, as `--demo`).
 """
 from __future__ import annotations
 
@@ -25,11 +35,12 @@ import functools
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SETS", "build", "images"]
+__all__ = ["SETS", "build", "images", "entries", "Edit"]
 
 SIZE = 128
 # colours of this renderer (its own values, not the demo's), named with words the model knows
@@ -111,12 +122,19 @@ def _where(cx, cy):
 
 def other_scene(seed: int, size: int = SIZE) -> tuple[np.ndarray, str]:
     """(float32 RGB [3, size, size] in [0, 1], caption) of scene `seed` of the second renderer."""
+    img, caption, _ = _other_scene(seed, size)
+    return img, caption
+
+
+def _other_scene(seed, size=SIZE):
+    """(image, caption, facts): facts holds the caption's parts and ground, the colours drawn, and each
+    shape's visible coverage [H, W] (its own coverage times what later shapes leave of it)."""
     rng = np.random.default_rng([seed, 7919])
     x, y = _grid(size)
     names = list(PALETTE)
     bg = list(rng.choice(names, 2, replace=False))
     img, ground = _background(rng, x, y, bg)
-    parts = []
+    parts, shapes = [], []
     for _ in range(int(rng.choice([1, 1, 2, 3]))):
         kind = str(rng.choice(KINDS))
         colour = str(rng.choice([c for c in names if c not in bg]))
@@ -132,23 +150,60 @@ def other_scene(seed: int, size: int = SIZE) -> tuple[np.ndarray, str]:
         if rng.random() < 0.25:                                  # a textured fill: shaded by a sinusoid
             fill = fill * (0.75 + 0.25 * np.sin(2 * math.pi * (x + y) / rng.uniform(0.05, 0.15)))[..., None]
         img = img * (1 - m) + fill * m
+        for s in shapes:                                         # this shape covers part of the earlier ones
+            s["coverage"] = s["coverage"] * (1 - m[..., 0])
         word = ("an outlined " if outlined else "a ") + ("blurry " if soft > 2 / size else "")
+        shapes.append({"colour": colour, "coverage": m[..., 0], "words": (word, f" {kind} {_where(cx, cy)}")})
         parts.append(f"{word}{colour} {kind} {_where(cx, cy)}")
     noise = rng.choice([0.0, 0.0, 0.02, 0.05])
     if noise:
         img = img + rng.normal(0, noise, img.shape)
     caption = ", ".join(parts) + f" on {ground}"
-    return np.clip(img, 0, 1).transpose(2, 0, 1).astype(np.float32), caption
+    facts = {"ground": ground, "background": bg, "shapes": shapes}
+    return np.clip(img, 0, 1).transpose(2, 0, 1).astype(np.float32), caption, facts
+
+
+CORE = 0.99         # coverage above which a pixel is judged (renoise.evaluation.measure: mask > 0.99)
+
+
+def _main_shape(facts) -> int:
+    """The shape an edit changes: the one with the most fully covered visible pixels (ties: the highest
+    peak coverage, then the first)."""
+    keys = [(int((s["coverage"] > CORE).sum()), float(s["coverage"].max())) for s in facts["shapes"]]
+    return max(range(len(keys)), key=lambda i: (keys[i], -i))
+
+
+def _target(seed, facts) -> str:
+    """The colour the main shape turns to: one the demo model knows, in neither the shapes nor the ground."""
+    used = set(facts["background"]) | {s["colour"] for s in facts["shapes"]}
+    return str(np.random.default_rng([seed, 7919, 1]).choice([c for c in PALETTE if c not in used]))
+
+
+def _other_edit(seed, facts):
+    """(edit caption in the renderer's grammar, target colour, mask [H, W]): the colour word of the main
+    shape's part swapped; the mask is that shape's visible coverage, scaled so that its peak is 1 (a
+    blurry outline never covers a pixel fully, and the judge reads the pixels above 0.99)."""
+    k, target = _main_shape(facts), _target(seed, facts)
+    parts = [f"{a}{target if i == k else s['colour']}{b}" for i, s in enumerate(facts["shapes"])
+             for a, b in [s["words"]]]
+    coverage = facts["shapes"][k]["coverage"]
+    mask = coverage / max(float(coverage.max()), 1e-6) if coverage.max() < 1 else coverage
+    return ", ".join(parts) + f" on {facts['ground']}", target, mask
 
 
 def _unknown_caption(rng, k):
+    """(caption, its edit with "{colour}" where the shape's colour word goes): grammar with unknown
+    words (k % 3 == 0), nonsense (1) or empty (2)."""
     if k % 3 == 2:
-        return ""
+        return "", "a {colour} shape"
     w = lambda key: str(rng.choice(UNKNOWN[key]))        # noqa: E731
     if k % 3 == 1:
-        return " ".join("".join(rng.choice(list("bcdfgklmnprstvzqx"), 1)[0] + rng.choice(list("aeiou"), 1)[0]
-                                for _ in range(3)) for _ in range(3))
-    return f"a {w('colours')} {w('shapes')} on a {w('colours')} {w('grounds')}"
+        text = " ".join("".join(rng.choice(list("bcdfgklmnprstvzqx"), 1)[0] + rng.choice(list("aeiou"), 1)[0]
+                              for _ in range(3)) for _ in range(3))
+        return text, "a {colour} " + text
+    colour, shape, ground_colour, ground = w("colours"), w("shapes"), w("colours"), w("grounds")
+    return (f"a {colour} {shape} on a {ground_colour} {ground}",
+            f"a {{colour}} {shape} on a {ground_colour} {ground}")
 
 
 # ------------------------------------------------------------------ the sets
@@ -198,6 +253,12 @@ def _jpeg(img, quality):
 
 def images(name: str, n: int, seed: int = 0) -> list[tuple[str, np.ndarray, str]]:
     """The set's first n entries as (id, float32 RGB [3, 128, 128] in [0, 1], caption)."""
+    return [(ident, img, caption) for ident, img, caption, _ in entries(name, n, seed)]
+
+
+def entries(name: str, n: int, seed: int = 0) -> list[tuple[str, np.ndarray, str, Edit | None]]:
+    """The set's first n entries as (id, image, caption, edit): images and captions as `images` gives
+    them, with the edit of the main shape's colour (None for the photographs: no masks)."""
     if name not in SETS:
         raise ValueError(f"unknown evaluation set {name!r}; expected one of {', '.join(SETS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -205,13 +266,17 @@ def images(name: str, n: int, seed: int = 0) -> list[tuple[str, np.ndarray, str]
     out = []
     if name == "other-renderer":
         for i in range(n):
-            img, cap = other_scene(seed * 100_003 + i)
-            out.append((f"other-{i:04d}", img, cap))
+            img, cap, facts = _other_scene(seed * 100_003 + i)
+            edit, target, mask = _other_edit(seed * 100_003 + i, facts)
+            out.append((f"other-{i:04d}", img, cap, Edit(edit, target, mask.astype(np.float32))))
     elif name == "unknown-words":
         rng = np.random.default_rng([seed, 31])
         for i in range(n):
-            img, _ = other_scene(seed * 100_003 + 50_000 + i)
-            out.append((f"unknown-{i:04d}", img, _unknown_caption(rng, i)))
+            img, _, facts = _other_scene(seed * 100_003 + 50_000 + i)
+            _, target, mask = _other_edit(seed * 100_003 + 50_000 + i, facts)
+            caption, template = _unknown_caption(rng, i)
+            out.append((f"unknown-{i:04d}", img, caption,
+                        Edit(template.format(colour=target), target, mask.astype(np.float32))))
     elif name == "photos":
         names = _photos_available()
         if n > len(names):
@@ -219,9 +284,10 @@ def images(name: str, n: int, seed: int = 0) -> list[tuple[str, np.ndarray, str]
                              f"ask for --set-size {len(names)} or fewer")
         order = np.random.default_rng([seed, 17]).permutation(len(names)) if seed else np.arange(len(names))
         for i in order[:n]:
-            out.append((f"photo-{names[i]}", _photo(names[i]), PHOTOS[names[i]]))
+            out.append((f"photo-{names[i]}", _photo(names[i]), PHOTOS[names[i]], None))
     else:                                                         # degraded
-        from ..demo import held_out, render
+        from ..demo import held_out, render, shape_masks
+        from .data import demo_edit
         rng = np.random.default_rng([seed, 53])
         for i in range(n):
             scene = held_out(i, max_shapes=3)
@@ -234,8 +300,19 @@ def images(name: str, n: int, seed: int = 0) -> list[tuple[str, np.ndarray, str]
             if kind in ("noise", "both"):
                 s = float(rng.choice([0.02, 0.05, 0.1]))
                 img, tags = np.clip(img + rng.normal(0, s, img.shape), 0, 1), tags + [f"n{int(s * 100):02d}"]
-            out.append((f"degraded-{i:04d}-{'-'.join(tags)}", img.astype(np.float32), scene.caption))
+            edit, target = demo_edit(i, max_shapes=3)
+            out.append((f"degraded-{i:04d}-{'-'.join(tags)}", img.astype(np.float32), scene.caption,
+                        Edit(edit, target, shape_masks(scene)[0])))
     return out
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A set entry's edit: the edit prompt, the colour the masked shape should turn (a name of
+    renoise.demo.checks' palette) and the shape's visible coverage, float32 [H, W] in [0, 1]."""
+    prompt: str
+    target_colour: str
+    mask: np.ndarray
 
 
 SETS = {"other-renderer": "shapes by a second, independent renderer, other caption grammar",
@@ -250,14 +327,19 @@ def build(name: str, folder, n: int = 16, seed: int = 0) -> Path:
     from PIL import Image
 
     from .store import write_atomic
-    entries = images(name, n, seed)
     root = Path(folder) / name
     root.mkdir(parents=True, exist_ok=True)
     lines = []
-    for ident, img, caption in entries:
+    for ident, img, caption, edit in entries(name, n, seed):
         buf = io.BytesIO()
         Image.fromarray((img.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
         write_atomic(root / f"{ident}.png", buf.getvalue())
-        lines.append(json.dumps({"image": f"{ident}.png", "id": ident, "prompt": caption}))
+        record = {"image": f"{ident}.png", "id": ident, "prompt": caption}
+        if edit is not None:
+            buf = io.BytesIO()
+            Image.fromarray((edit.mask * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
+            write_atomic(root / f"{ident}_mask.png", buf.getvalue())
+            record.update(edit_prompt=edit.prompt, mask=f"{ident}_mask.png", target_colour=edit.target_colour)
+        lines.append(json.dumps(record))
     write_atomic(root / "captions.jsonl", ("\n".join(lines) + "\n").encode())
     return root
