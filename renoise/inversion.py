@@ -404,7 +404,7 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
                                   **grad_opts)
     else:
         res = fixed_point.iterate(g, z_start, k + 1, indexed=True, anderson=plan.anderson, relax=plan.relax,
-                                  relax_start=plan.relax_start, tol=tol,
+                                  relax_start=plan.relax_start, tol=tol, tol_plain=plan.tol_plain,
                                   grad=grad, **grad_opts)
     return res, inv, last["e"]
 

@@ -68,6 +68,10 @@ class Plan:
     tol                                 stop a step's iterations for a sample once its residual (RMS of the
                                         latent's last change, in the model's input scale: Euler's x over
                                         √(σ² + 1)) is <= tol; K + 1 calls at most (None: always K + 1)
+    tol_plain                           Anderson only: a sample stops only once its residual is also <= r₀·L̂^n
+                                        (n = tol_plain), what n plain iterations would leave at the contraction
+                                        L̂ its plain step measured, r₀ its first residual (renoise.fixed_point):
+                                        tol decides on slow steps, n on fast ones (None: tol alone)
     warm_start                          "none": iterate from z_{t'} (the paper); "previous": from
                                         inverse_step(z_{t'}, e_prev), e_prev the previous step's last model
                                         output (no extra call; the first step starts from z_{t'});
@@ -113,6 +117,7 @@ class Plan:
     relax: float = 1.0
     relax_start: str = "plain"
     tol: float | None = None
+    tol_plain: int | None = None
     warm_start: str = "none"
     solver: str = "fixed-point"
     rf_gamma: float = 0.5
@@ -158,6 +163,11 @@ class Plan:
         if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float))
                                      or not (math.isfinite(self.tol) and self.tol >= 0)):
             raise ValueError(f"plan {self.name!r}: tol must be a finite number >= 0 or None, got {self.tol!r}")
+        if self.tol_plain is not None:
+            _int(self, "tol_plain", 1)
+            if not self.anderson:
+                raise ValueError(f"plan {self.name!r}: tol_plain={self.tol_plain} compares Anderson's residual with "
+                                 "plain iteration's; it needs anderson > 0 (plain iteration: set iters instead)")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"plan {self.name!r}: warm_start must be one of {', '.join(WARM_STARTS)}, "
                              f"got {self.warm_start!r}")
