@@ -47,11 +47,13 @@ per call. Without tol the loop has no data-dependent Python control flow, so it 
 (torch.compile(fullgraph=True)) or captured in a CUDA graph; compiled with tol, samples are frozen
 alike but every one of the `iters` calls runs (the same answer, no early exit, no sync).
 
-`tol_plain=K` (Anderson only) asks each sample for as much as K plain iterations would give: it
-stops only once also r <= r₀·L̂^K, r₀ its first residual and L̂ the contraction λ its last accepted
-plain step measured (its ratio, or 1 - (1 - ratio)/β for a relaxed one). Where plain iteration
-contracts fast (λ small) that is far below a fixed tol, and Anderson chases it; where it contracts
-slowly (λ near 1, K plain calls barely move) the fixed tol decides. No plain ratio yet: go on.
+`tol_plain=K` (Anderson only) also stops a sample once it is as far as K plain iterations would get:
+r <= r₀·L̂^K, r₀ its first residual and L̂ the contraction λ its last accepted plain step measured
+(its ratio, or 1 - (1 - ratio)/β for a relaxed one; none yet: no stop). Where plain iteration
+contracts slowly (λ near 1: K plain calls barely move) that stops long before a tight tol, which
+cannot be reached in the calls there are; where it contracts fast, r₀·λ^K is far below tol and tol
+decides. So a tight tol chases plain iteration's accuracy on fast steps without spending every
+call on slow ones.
 
 NaN and inf: `NonFiniteError` (a ValueError) names the first call of g (counted from 1) that
 returned them and the samples concerned. With tol it is raised at that call; without tol the loop
@@ -236,8 +238,8 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, tol_plain=None,
     grad: "unrolled" | "implicit" | "phantom" | "none" (module docstring). phantom_steps=k: the
     calls recorded by "phantom" (k >= iters: all of them). backward_iters / backward_tol /
     backward_anderson: the implicit backward's adjoint solve (default: iters, None, anderson).
-    tol_plain=K (Anderson only): a sample also needs r <= r₀·L̂^K to stop (module docstring); with tol
-    None, only that.
+    tol_plain=K (Anderson only): a sample also stops once r <= r₀·L̂^K (module docstring); with tol
+    None, only then.
     """
     weights = _validate(g, z0, iters, weights, anderson, tol, readout)
     if tol_plain is not None:
@@ -248,7 +250,7 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, tol_plain=None,
             raise ValueError("tol_plain needs Anderson mixing (anderson > 0): it compares the residual with plain "
                              "iteration's, which plain iteration matches by running K calls")
         if tol is None:
-            tol = float("inf")
+            tol = 0.0
     if not (anderson_reg >= 0 and anderson_trust > 0):
         raise ValueError(f"anderson_reg must be >= 0 and anderson_trust > 0, "
                          f"got {anderson_reg!r} and {anderson_trust!r}")
@@ -480,8 +482,8 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
         if tol is not None:
             _check_finite(r, k)
             reached = r <= tol
-            if tol_plain is not None:             # NaN L̂ (no plain ratio yet) compares false: go on
-                reached = reached & (r <= r0 * lhat.clamp(min=0.0) ** tol_plain)
+            if tol_plain is not None:             # NaN L̂ (no plain ratio yet) compares false
+                reached = reached | (r <= r0 * lhat.clamp(min=0.0) ** tol_plain)
             done = done | reached
         residuals.append(r.detach())
         z = ga.reshape(shape).to(z0.dtype)

@@ -68,10 +68,10 @@ class Plan:
     tol                                 stop a step's iterations for a sample once its residual (RMS of the
                                         latent's last change, in the model's input scale: Euler's x over
                                         √(σ² + 1)) is <= tol; K + 1 calls at most (None: always K + 1)
-    tol_plain                           Anderson only: a sample stops only once its residual is also <= r₀·L̂^n
+    tol_plain                           Anderson only: a sample also stops once its residual is <= r₀·L̂^n
                                         (n = tol_plain), what n plain iterations would leave at the contraction
                                         L̂ its plain step measured, r₀ its first residual (renoise.fixed_point):
-                                        tol decides on slow steps, n on fast ones (None: tol alone)
+                                        on slow steps that comes long before a tight tol (None: tol alone)
     warm_start                          "none": iterate from z_{t'} (the paper); "previous": from
                                         inverse_step(z_{t'}, e_prev), e_prev the previous step's last model
                                         output (no extra call; the first step starts from z_{t'});
