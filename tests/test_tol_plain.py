@@ -82,3 +82,14 @@ def test_plan_field_reaches_the_inversion():
     assert runs[0].model_calls == runs[1].model_calls == 40 and runs[2].model_calls < 40
     q = [psnr(renoise.sample(den, r).flatten(1), x0.flatten(1), data_range=1.0) for r in runs]
     assert bool((q[2] >= q[0] - 0.1).all()), q
+    # the report names the solves that used every call above tol, not those tol_plain stopped early
+    assert len(runs[1].convergence()["not_converged"]) == 4 * 4
+    named = runs[2].convergence()["not_converged"]
+    assert len(named) < 16 and all(c["calls"] == 10 for c in named)
+
+
+def test_demo_exact_preset_is_demo_chasing_plain_iteration():
+    demo, exact = Plan.preset("demo"), Plan.preset("demo-exact")
+    assert exact == demo.replace(name="demo-exact", tol=3e-4, tol_plain=6)
+    assert demo.tol_plain is None and Plan.from_dict({"name": "old"}).tol_plain is None
+    assert Plan.from_dict(exact.to_dict()) == exact
