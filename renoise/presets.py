@@ -334,8 +334,8 @@ PRESETS = {
     # 6 plain iterations would leave (tol_plain = 6; renoise.fixed_point), so the slow steps, where K = 9 itself
     # gets nowhere, do not spend every call on a tol they cannot reach. DDIM 10 (benchmarks/RESULTS.md, "tolerance
     # for the goal"): K = 9's median latent PSNR or better on home scenes and on the four off-home sets, worst image
-    # no lower than K = 9's, with 32 % of its calls at home and 33-38 % off home (demo: 15 % / 21-22 %, 6-28 dB
-    # below K = 9's median off home)
+    # no lower than K = 9's, with 32 % of its calls at home and 33-38 % off home (demo: 15 % / 15-22 %, 6-28 dB
+    # below K = 9's median on three of the four off-home sets); not met at DDIM 4 or 50 (RESULTS)
     "demo-exact": Plan(name="demo-exact", sampler="ddim", num_steps=10, iters=9, window=(9, 10), average=False,
                        anderson=3, relax=2.0, tol=3e-4, tol_plain=6, warm_start="previous-noise"),
     # the same at 4 DDIM steps, stopped at residual 1.5e-2 (a looser tol than demo's loses reconstruction at
