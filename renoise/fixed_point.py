@@ -47,6 +47,14 @@ per call. Without tol the loop has no data-dependent Python control flow, so it 
 (torch.compile(fullgraph=True)) or captured in a CUDA graph; compiled with tol, samples are frozen
 alike but every one of the `iters` calls runs (the same answer, no early exit, no sync).
 
+`tol_plain=K` (Anderson only) also stops a sample once it is as far as K plain iterations would get:
+r <= r₀·L̂^K, r₀ its first residual and L̂ the contraction λ its last accepted plain step measured
+(its ratio, or 1 - (1 - ratio)/β for a relaxed one; none yet: no stop). Where plain iteration
+contracts slowly (λ near 1: K plain calls barely move) that stops long before a tight tol, which
+cannot be reached in the calls there are; where it contracts fast, r₀·λ^K is far below tol and tol
+decides. So a tight tol chases plain iteration's accuracy on fast steps without spending every
+call on slow ones.
+
 NaN and inf: `NonFiniteError` (a ValueError) names the first call of g (counted from 1) that
 returned them and the samples concerned. With tol it is raised at that call; without tol the loop
 checks once, after its last call, whether the answer is finite (one host sync per solve; skipped
@@ -214,7 +222,7 @@ def _check_answer(value, residuals):
                          "values: the averaging overflowed)", None, samples)
 
 
-def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=False, indexed=False,
+def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, tol_plain=None, keep_iterates=False, indexed=False,
             readout=None, anderson_reg=1e-6, anderson_trust=20.0, relax=1.0, relax_start="plain", grad="unrolled",
             phantom_steps=None,
             backward_iters=None, backward_tol=None, backward_anderson=None) -> FixedPointResult:
@@ -230,8 +238,19 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=F
     grad: "unrolled" | "implicit" | "phantom" | "none" (module docstring). phantom_steps=k: the
     calls recorded by "phantom" (k >= iters: all of them). backward_iters / backward_tol /
     backward_anderson: the implicit backward's adjoint solve (default: iters, None, anderson).
+    tol_plain=K (Anderson only): a sample also stops once r <= r₀·L̂^K (module docstring); with tol
+    None, only then.
     """
     weights = _validate(g, z0, iters, weights, anderson, tol, readout)
+    if tol_plain is not None:
+        if isinstance(tol_plain, bool) or not isinstance(tol_plain, int) or tol_plain < 1:
+            raise ValueError(f"tol_plain (the plain iterations whose residual a sample must reach) must be an int "
+                             f">= 1 or None, got {tol_plain!r}")
+        if not anderson:
+            raise ValueError("tol_plain needs Anderson mixing (anderson > 0): it compares the residual with plain "
+                             "iteration's, which plain iteration matches by running K calls")
+        if tol is None:
+            tol = 0.0
     if not (anderson_reg >= 0 and anderson_trust > 0):
         raise ValueError(f"anderson_reg must be >= 0 and anderson_trust > 0, "
                          f"got {anderson_reg!r} and {anderson_trust!r}")
@@ -251,7 +270,8 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, keep_iterates=F
 
     if anderson:
         value, z_last, residuals, evals, iterates = _anderson(call, z0, iters, weights, anderson, tol, keep_iterates,
-                                                              anderson_reg, anderson_trust, relax, relax_start)
+                                                              anderson_reg, anderson_trust, relax, relax_start,
+                                                              tol_plain)
     else:
         value, z_last, residuals, evals, iterates = _plain(call, z0, iters, weights, tol, keep_iterates,
                                                            readout is not None, relax)
@@ -402,7 +422,8 @@ _OMEGA = (1 / 16, 1 / 2, 2.0)      # trust scale ω: smallest, initial, largest
 _GROW = 1.0                        # a relaxed plain step must shrink the residual below this share
 
 
-def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax=1.0, relax_start="plain"):
+def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax=1.0, relax_start="plain",
+              tol_plain=None):
     """-> (z̄, answer g(a), residuals [evals, B], evals, iterates)."""
     shape, B = z0.shape, z0.shape[0]
     cd = torch.promote_types(z0.dtype, torch.float32)
@@ -418,6 +439,7 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
     start = float(relax) if relax_start == "relaxed" else min(float(relax), 1.0)
     beta = torch.full((B,), start, dtype=cd, device=c.device)        # each sample's step length
     measured = torch.zeros(B, dtype=torch.bool, device=c.device)      # whether β was set from a plain step
+    lhat = torch.full((B,), float("nan"), dtype=cd, device=c.device)  # tol_plain's L̂ (NaN: none measured yet)
     avg, residuals, iterates = _Average(weights), [], [] if keep_iterates else None
     evals = 0
     for k in range(iters):
@@ -429,6 +451,7 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
         rc = rms(fc)
         if k == 0:
             a, ga, fa, ra = c, gc, fc, rc
+            r0 = rc
         else:
             plain = ~valid.any(0)                      # c was the plain step a + β·f(a)
             rho = (ra - rc) / (ra - predicted).clamp_min(torch.finfo(cd).tiny)
@@ -441,6 +464,7 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
             grown = torch.where(rho > 0.75, omega * 2, torch.where(rho < 0.25, omega / 4, omega))
             omega = torch.where(mixed, grown.clamp(*_OMEGA[::2]), omega)
             rate = torch.where(plain & move, (rc / ra.clamp_min(torch.finfo(cd).tiny)).clamp(max=1.0), rate)
+            lhat = torch.where(plain & move, 1 - (1 - rate) / beta, lhat)     # the step's β (1: = rate)
             if relax > 1:              # β from the first plain step's ratio ρ = 1 - β(1 - L̂): 2/(2 - L̂) ≤ relax
                 first = plain & move & ~measured
                 lam = 1 - (1 - rate) / beta                    # = rate when that step was un-relaxed
@@ -457,7 +481,10 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
         r = torch.where(done, torch.zeros_like(ra), ra)
         if tol is not None:
             _check_finite(r, k)
-            done = done | (r <= tol)
+            reached = r <= tol
+            if tol_plain is not None:             # NaN L̂ (no plain ratio yet) compares false
+                reached = reached | (r <= r0 * lhat.clamp(min=0.0) ** tol_plain)
+            done = done | reached
         residuals.append(r.detach())
         z = ga.reshape(shape).to(z0.dtype)
         avg.add(k, z)

@@ -96,7 +96,7 @@ class InversionResult:
         calls [B]: the model calls each sample used (a sample frozen by the plan's tol stops
         counting; noise correction and other per-step calls count for all); budget [B]: calls over
         the most the plan allows (K + 1 a step, plus those extra calls); not_converged: one entry per
-        (step, sample) that stopped above the plan's tol, {"step": index in inversion order,
+        (step, sample) that used all its calls and stopped above the plan's tol, {"step": index in inversion order,
         "timestep", "sample", "residual" (the last, in the model's input scale like tol), "tol",
         "calls"}, empty without a tol; advice: what to do about them (None when there are none)."""
         smod = _sampler(self.sampler)
@@ -108,7 +108,9 @@ class InversionResult:
         if self.plan.tol is not None:
             for i, (t, r) in enumerate(zip(self.timesteps.flip(0).tolist(), res)):
                 scale = float(smod.model_input(torch.ones((), dtype=torch.float64), t, self.schedule))
-                for b in (r * scale > self.plan.tol).all(0).nonzero().flatten().tolist():
+                # above tol at every call, and every call used (tol_plain stops a sample early above tol)
+                above = (r * scale > self.plan.tol).all(0) & ((r > 0).sum(0) == self.plan.at(t)[0] + 1)
+                for b in above.nonzero().flatten().tolist():
                     stalled.append({"step": i, "timestep": t, "sample": b, "residual": float(r[-1, b] * scale),
                                     "tol": self.plan.tol, "calls": int((r[:, b] > 0).sum())})
         advice = None
@@ -404,7 +406,7 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
                                   **grad_opts)
     else:
         res = fixed_point.iterate(g, z_start, k + 1, indexed=True, anderson=plan.anderson, relax=plan.relax,
-                                  relax_start=plan.relax_start, tol=tol,
+                                  relax_start=plan.relax_start, tol=tol, tol_plain=plan.tol_plain,
                                   grad=grad, **grad_opts)
     return res, inv, last["e"]
 

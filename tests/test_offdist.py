@@ -92,7 +92,7 @@ EULER_LOSES_ON = ("other-renderer", "photos")       # where demo-euler-4 loses t
 
 def _cases():
     for name in sets.SETS:
-        yield pytest.param(name, ("demo", "demo-4"), id=f"{name}-ddim")
+        yield pytest.param(name, ("demo", "demo-4", "demo-exact"), id=f"{name}-ddim")
         marks = [pytest.mark.xfail(reason=EULER_GAP, strict=True)] if name in EULER_LOSES_ON else []
         yield pytest.param(name, ("demo-euler-4",), marks=marks, id=f"{name}-euler")
 
