@@ -235,6 +235,8 @@ _PLAN_HELP = {
                    "(plain) or at --relax (relaxed)",
     "tol": "stop a step's iterations once the residual (RMS change, in the model's input scale) is <= V "
            "(none: run all K+1 calls)",
+    "tol_plain": "with Anderson: also stop a sample once its residual r <= r0·L^V, as far as V plain iterations "
+                 "would get (r0: its first residual, L: the measured contraction; none: off)",
     "warm_start": "none | previous | previous-noise | extrapolate: start each step from the inverse step with the "
                   "previous step's model output (previous-noise: less the step's fresh noise, on stochastic steps; "
                   "extrapolate: the line through the last two steps' outputs, on deterministic steps)",

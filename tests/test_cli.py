@@ -319,9 +319,10 @@ def test_plan_flags_override_only_what_is_given():
     base = ["edit", "--image", "x.png", "--prompt", "a", "--edit-prompt", "b", "--out", "o"]
     args = build_parser().parse_args([*base,
                                       "--tol", "none", "--warm-start", "none", "--noise-correction", "none",
-                                      "--anderson", "3", "--relax", "2", "--window", "3,4", "--weights", "1"])
+                                      "--anderson", "3", "--relax", "2", "--window", "3,4", "--weights", "1",
+                                      "--tol-plain", "6"])
     assert _plan_overrides(args) == {"tol": None, "warm_start": "none", "noise_correction": "none", "anderson": 3,
-                                     "relax": 2, "window": (3, 4), "weights": (1,)}
+                                     "relax": 2, "window": (3, 4), "weights": (1,), "tol_plain": 6}
     assert _plan_overrides(build_parser().parse_args(base)) == {}
 
 
