@@ -1,6 +1,8 @@
 """Which stopping rule lets the DDIM demo presets meet issue 20's goal 3, made by `renoise eval`.
 
     python benchmarks/tol_goal.py [--steps 10] [--images 8] [--home 16] [--methods SPEC ...] [--threads 1]
+    python benchmarks/tol_goal.py --steps 4 --sampler euler_ancestral --noise-correction optimize \
+        --methods demo-euler-4 demo-exact      # the goal's Euler-ancestral 4 with noise correction
 
 Goal 3, per set: the method's median latent PSNR within 0.1 dB of K = 9's (plain iteration, 10 calls a
 step, no tol), its worst image within 1 dB of K = 9's worst, its median UNet calls of the inversion at
@@ -26,9 +28,9 @@ METHODS = ["demo", "t1e-3:preset=demo,tol=1e-3", "t3e-4:preset=demo,tol=3e-4", "
            "p6t3e-4:preset=demo,tol=3e-4,tol_plain=6", "demo-exact"]
 
 
-def run_eval(data, steps, images, home, out, threads, methods):
+def run_eval(data, steps, images, home, out, threads, methods, run_flags=()):
     source = ["--demo", str(home)] if data == "home" else ["--set", data, "--set-size", str(images)]
-    cmd = [sys.executable, "-m", "renoise", "eval", "--model", "demo", *source, "--steps", str(steps),
+    cmd = [sys.executable, "-m", "renoise", "eval", "--model", "demo", *source, "--steps", str(steps), *run_flags,
            "--methods", "K9", *methods, "--out", str(out / data), "--quiet", "--no-plots", "--threads", str(threads)]
     subprocess.run(cmd, check=True)
 
@@ -64,14 +66,22 @@ def main(argv=None):
     ap.add_argument("--sets", nargs="+", default=SETS, choices=SETS)
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sampler", default=None, help="the run's sampler (default: the preset's, DDIM)")
+    ap.add_argument("--noise-correction", default=None, help="every method's, e.g. optimize with euler_ancestral")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/out/tolgoal/ddim<steps>")
     ap.add_argument("--table-only", action="store_true", help="tabulate the runs already there")
     args = ap.parse_args(argv)
-    out = args.out or Path(__file__).parent / "out" / "tolgoal" / f"ddim{args.steps}"
+    run_flags = []
+    if args.sampler:
+        run_flags += ["--sampler", args.sampler]
+    if args.noise_correction:
+        run_flags += ["--noise-correction", args.noise_correction]
+    kind = "ddim" if args.sampler in (None, "ddim") else args.sampler
+    out = args.out or Path(__file__).parent / "out" / "tolgoal" / f"{kind}{args.steps}"
     table = []
     for data in args.sets:
         if not args.table_only:
-            run_eval(data, args.steps, args.images, args.home, out, args.threads, args.methods)
+            run_eval(data, args.steps, args.images, args.home, out, args.threads, args.methods, run_flags)
         if (out / data / "rows").is_dir():
             table += goal_rows(data, ok_rows(out / data))
     print("| set | method | images | calls median (max) / K = 9's | latent median (K = 9) | Δ median | "
