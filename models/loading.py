@@ -25,14 +25,15 @@ from pathlib import Path
 import torch
 
 from .configs import UNetConfig, VAEConfig, read_config, unet_config, vae_config
+from .unet import UNet
+from .vae import AutoencoderKL
 
 
 def component_present(index: dict, name: str) -> bool:
     """Whether a pipeline's model_index.json lists component `name` (diffusers writes [null, null] for an absent one)."""
     entry = index.get(name)
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
-from .unet import UNet
-from .vae import AutoencoderKL
+
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

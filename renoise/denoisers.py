@@ -20,6 +20,7 @@ import torch
 from . import samplers as _samplers
 from .compiling import nested_region
 from .models.tokenizer import warn_if_truncated
+from .schedules import Schedule
 
 __all__ = ["Conditioning", "GuidedDenoiser", "guided_denoiser", "guidance_embedding", "encode_prompts",
            "negative_conditioning", "make_time_ids", "as_prompts", "warn_if_truncated"]
@@ -231,7 +232,6 @@ def generate_unet(pipe, prompts, *, num_steps, guidance_scale, sampler, negative
     """z0 [B, C, H/8, W/8] from z_T = `latents` (or N(0, I) from `generator`) by `sampler`'s chain with
     classifier-free guidance ε = ε_u + g·(ε_c − ε_u) (negative prompt "" or the model's zeros); stochastic
     samplers draw their step noises from the same generator. `size` (H, W) in pixels."""
-    from .schedules import Schedule
     if size is None:
         s = pipe.unet.config.sample_size * 8
         size = (s, s)
@@ -272,7 +272,6 @@ class UNetFamily:
         return getattr(pipe, "unet", None) is not None
 
     def __init__(self, pipe):
-        from .schedules import Schedule
         self.pipe = pipe
         self.default_schedule = Schedule.from_config(pipe.scheduler_config)
 

@@ -464,10 +464,10 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
             grown = torch.where(rho > 0.75, omega * 2, torch.where(rho < 0.25, omega / 4, omega))
             omega = torch.where(mixed, grown.clamp(*_OMEGA[::2]), omega)
             rate = torch.where(plain & move, (rc / ra.clamp_min(torch.finfo(cd).tiny)).clamp(max=1.0), rate)
-            lhat = torch.where(plain & move, 1 - (1 - rate) / beta, lhat)     # the step's β (1: = rate)
-            if relax > 1:              # β from the first plain step's ratio ρ = 1 - β(1 - L̂): 2/(2 - L̂) ≤ relax
+            lam = 1 - (1 - rate) / beta                        # L̂ from ρ = 1 - β(1 - L̂); = rate when un-relaxed
+            lhat = torch.where(plain & move, lam, lhat)
+            if relax > 1:              # β from the first plain step's L̂: 2/(2 - L̂) ≤ relax
                 first = plain & move & ~measured
-                lam = 1 - (1 - rate) / beta                    # = rate when that step was un-relaxed
                 adapt = (2 / (2 - lam)).clamp(min=1.0, max=float(relax))
                 beta = torch.where(first, torch.where(lam < 1, adapt, torch.ones_like(beta)), beta)
                 measured = measured | first | grew       # a sample whose relaxed step grew stays un-relaxed
