@@ -14,7 +14,9 @@ import numpy as np
 
 from .scenes import COLOURS, SHAPES, shape_mask
 
-__all__ = ["nearest_colours", "dominant_colour", "foreground", "classify_shape", "judge"]
+__all__ = ["nearest_colours", "dominant_colour", "foreground", "classify_shape", "judge", "COVERED"]
+
+COVERED = 0.99     # mask coverage above which a pixel is the shape's own when an edit's colour is judged
 
 _PALETTE = np.asarray(list(COLOURS.values()), np.float32) / 255.0      # [C, 3]
 _NAMES = list(COLOURS)

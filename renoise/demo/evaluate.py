@@ -18,7 +18,7 @@ import torch
 from .. import metrics
 from ..pipeline import Editor, decode_latents, encode_images
 from . import held_out, render_tensor
-from .checks import dominant_colour, judge
+from .checks import COVERED, dominant_colour, judge
 from .scenes import shape_masks
 
 __all__ = ["follows_caption", "vae_psnr", "reconstruction", "colour_edits", "edit_scenes"]
@@ -106,7 +106,7 @@ def colour_edits(pipe, plan, n: int = 32, *, source: str = "red", target: str = 
     ok, bg = [], []
     for img, src, s, t in zip(_to01(edited), _to01(x), scene_list, targets):
         mask = shape_masks(s)[0]
-        colour_ok = dominant_colour(img, mask > 0.99) == target
+        colour_ok = dominant_colour(img, mask > COVERED) == target
         ok.append(colour_ok and (target_kind is None or judge(img, t)["shape_ok"]))
         keep = ~_dilate(mask > 0.01, 3)
         bg.append(_masked_psnr(img, src, keep))

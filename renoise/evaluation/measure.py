@@ -164,9 +164,9 @@ def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpi
         if mask is not None:
             row["edit_background_psnr"] = background_psnr(edited, x, mask)
         if item.target_colour is not None:
-            from ..demo.checks import dominant_colour
+            from ..demo.checks import COVERED, dominant_colour
             from .data import as_numpy01
-            got = dominant_colour(as_numpy01(edited), mask.cpu().numpy() > 0.99)
+            got = dominant_colour(as_numpy01(edited), mask.cpu().numpy() > COVERED)
             row.update(edit_colour=got, edit_success=got == item.target_colour, target_colour=item.target_colour)
     row["seconds_total"] = time.perf_counter() - t0
     row["peak_memory_mib"], row["memory_kind"] = _peak_memory_mib(device)

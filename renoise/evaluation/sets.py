@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..demo.checks import COVERED
+
 __all__ = ["SETS", "build", "images", "entries", "Edit"]
 
 SIZE = 128
@@ -163,13 +165,10 @@ def _other_scene(seed, size=SIZE):
     return np.clip(img, 0, 1).transpose(2, 0, 1).astype(np.float32), caption, facts
 
 
-CORE = 0.99         # coverage above which a pixel is judged (renoise.evaluation.measure: mask > 0.99)
-
-
 def _main_shape(facts) -> int:
     """The shape an edit changes: the one with the most fully covered visible pixels (ties: the highest
     peak coverage, then the first)."""
-    keys = [(int((s["coverage"] > CORE).sum()), float(s["coverage"].max())) for s in facts["shapes"]]
+    keys = [(int((s["coverage"] > COVERED).sum()), float(s["coverage"].max())) for s in facts["shapes"]]
     return max(range(len(keys)), key=lambda i: (keys[i], -i))
 
 
@@ -182,7 +181,7 @@ def _target(seed, facts) -> str:
 def _other_edit(seed, facts):
     """(edit caption in the renderer's grammar, target colour, mask [H, W]): the colour word of the main
     shape's part swapped; the mask is that shape's visible coverage, scaled so that its peak is 1 (a
-    blurry outline never covers a pixel fully, and the judge reads the pixels above 0.99)."""
+    blurry outline never covers a pixel fully, and the judge reads the pixels above COVERED)."""
     k, target = _main_shape(facts), _target(seed, facts)
     parts = [f"{a}{target if i == k else s['colour']}{b}" for i, s in enumerate(facts["shapes"])
              for a, b in [s["words"]]]
