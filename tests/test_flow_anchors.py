@@ -482,3 +482,10 @@ def test_cli_plan_flags_name_the_anchors():
         args = build_parser().parse_args([*base, "--preset", "euler-inversion", "--solver", name])
         p = renoise.presets.resolve(args.preset, **_plan_overrides(args))
         assert p.solver == name and p.iters == 0
+
+
+def test_plans_know_every_anchor():
+    """presets.SOLVERS (what a Plan accepts) lists the same solvers as flow_anchors.SOLVERS (what runs):
+    presets sits below the core and cannot import it, so the two tuples are kept equal here."""
+    from renoise import presets
+    assert presets.SOLVERS == flow_anchors.SOLVERS
