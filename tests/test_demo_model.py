@@ -131,19 +131,20 @@ def test_demo_preset_matches_k9_with_a_third_of_its_calls(pipe):
 
 
 @pytest.mark.parametrize("preset", ["demo-4", "demo-euler-4"])
-def test_four_step_presets_match_k9_with_a_third_of_its_calls(pipe, preset):
+def test_four_step_presets_match_k9_with_a_fraction_of_its_calls(pipe, preset):
     """The same goal at 4 steps: DDIM (demo-4) and Euler-ancestral with noise correction
-    (demo-euler-4), each image's calls against K = 9's (noise correction's calls included). demo-4
-    trades some of it for issue 20's rule off home ground (never 0.5 dB below plain iteration at equal
-    calls; its tol went from 2e-2 to 1.5e-2): at most 40 % of K = 9's calls here, not a third.
-    demo-euler-4 keeps its lead with relax_start="relaxed" (8 scenes: latent median 62.7 against K = 9's
-    59.3 dB; with "plain", one of its <= 3 calls a step un-relaxed, 56.3: issue 20)."""
+    (demo-euler-4), each image's calls against K = 9's (noise correction's calls included). Both trade
+    some of it for issue 20's rule off home ground (never 0.5 dB below plain iteration at equal calls):
+    demo-4's tol went from 2e-2 to 1.5e-2 (at most 40 % of K = 9's calls here, not a third);
+    demo-euler-4 went from <= 3 calls a step, started relaxed (14 of 43) to demo's solver as it is (about
+    20 of 43, under a half)."""
     plan = Plan.preset(preset)
-    k9 = plan.replace(name="K9", iters=9, window=(9, 10), anderson=0, relax=1.0, tol=None, warm_start="none")
+    k9 = plan.replace(name="K9", iters=9, window=(9, 10), anderson=0, relax=1.0, tol=None, tol_plain=None,
+                      warm_start="none")
     a = evaluate.reconstruction(pipe, k9, 8)
     b = evaluate.reconstruction(pipe, plan, 8)
     assert (a["sample_calls"] == a["calls"]).all() and a["calls"] == 40 + 3 * (plan.noise_correction != "none")
-    share = 0.4 if preset == "demo-4" else 1 / 3
+    share = 0.4 if preset == "demo-4" else 0.5
     assert b["sample_calls"].float().median() <= a["calls"] * share, (a["calls"], b["sample_calls"])
     assert b["psnr"].median() >= a["psnr"].median() - 0.1, (a["psnr"], b["psnr"])
     assert b["latent_psnr"].median() >= a["latent_psnr"].median(), (a["latent_psnr"], b["latent_psnr"])

@@ -77,27 +77,8 @@ def _latent_psnr_and_calls(pipe, plan, x, captions):
     return metrics.latent_metrics(z, inv.z0)["psnr"].numpy(), np.asarray(inv.result.convergence()["calls"])
 
 
-EULER_GAP = ("issue 20, not met: demo-euler-4 (Euler-ancestral 4 + noise correction, <= 3 calls a step, noise-aware "
-             "warm start) loses up to 12.3 dB latent PSNR to plain iteration at equal calls on an other-renderer "
-             "image (relax_start='relaxed'; 6.5 with 'plain', which puts its home median 3.0 dB under K = 9's); "
-             "demo (Anderson, K <= 9) is the preset that never loses there; benchmarks/RESULTS.md. Why (RESULTS, "
-             "'Why demo-euler-4 loses'): noise correction 'optimize' leaves a triangle wave of the solve error (test "
-             "below), so the shortfall of the same preset moves from -0.6 to +9.3 dB with the noise draws; and on a "
-             "textured other-renderer image the noise-aware warm start leaves slow-mode error that 3 calls do not "
-             "remove")
-
-
-EULER_LOSES_ON = ("other-renderer", "photos")       # where demo-euler-4 loses today; it holds on the others
-
-
-def _cases():
-    for name in sets.SETS:
-        yield pytest.param(name, ("demo", "demo-4", "demo-exact"), id=f"{name}-ddim")
-        marks = [pytest.mark.xfail(reason=EULER_GAP, strict=True)] if name in EULER_LOSES_ON else []
-        yield pytest.param(name, ("demo-euler-4",), marks=marks, id=f"{name}-euler")
-
-
-@pytest.mark.parametrize("name,presets", list(_cases()))
+@pytest.mark.parametrize("presets", [("demo", "demo-4", "demo-exact"), ("demo-euler-4",)], ids=["ddim", "euler"])
+@pytest.mark.parametrize("name", list(sets.SETS))
 def test_presets_are_never_worse_than_plain_iteration_at_equal_calls(pipe, name, presets):
     """Each demo preset at its own sampler (`demo` at 4 steps here, for time, like the others), on two
     images of the set, against plain iteration (anderson=0, relax=1, tol=None, warm_start none) at
@@ -124,9 +105,9 @@ def test_presets_are_never_worse_than_plain_iteration_at_equal_calls(pipe, name,
 
 
 def test_optimize_noise_correction_leaves_a_triangle_wave_of_the_solve_error():
-    """Why a solver cannot promise issue 20's rule per image at Euler-ancestral + noise correction
-    "optimize" (benchmarks/RESULTS.md, "why demo-euler-4 loses"): 10 steps of length lr = 1.8 toward n*
-    leave |d0 - 3.6·round(d0 / 3.6)| of a start distance d0 < 18 (a triangle wave, not monotone in d0),
+    """Why the rule per image is partly a draw at Euler-ancestral + noise correction "optimize", so that
+    demo-euler-4 needs a margin (benchmarks/RESULTS.md, "why demo-euler-4 loses"): 10 steps of length
+    lr = 1.8 toward n* leave |d0 - 3.6·round(d0 / 3.6)| of a start distance d0 < 18 (a triangle wave, not monotone in d0),
     and d0 - 18 beyond: a better solve can leave more error than a worse one."""
     from renoise import noise_correction
     gen = torch.Generator().manual_seed(1)
