@@ -10,6 +10,8 @@ most 1/2 of K = 9's off home ground and 1/3 on the demo's own held-out scenes ("
 Runs K = 9 and the methods (`renoise eval` specs; default: the candidates of benchmarks/RESULTS.md,
 "tolerance for the goal") on home and the four `--set`s at `--steps` DDIM steps, then prints one
 row per (set, method) and writes OUT/goal.json. Already-made rows are reused (eval resumes).
+`--plot FILE` draws the trade-off: per set, each method's median and worst-image latent PSNR against
+K = 9's, over its share of K = 9's calls, with the goal's corner marked.
 """
 from __future__ import annotations
 
@@ -58,6 +60,39 @@ def goal_rows(data, rows):
     return out
 
 
+def plot(table, path, title):
+    """Per set (columns): Δ median (top) and Δ worst image (bottom) latent PSNR against K = 9's, over the share
+    of K = 9's calls; the goal's region (Δ median >= -0.1, Δ worst >= -1, share <= 1/3 at home, 1/2 off) shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sets = list(dict.fromkeys(r["set"] for r in table))
+    methods = list(dict.fromkeys(r["method"] for r in table))
+    fig, axes = plt.subplots(2, len(sets), figsize=(3.2 * len(sets), 6), squeeze=False)
+    for j, data in enumerate(sets):
+        cap = 1 / 3 if data == "home" else 1 / 2
+        for i, (key, floor) in enumerate((("latent_median", -0.1), ("latent_worst", -1.0))):
+            ax = axes[i][j]
+            for k, m in enumerate(methods):
+                r = next((r for r in table if r["set"] == data and r["method"] == m), None)
+                if r is not None:
+                    ax.scatter(r["calls_share"], r[key] - r["k9_" + key], color=f"C{k % 10}", marker="os^Dv<>"[k // 10 % 7],
+                               label=m if (i, j) == (0, 0) else None)
+            ax.axvline(cap, color="grey", lw=0.8, ls="--")
+            ax.axhline(floor, color="grey", lw=0.8, ls="--")
+            ax.fill_between([0, cap], floor, max(ax.get_ylim()[1], floor + 1), color="green", alpha=0.08)
+            ax.set_xlim(0, 1.05)
+            ax.set_title(f"{data}: {'median' if i == 0 else 'worst image'}", fontsize=9)
+            ax.set_xlabel("calls / K = 9's", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("latent PSNR − K = 9's (dB)", fontsize=8)
+    fig.legend(loc="lower center", ncol=min(len(methods), 6), fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10)
@@ -70,6 +105,9 @@ def main(argv=None):
     ap.add_argument("--noise-correction", default=None, help="every method's, e.g. optimize with euler_ancestral")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/out/tolgoal/ddim<steps>")
     ap.add_argument("--table-only", action="store_true", help="tabulate the runs already there")
+    ap.add_argument("--plot", type=Path, default=None, help="also draw the trade-off to this PNG")
+    ap.add_argument("--rename", nargs="+", default=[], metavar="OLD=NEW",
+                    help="show a method's rows under another name (e.g. an earlier version of a preset)")
     args = ap.parse_args(argv)
     run_flags = []
     if args.sampler:
@@ -84,6 +122,8 @@ def main(argv=None):
             run_eval(data, args.steps, args.images, args.home, out, args.threads, args.methods, run_flags)
         if (out / data / "rows").is_dir():
             table += goal_rows(data, ok_rows(out / data))
+    names = dict(r.split("=", 1) for r in args.rename)
+    table = [{**r, "method": names.get(r["method"], r["method"])} for r in table]
     print("| set | method | images | calls median (max) / K = 9's | latent median (K = 9) | Δ median | "
           "worst (K = 9) | Δ worst | goal |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -94,6 +134,8 @@ def main(argv=None):
               f"{r['latent_worst'] - r['k9_latent_worst']:+.1f} | {'met' if r['goal_met'] else 'no'} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "goal.json").write_text(json.dumps(table, indent=1))
+    if args.plot:
+        plot(table, args.plot, f"issue 20 goal 3: {kind} {args.steps} steps (shaded: the goal)")
 
 
 if __name__ == "__main__":
