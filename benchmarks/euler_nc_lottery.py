@@ -47,7 +47,8 @@ def run(data, images, seed, variant, out, threads, candidates=()):
                                                                                     str(images)]
     folder = out / f"{data}-seed{seed}-{variant}"
     cmd = [sys.executable, "-m", "renoise", "eval", "--model", "demo", *source, "--sampler", "euler_ancestral",
-           "--steps", "4", "--noise-correction", "optimize", "--seed", str(seed), "--methods", *methods(variant, candidates),
+           "--steps", "4", "--noise-correction", "optimize", "--seed", str(seed),
+           "--methods", *methods(variant, candidates),
            "--out", str(folder), "--quiet", "--no-plots", "--threads", str(threads)]
     subprocess.run(cmd, check=True)
     return ok_rows(folder)

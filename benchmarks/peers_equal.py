@@ -159,8 +159,8 @@ def _few(names, n=3):
 
 
 def verdict_rows(results):
-    lines = ["| DDIM | set | peer (cost) | K | best ours ≤ cost | img med, p10; lat med, p10 | Δ dB (img med, p10; lat med, p10) "
-             "| s ours / peer | ≤ seconds | vs | Δ dB | ours ≤ cost winning all four |",
+    lines = ["| DDIM | set | peer (cost) | K | best ours ≤ cost | img med, p10; lat med, p10 "
+             "| Δ dB (img med, p10; lat med, p10) | s ours / peer | ≤ seconds | vs | Δ dB | ours ≤ cost winning all four |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for p, v in r["verdicts"].items():

@@ -76,8 +76,8 @@ def plot(table, path, title):
             for k, m in enumerate(methods):
                 r = next((r for r in table if r["set"] == data and r["method"] == m), None)
                 if r is not None:
-                    ax.scatter(r["calls_share"], r[key] - r["k9_" + key], color=f"C{k % 10}", marker="os^Dv<>"[k // 10 % 7],
-                               label=m if (i, j) == (0, 0) else None)
+                    ax.scatter(r["calls_share"], r[key] - r["k9_" + key], color=f"C{k % 10}",
+                               marker="os^Dv<>"[k // 10 % 7], label=m if (i, j) == (0, 0) else None)
             ax.axvline(cap, color="grey", lw=0.8, ls="--")
             ax.axhline(floor, color="grey", lw=0.8, ls="--")
             ax.fill_between([0, cap], floor, max(ax.get_ylim()[1], floor + 1), color="green", alpha=0.08)

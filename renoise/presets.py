@@ -345,12 +345,13 @@ PRESETS = {
     # the sets measured, at 35-37 % of K = 9's calls (benchmarks/RESULTS.md)
     "demo-4": Plan(name="demo-4", sampler="ddim", num_steps=4, iters=9, window=(9, 10), average=False, anderson=3,
                    relax=2.0, tol=1.5e-2, warm_start="previous-noise"),
-    # and Euler-ancestral at 4 steps with noise correction (SDXL-Turbo's sampler): demo's solver as it is (issue 20).
-    # 20 calls instead of K = 9's 43 (noise correction's 3 included) at home, 19-23 off home; K = 9's median
-    # latent PSNR or better at home (+3.4 dB, 16 scenes), and never more than 0.5 dB below plain iteration at equal calls on
-    # any image of 3 noise draws x 4 off-home sets (worst -0.15 dB; benchmarks/euler_nc_lottery.py, RESULTS). Until
-    # 2026-12-07 it was <= 3 calls a step, started relaxed (14 calls, +3 dB at home) and lost up to 12 dB to plain
-    # iteration off home; demo-exact's solver at <= 5 calls a step (22) lost 1.2 dB on one noise draw
+    # and Euler-ancestral at 4 steps with noise correction (SDXL-Turbo's sampler): demo's solver as it is
+    # (issue 20). 20 calls instead of K = 9's 43 (noise correction's 3 included) at home, 19-23 off home; K = 9's
+    # median latent PSNR or better at home (+3.4 dB, 16 scenes), and never more than 0.5 dB below plain
+    # iteration at equal calls on any image of 3 noise draws x 4 off-home sets (worst -0.15 dB;
+    # benchmarks/euler_nc_lottery.py, RESULTS). Until 2026-12-07 it was <= 3 calls a step, started relaxed
+    # (14 calls, +3 dB at home) and lost up to 12 dB to plain iteration off home; demo-exact's solver at
+    # <= 5 calls a step (22) lost 1.2 dB on one noise draw
     "demo-euler-4": Plan(name="demo-euler-4", sampler="euler_ancestral", num_steps=4, iters=9, window=(9, 10),
                          average=False, anderson=3, relax=2.0, tol=1e-2, warm_start="previous-noise",
                          noise_correction="optimize"),

@@ -107,8 +107,8 @@ def test_presets_are_never_worse_than_plain_iteration_at_equal_calls(pipe, name,
 def test_optimize_noise_correction_leaves_a_triangle_wave_of_the_solve_error():
     """Why the rule per image is partly a draw at Euler-ancestral + noise correction "optimize", so that
     demo-euler-4 needs a margin (benchmarks/RESULTS.md, "why demo-euler-4 loses"): 10 steps of length
-    lr = 1.8 toward n* leave |d0 - 3.6·round(d0 / 3.6)| of a start distance d0 < 18 (a triangle wave, not monotone in d0),
-    and d0 - 18 beyond: a better solve can leave more error than a worse one."""
+    lr = 1.8 toward n* leave |d0 - 3.6·round(d0 / 3.6)| of a start distance d0 < 18 (a triangle wave,
+    not monotone in d0), and d0 - 18 beyond: a better solve can leave more error than a worse one."""
     from renoise import noise_correction
     gen = torch.Generator().manual_seed(1)
     d0 = torch.rand(64, generator=gen, dtype=torch.float64) * 24
