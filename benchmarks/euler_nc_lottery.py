@@ -1,4 +1,4 @@
-"""Why demo-euler-4 loses to plain iteration off home ground (issue 20): the noise draws and noise correction.
+"""Whether demo-euler-4 (and candidates) keep issue 20's rule against plain iteration (the noise draws and noise correction).
 
     python benchmarks/euler_nc_lottery.py [--images 2] [--seeds 0 1 2] [--sets other-renderer photos]
 
