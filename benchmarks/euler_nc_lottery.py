@@ -1,4 +1,4 @@
-"""Whether demo-euler-4 (and candidates) keep issue 20's rule against plain iteration (the noise draws and noise correction).
+"""Does demo-euler-4 (or a candidate) keep issue 20's rule against plain iteration? Noise draws, noise correction.
 
     python benchmarks/euler_nc_lottery.py [--images 2] [--seeds 0 1 2] [--sets other-renderer photos]
 
