@@ -347,8 +347,8 @@ PRESETS = {
                    relax=2.0, tol=1.5e-2, warm_start="previous-noise"),
     # and Euler-ancestral at 4 steps with noise correction (SDXL-Turbo's sampler): demo's solver as it is
     # (issue 20). 20 calls instead of K = 9's 43 (noise correction's 3 included) at home, 19-23 off home; K = 9's
-    # median latent PSNR or better at home (+3.4 dB, 16 scenes), and never more than 0.5 dB below plain
-    # iteration at equal calls on any image of 3 noise draws x 4 off-home sets (worst -0.15 dB;
+    # median latent PSNR or better at home (+3.4 dB, 16 scenes), and within 0.5 dB of plain iteration at equal
+    # calls on every image of 19 of 20 noise-draw x off-home-set cells (one empty-caption image: 2.7 dB below;
     # benchmarks/euler_nc_lottery.py, RESULTS). Until 2026-12-07 it was <= 3 calls a step, started relaxed
     # (14 calls, +3 dB at home) and lost up to 12 dB to plain iteration off home; demo-exact's solver at
     # <= 5 calls a step (22) lost 1.2 dB on one noise draw
