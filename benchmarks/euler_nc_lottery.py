@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from renoise.evaluation.store import ok_rows
+from renoise.evaluation.store import at_calls, ok_rows
 
 PLAIN = {"plain": 0, "K1": 1, "K2": 2, "K3": 3, "K5": 5, "K9": 9}
 NC = {"reference": (10, 1.8), "fine": (1000, 0.018)}
@@ -61,8 +61,7 @@ def shortfall(rows, method="demo-euler-4"):
     the method's; and the method's latent PSNR and K = 9's."""
     out = {}
     for i, r in rows[method].items():
-        pts = sorted((rows[p][i]["calls_invert"], rows[p][i]["latent_psnr"]) for p in PLAIN)
-        out[i] = {"short": float(np.interp(r["calls_invert"], *zip(*pts))) - r["latent_psnr"],
+        out[i] = {"short": at_calls(rows, i, r["calls_invert"], PLAIN) - r["latent_psnr"],
                   "latent": r["latent_psnr"], "k9": rows["K9"][i]["latent_psnr"], "calls": r["calls_invert"]}
     return out
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from renoise.evaluation.store import ok_rows
+from renoise.evaluation.store import at_calls, ok_rows
 
 CONFIGS = {"ddim-4": ["--sampler", "ddim", "--steps", "4"],
            "ddim-10": ["--sampler", "ddim", "--steps", "10"],
@@ -52,10 +52,7 @@ def table(rows):
         lat = np.array([per_image[i]["latent_psnr"] for i in ids])
         calls = np.array([per_image[i]["calls_invert"] for i in ids], dtype=float)
         ref = np.array([k9[i]["latent_psnr"] for i in ids])
-        short = []
-        for i, v, c in zip(ids, lat, calls):
-            pts = sorted((rows[p][i]["calls_invert"], rows[p][i]["latent_psnr"]) for p in PLAIN if i in rows.get(p, {}))
-            short.append(float(np.interp(c, *zip(*pts))) - v)
+        short = [at_calls(rows, i, c, PLAIN) - v for i, v, c in zip(ids, lat, calls)]
         stalls = sum(len(per_image[i].get("not_converged") or []) > 0 for i in ids)
         out.append({"method": method, "images": len(ids), "calls_median": float(np.median(calls)),
                     "calls_vs_k9": float(calls.mean() / np.mean([k9[i]["calls_invert"] for i in ids])),

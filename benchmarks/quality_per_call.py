@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from renoise.evaluation.store import ok_rows
+from renoise.evaluation.store import at_calls, ok_rows
 
 CONFIGS = {"ddim-4": ["--sampler", "ddim", "--steps", "4"],
            "ddim-10": ["--sampler", "ddim", "--steps", "10"],
@@ -42,12 +42,8 @@ def run_eval(name, images, out, threads, methods):
 
 def shortfall(rows, method, key):
     """Worst over images of (plain iteration's `key` at the method's calls) - (the method's)."""
-    worst = -np.inf
-    for image, r in rows[method].items():
-        pts = sorted((rows[p][image]["calls_invert"], rows[p][image][key]) for p in PLAIN if image in rows.get(p, {}))
-        calls, vals = zip(*pts)
-        worst = max(worst, float(np.interp(r["calls_invert"], calls, vals)) - r[key])
-    return worst
+    return max((at_calls(rows, image, r["calls_invert"], PLAIN, key) - r[key] for image, r in rows[method].items()),
+               default=-np.inf)
 
 
 def table(name, rows):

@@ -265,6 +265,26 @@ def test_torn_rows_are_ignored_then_cut(tmp_path):
     assert [json.loads(x)["image"] for x in path.read_text().splitlines()] == ["a", "c"]
 
 
+def test_ok_rows_and_plain_iteration_at_equal_calls(tmp_path):
+    """ok_rows: a run's ok rows by method and image; at_calls: a curve of methods interpolated linearly in
+    inversion calls (issue 20's "at equal calls"), held flat past its ends, images a method lacks left out."""
+    w = store.RowWriter(tmp_path, 0)
+    curve = {"K0": (10, 30.0), "K1": (20, 40.0), "K3": (40, 44.0)}
+    for m, (calls, lat) in curve.items():
+        w.write({"image": "a", "method": m, "status": "ok", "calls_invert": calls, "latent_psnr": lat})
+    w.write({"image": "b", "method": "K0", "status": "ok", "calls_invert": 10, "latent_psnr": 20.0})
+    w.write({"image": "b", "method": "K1", "status": "failed", "error": "RuntimeError: out of memory"})
+    w.close()
+    rows = store.ok_rows(tmp_path)
+    assert sorted(rows) == ["K0", "K1", "K3"] and sorted(rows["K0"]) == ["a", "b"] and list(rows["K1"]) == ["a"]
+    plain = ["K0", "K1", "K3"]
+    assert store.at_calls(rows, "a", 15, plain) == pytest.approx(35.0)
+    assert store.at_calls(rows, "a", 30, plain) == pytest.approx(42.0)
+    assert store.at_calls(rows, "a", 5, plain) == 30.0 and store.at_calls(rows, "a", 90, plain) == 44.0
+    assert store.at_calls(rows, "b", 25, plain) == 20.0
+    assert store.at_calls(rows, "a", 20, plain, key="calls_invert") == 20.0
+
+
 def test_without_matplotlib_only_the_plots_are_skipped(tmp_path, monkeypatch):
     import importlib.util
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..presets import Plan
 
 __all__ = ["write_atomic", "write_json", "LineWriter", "RowWriter", "append_line", "read_rows", "check_settings",
-           "row_key", "check_folder", "locked", "pair_fingerprint", "LOCK", "STATUSES"]
+           "row_key", "check_folder", "locked", "pair_fingerprint", "LOCK", "STATUSES", "ok_rows", "at_calls"]
 
 ROWS_DIR = "rows"
 SETTINGS = "run.json"
@@ -189,6 +189,15 @@ def read_rows(out, fingerprints=None, stale=None) -> dict:
     if stale is not None:
         stale.difference_update(rows)
     return rows
+
+
+def at_calls(rows, image, calls, methods, key="latent_psnr") -> float:
+    """`key` of the curve `methods` (e.g. plain iteration K = 0..9) on `image`, interpolated linearly in
+    inversion calls at `calls`: what "at equal calls" means in issue 20's rule (ends held flat beyond the
+    curve's calls). rows: ok_rows' {method: {image: row}}; methods missing that image are left out."""
+    import numpy as np
+    pts = sorted((rows[m][image]["calls_invert"], rows[m][image][key]) for m in methods if image in rows.get(m, {}))
+    return float(np.interp(calls, *zip(*pts)))
 
 
 def ok_rows(out) -> dict:
