@@ -4,8 +4,9 @@
 
 For every set of `renoise eval --set` (other-renderer, unknown-words, photos, degraded) and the
 demo's own held-out scenes (`--demo`, "home"), and for DDIM at 4, 10 (and 50) steps and
-Euler-ancestral at 4 steps with noise correction (optimize), runs plain iteration K = 0, 1, 2, 3,
-5, 9 (`anderson=0, relax=1, tol=None, warm_start="none"`) and the demo presets, then prints per
+Euler-ancestral at 4 steps with noise correction ("clip", demo-euler-4's since 2026-12-07, for every
+method: the run's flag applies to the preset too), runs plain iteration K = 0, 1, 2, 3, 5, 9
+(`anderson=0, relax=1, tol=None, warm_start="none"`) and the demo presets, then prints per
 method: UNet calls of the inversion (median, and the mean over K = 9's), median latent PSNR and
 its difference to K = 9's, the worst image's difference to K = 9, and the worst image's shortfall
 against plain iteration at equal calls (plain K = 0..9's latent PSNR interpolated linearly in
@@ -28,7 +29,7 @@ from renoise.evaluation.store import at_calls, ok_rows
 CONFIGS = {"ddim-4": ["--sampler", "ddim", "--steps", "4"],
            "ddim-10": ["--sampler", "ddim", "--steps", "10"],
            "ddim-50": ["--sampler", "ddim", "--steps", "50"],
-           "euler_ancestral-4-nc": ["--sampler", "euler_ancestral", "--steps", "4", "--noise-correction", "optimize"]}
+           "euler_ancestral-4-nc": ["--sampler", "euler_ancestral", "--steps", "4", "--noise-correction", "clip"]}
 SETS = ["home", "other-renderer", "unknown-words", "photos", "degraded"]
 PLAIN = ["plain", "K1", "K2", "K3", "K5", "K9"]                 # plain iteration, K = 0..9
 PRESETS = ["demo", "demo-4", "demo-euler-4"]

@@ -226,8 +226,8 @@ _PLAN_HELP = {
     "reg_rounds": "edit enhancement rounds (0: off)",
     "reg_rolls": "auto-correlation steps per round",
     "reference_noise": "noised | clean: where the reference noise map is taken",
-    "noise_correction": "none | override | optimize (stochastic samplers)",
-    "nc_steps": "noise correction by optimisation: steps",
+    "noise_correction": "none | override | optimize | clip (stochastic samplers)",
+    "nc_steps": "noise correction by optimisation: steps (clip: moves at most steps × lr)",
     "nc_lr": "noise correction by optimisation: step length",
     "anderson": "Anderson mixing memory, 0: off (needs --average false)",
     "relax": "step length β: each iteration moves to z + β·(G(z) - z) (1: plain; 2: over-relaxed, with --anderson)",
@@ -235,6 +235,7 @@ _PLAN_HELP = {
                    "(plain) or at --relax (relaxed)",
     "tol": "stop a step's iterations once the residual (RMS change, in the model's input scale) is <= V "
            "(none: run all K+1 calls)",
+    "first_tol": "tol of the steps with t < first_until (needs tol; none: tol there too)",
     "tol_plain": "with Anderson: also stop a sample once its residual r <= r0·L^V, as far as V plain iterations "
                  "would get (r0: its first residual, L: the measured contraction; none: off)",
     "warm_start": "none | previous | previous-noise | extrapolate: start each step from the inverse step with the "

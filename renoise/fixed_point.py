@@ -113,7 +113,9 @@ class FixedPointResult:
     z_{k+1} - z_k (= [iters, B] unless tol stopped early, never part of a graph); evals: calls
     to g by the solve; iterates: the z_{k+1} (k = 0..evals-1) when keep_iterates, else None.
     graph_evals: the extra call of g that grad="implicit" records at z* (0 or 1); backward: one
-    FixedPointResult (z=None) per adjoint solve run by a backward pass (implicit mode)."""
+    FixedPointResult (z=None) per adjoint solve run by a backward pass (implicit mode). best (Anderson
+    only, else None): (x, g(x), rms(g(x) - x)) per sample at the accepted point x with the smallest
+    residual, [B, ...], [B, ...], [B]: the one answer whose own residual is known without another call."""
 
     z: object
     residuals: torch.Tensor
@@ -121,6 +123,7 @@ class FixedPointResult:
     iterates: list | None = None
     graph_evals: int = 0
     backward: list = field(default_factory=list)
+    best: tuple | None = None
 
     def contraction(self) -> torch.Tensor:
         """contraction(self.residuals)."""
@@ -268,15 +271,16 @@ def iterate(g, z0, iters, *, weights=None, anderson=0, tol=None, tol_plain=None,
         with torch.set_grad_enabled(record and k >= first):
             return g(z, k) if indexed else g(z)
 
+    best = None
     if anderson:
-        value, z_last, residuals, evals, iterates = _anderson(call, z0, iters, weights, anderson, tol, keep_iterates,
-                                                              anderson_reg, anderson_trust, relax, relax_start,
-                                                              tol_plain)
+        value, z_last, residuals, evals, iterates, best = _anderson(call, z0, iters, weights, anderson, tol,
+                                                                    keep_iterates, anderson_reg, anderson_trust, relax,
+                                                                    relax_start, tol_plain)
     else:
         value, z_last, residuals, evals, iterates = _plain(call, z0, iters, weights, tol, keep_iterates,
                                                            readout is not None, relax)
     _check_answer(value, residuals)
-    result = FixedPointResult(value, residuals, evals, iterates)
+    result = FixedPointResult(value, residuals, evals, iterates, best=best)
     with torch.set_grad_enabled(record):
         if grad == "implicit" and record:
             index = evals - 1 if indexed else None
@@ -424,7 +428,8 @@ _GROW = 1.0                        # a relaxed plain step must shrink the residu
 
 def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax=1.0, relax_start="plain",
               tol_plain=None):
-    """-> (z̄, answer g(a), residuals [evals, B], evals, iterates)."""
+    """-> (z̄, answer g(a), residuals [evals, B], evals, iterates, (x, g(x), rms(f(x))) at the accepted x
+    with the smallest residual)."""
     shape, B = z0.shape, z0.shape[0]
     cd = torch.promote_types(z0.dtype, torch.float32)
     flat = lambda v: v.reshape(B, -1).to(cd)  # noqa: E731
@@ -452,6 +457,7 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
         if k == 0:
             a, ga, fa, ra = c, gc, fc, rc
             r0 = rc
+            xb, gb, rb = c, gc, rc
         else:
             plain = ~valid.any(0)                      # c was the plain step a + β·f(a)
             rho = (ra - rc) / (ra - predicted).clamp_min(torch.finfo(cd).tiny)
@@ -478,6 +484,8 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
             valid[s] = valid[s] | move
             a, ga, fa = torch.where(col, c, a), torch.where(col, gc, ga), torch.where(col, fc, fa)
             ra = torch.where(move, rc, ra)
+            better = (move & (rc < rb))[:, None]
+            xb, gb, rb = torch.where(better, c, xb), torch.where(better, gc, gb), torch.where(better[:, 0], rc, rb)
         r = torch.where(done, torch.zeros_like(ra), ra)
         if tol is not None:
             _check_finite(r, k)
@@ -498,7 +506,8 @@ def _anderson(call, z0, iters, weights, m, tol, keep_iterates, reg, trust, relax
             c, predicted = _propose(a, ga, fa, dX, dF, valid, reg, radius, beta if relax != 1 else 1.0)
             c = torch.where(done[:, None], a, c)
     z = ga.reshape(shape).to(z0.dtype)
-    return avg.result(z, evals), z, torch.stack(residuals), evals, iterates
+    best = (xb.detach().reshape(shape).to(z0.dtype), gb.detach().reshape(shape).to(z0.dtype), rb.detach())
+    return avg.result(z, evals), z, torch.stack(residuals), evals, iterates, best
 
 
 def _propose(a, ga, fa, dX, dF, valid, reg, radius, relax=1.0):

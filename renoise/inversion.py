@@ -108,14 +108,16 @@ class InversionResult:
         if self.plan.tol is not None:
             for i, (t, r) in enumerate(zip(self.timesteps.flip(0).tolist(), res)):
                 scale = float(smod.model_input(torch.ones((), dtype=torch.float64), t, self.schedule))
+                tol = self.plan.tol_at(t)
                 # above tol at every call, and every call used (tol_plain stops a sample early above tol)
-                above = (r * scale > self.plan.tol).all(0) & ((r > 0).sum(0) == self.plan.at(t)[0] + 1)
+                above = (r * scale > tol).all(0) & ((r > 0).sum(0) == self.plan.at(t)[0] + 1)
                 for b in above.nonzero().flatten().tolist():
                     stalled.append({"step": i, "timestep": t, "sample": b, "residual": float(r[-1, b] * scale),
-                                    "tol": self.plan.tol, "calls": int((r[:, b] > 0).sum())})
+                                    "tol": tol, "calls": int((r[:, b] > 0).sum())})
         advice = None
         if stalled:
-            advice = (f"{len(stalled)} solve(s) used all their calls and stopped above tol = {self.plan.tol:g}: "
+            tols = "/".join(f"{x:g}" for x in sorted({s["tol"] for s in stalled}))
+            advice = (f"{len(stalled)} solve(s) used all their calls and stopped above tol = {tols}: "
                       "allow more calls (the plan's iters, --iters), or use another preset (plain iteration, "
                       "K = 9 without tolerance stopping, converges where this solver stalls)")
         return {"calls": calls.tolist(), "budget": (calls.double() / max(allowed, 1)).tolist(),
@@ -399,7 +401,8 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
 
     z_start = z_prev if e_prev is None else inv(_warm_output(plan, smod, schedule, opts, e_prev, noise, t, tn))
     # tol applies to the residual in the model's input scale (Euler's x is the latent times √(σ² + 1))
-    tol = None if plan.tol is None else plan.tol / smod.model_input(torch.ones(()), t, schedule)
+    tol = _step_tol(plan, t)
+    tol = None if tol is None else tol / smod.model_input(torch.ones(()), t, schedule)
     if weights is not None:
         res = fixed_point.iterate(g, z_start, k + 1, weights=weights, indexed=True, tol=tol,
                                   readout=lambda e_mean: inv(R(e_mean) if reg else e_mean), relax=plan.relax, grad=grad,
@@ -409,6 +412,14 @@ def _solve(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, ge
                                   relax_start=plan.relax_start, tol=tol, tol_plain=plan.tol_plain,
                                   grad=grad, **grad_opts)
     return res, inv, last["e"]
+
+
+def _step_tol(plan, t):
+    """plan.tol_at(t); a 0-d tensor where t is one (a compiled step: no host sync)."""
+    if plan.first_tol is None or not isinstance(t, torch.Tensor):
+        return plan.tol_at(t)
+    first = torch.as_tensor(plan.first_tol, dtype=torch.float64, device=t.device)
+    return torch.where(t < plan.first_until, first, torch.as_tensor(plan.tol, dtype=torch.float64, device=t.device))
 
 
 def _extrapolated(e1, e2, t, t1, t2):
@@ -456,10 +467,30 @@ def _step(denoiser, smod, schedule, plan, opts, z_prev, t, tn, noise, z_ref, at,
     finite = torch.isfinite(z).all()
     if correct:
         e_last = denoiser(z, t)
-        noise = noise_correction.correct(plan.noise_correction, smod, noise, z, e_last, z_prev, t, tn, schedule,
-                                         steps=plan.nc_steps, lr=plan.nc_lr, **opts)
-        finite = finite & torch.isfinite(noise).all()
+        z, noise = _correct(plan, smod, schedule, opts, fp, noise, z, e_last, z_prev, t, tn)
+        finite = finite & torch.isfinite(z).all() & torch.isfinite(noise).all()
     return z, fp.residuals, noise, finite, e_last
+
+
+def _correct(plan, smod, schedule, opts, fp, noise, z, e, z_prev, t, tn):
+    """Noise correction after a solve -> (z_t, corrected noise). The answer z = g(a) gets its n* (the
+    noise that makes z's denoising step land on z_prev) from its model output e, the call noise
+    correction makes; every point x the solve evaluated has its n* without a call
+    (noise_correction.target_from_map, from g(x)). With Anderson (fp.best), the accepted point x of
+    smallest residual replaces z, per sample, where its corrected noise ends closer to its n*: the
+    step's denoising from it then misses z_prev by less (C·‖n - n*‖). On a step that does not contract,
+    g(a) can sit farther from consistency than a, and noise correction moves the noise at most
+    nc_steps·nc_lr. Not with the regularizer, whose g inverts R(e), not e."""
+    target = noise_correction.target_noise(smod, z, e, z_prev, t, tn, schedule, **opts)
+    fixed = noise_correction.toward(plan.noise_correction, noise, target, plan.nc_steps, plan.nc_lr)
+    if fp.best is None or plan.regularize:
+        return z, fixed
+    x, gx, _ = fp.best
+    alt = noise_correction.target_from_map(smod, noise, x, gx, t, tn, schedule, **opts)
+    alt_fixed = noise_correction.toward(plan.noise_correction, noise, alt, plan.nc_steps, plan.nc_lr)
+    miss = lambda n, goal: (n.to(goal.dtype) - goal).flatten(1).norm(dim=1)  # noqa: E731
+    pick = (miss(alt_fixed, alt) < miss(fixed, target)).reshape(-1, *[1] * (z.ndim - 1))
+    return torch.where(pick, x, z), torch.where(pick, alt_fixed, fixed)
 
 
 def _as_tensor_t(t, device):
@@ -603,8 +634,7 @@ def _invert(denoiser, z0, schedule, sampler, num_steps, plan, noises, generator,
             if stochastic[i] and plan.noise_correction != "none":
                 e_last = denoiser(z, t)
                 calls += 1
-                noises[i] = noise_correction.correct(plan.noise_correction, smod, noises[i], z, e_last, z_prev, t, tn,
-                                                     schedule, steps=plan.nc_steps, lr=plan.nc_lr, **opts)
+                z, noises[i] = _correct(plan, smod, schedule, opts, fp, noises[i], z, e_last, z_prev, t, tn)
                 _finite_or_raise(noises[i], None, t, step_index, "noise correction")
         trajectory.append(z)
         residuals.append(res)

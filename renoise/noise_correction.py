@@ -8,12 +8,17 @@ the noise that makes the denoising step land exactly on z_prev is
 
 "override" stores n*; "optimize" (the reference's default) moves the stored noise toward it by
 gradient descent on the plain L2 norm ‖n - n*‖ per sample: `steps` moves of length `lr` along the
-unit direction (n* - n)/‖n* - n‖ (no move where n = n* already). Generic over samplers: works for
+unit direction (n* - n)/‖n* - n‖ (no move where n = n* already). Started within steps·lr of n*, it
+overshoots and ends on a triangle wave of the start distance, up to lr away (so a better solve can
+be left with more error). "clip" goes the same distance without overshooting: n* where it is within
+steps·lr, else steps·lr along the same line, n + min(1, steps·lr/‖n* - n‖)·(n* - n), in closed
+form (what "optimize" tends to as lr -> 0 at equal steps·lr). Generic over samplers: works for
 Euler-ancestral, LCM and DDIM with eta > 0 alike. All math in float32 (float64 for float64 input).
+target_from_map gives n* for any point the inversion's fixed-point map was evaluated at, with no call.
 """
 import torch
 
-METHODS = ("override", "optimize")
+METHODS = ("override", "optimize", "clip")
 
 
 def target_noise(sampler, z_t, out, z_prev, t, t_next, schedule, **opts):
@@ -25,6 +30,18 @@ def target_noise(sampler, z_t, out, z_prev, t, t_next, schedule, **opts):
     det = sampler.step(z_t, out, t, t_next, schedule, noise=torch.zeros_like(z_t), **opts)
     c = torch.as_tensor(sampler.noise_coeff(t, t_next, schedule, **opts), dtype=dt, device=z_t.device)
     return (z_prev.to(dt) - det.to(dt)) / c
+
+
+def target_from_map(sampler, noise, x, gx, t, t_next, schedule, **opts):
+    """n* for z_t = x without a model call, from gx = inverse_step(z_prev, e(x), noise=noise) (the
+    inversion map at x). The step is affine, step(x, e, n) = A·x + B·e + C·n with scalars A, C, and gx
+    solves A·gx + B·e(x) + C·noise = z_prev, so n*(x) = noise + (A/C)·(gx - x)."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    probe = torch.zeros_like(x[:1], dtype=dt)
+    a = (sampler.step(probe + 1, probe, t, t_next, schedule, noise=probe, **opts) -
+         sampler.step(probe, probe, t, t_next, schedule, noise=probe, **opts))
+    c = torch.as_tensor(sampler.noise_coeff(t, t_next, schedule, **opts), dtype=dt, device=x.device)
+    return noise.to(dt) + a / c * (gx.to(dt) - x.to(dt))
 
 
 def optimize(noise, target, steps=10, lr=1.8):
@@ -39,12 +56,25 @@ def optimize(noise, target, steps=10, lr=1.8):
 
 
 def correct(method, sampler, noise, z_t, out, z_prev, t, t_next, schedule, *, steps=10, lr=1.8, **opts):
-    """The corrected noise for one step: n* ("override") or `noise` moved toward it ("optimize")."""
+    """The corrected noise for one step: n* ("override") or `noise` moved toward it ("optimize", "clip")."""
+    return toward(method, noise, target_noise(sampler, z_t, out, z_prev, t, t_next, schedule, **opts), steps, lr)
+
+
+def toward(method, noise, target, steps=10, lr=1.8):
+    """The stored noise corrected toward a known n* = `target`: n* itself ("override"), or `noise` moved
+    toward it by optimize() ("optimize") or clip() ("clip", at most steps·lr)."""
     if method not in METHODS:
         raise ValueError(f"unknown noise correction {method!r}; expected one of {', '.join(METHODS)}")
-    target = target_noise(sampler, z_t, out, z_prev, t, t_next, schedule, **opts)
     if method == "override":
-        return target.to(noise.dtype if noise is not None else z_t.dtype)
+        return target.to(noise.dtype if noise is not None else target.dtype)
     if noise is None:
-        raise ValueError("noise correction 'optimize' needs the stored noise to start from")
-    return optimize(noise, target, steps, lr)
+        raise ValueError(f"noise correction {method!r} needs the stored noise to start from")
+    return optimize(noise, target, steps, lr) if method == "optimize" else clip(noise, target, steps * lr)
+
+
+def clip(noise, target, reach):
+    """noise moved straight toward target by at most `reach` (per sample): target where it is that close."""
+    dt = torch.promote_types(noise.dtype, torch.float32)
+    n, d = noise.to(dt), target.to(dt) - noise.to(dt)
+    norm = d.flatten(1).norm(dim=1).view(-1, *([1] * (d.dim() - 1)))
+    return (n + d * (reach / norm.clamp_min(torch.finfo(dt).tiny)).clamp(max=1.0)).to(noise.dtype)

@@ -137,14 +137,15 @@ def test_four_step_presets_match_k9_with_a_fraction_of_its_calls(pipe, preset):
     some of it for issue 20's rule off home ground (never 0.5 dB below plain iteration at equal calls):
     demo-4's tol went from 2e-2 to 1.5e-2 (at most 40 % of K = 9's calls here, not a third);
     demo-euler-4 went from <= 3 calls a step, started relaxed (14 of 43) to demo's solver as it is (about
-    20 of 43, under a half)."""
+    20 of 43), then (2026-12-07) to noise correction "clip" with its first step solved to 1e-5: an exact
+    chain (latent PSNR at fp32 round-off, about 120-142 dB) with about 25 of 43, under 0.6."""
     plan = Plan.preset(preset)
-    k9 = plan.replace(name="K9", iters=9, window=(9, 10), anderson=0, relax=1.0, tol=None, tol_plain=None,
-                      warm_start="none")
+    k9 = plan.replace(name="K9", iters=9, window=(9, 10), anderson=0, relax=1.0, tol=None, first_tol=None,
+                      tol_plain=None, warm_start="none")
     a = evaluate.reconstruction(pipe, k9, 8)
     b = evaluate.reconstruction(pipe, plan, 8)
     assert (a["sample_calls"] == a["calls"]).all() and a["calls"] == 40 + 3 * (plan.noise_correction != "none")
-    share = 0.4 if preset == "demo-4" else 0.5
+    share = 0.4 if preset == "demo-4" else 0.6
     assert b["sample_calls"].float().median() <= a["calls"] * share, (a["calls"], b["sample_calls"])
     assert b["psnr"].median() >= a["psnr"].median() - 0.1, (a["psnr"], b["psnr"])
     assert b["latent_psnr"].median() >= a["latent_psnr"].median(), (a["latent_psnr"], b["latent_psnr"])

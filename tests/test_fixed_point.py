@@ -246,6 +246,26 @@ def test_anderson_stays_with_the_fixed_point_plain_iteration_approaches():
         torch.testing.assert_close(alone, batched[b:b + 1], rtol=0, atol=1e-14)
 
 
+def test_anderson_reports_its_best_accepted_point():
+    """best = (x, g(x), rms(g(x) - x)) at the accepted point of smallest residual, per sample. Slope
+    -1.2 (sample 0) does not contract: its first plain step is accepted though the residual grows
+    (1 -> 1.2), so after two calls its best point is the start, not the last point; slope 0.5
+    (sample 1) contracts and its best is the last point. Plain iteration reports none."""
+    slope = torch.tensor([-1.2, 0.5], dtype=torch.float64)[:, None]
+    g = lambda z: slope * z + 1  # noqa: E731
+    z0 = torch.zeros(2, 5, dtype=torch.float64)
+    for iters in (2, 6):
+        res = iterate(g, z0, iters, anderson=2)
+        x, gx, r = res.best
+        torch.testing.assert_close(gx, g(x), rtol=0, atol=0)
+        torch.testing.assert_close(r, (gx - x).pow(2).mean(1).sqrt(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(r, res.residuals.min(0).values, rtol=0, atol=0)
+    two = iterate(g, z0, 2, anderson=2).best[0]
+    torch.testing.assert_close(two[0], z0[0], rtol=0, atol=0)          # the start: residual 1, then 1.2
+    torch.testing.assert_close(two[1], g(z0)[1], rtol=0, atol=0)       # the last point: 1, then 0.5
+    assert iterate(g, z0, 6).best is None
+
+
 @pytest.mark.parametrize("m, relax", [(0, 1.0), (3, 1.0), (0, 2.0), (3, 2.0)])
 def test_compiles_without_graph_breaks(m, relax):
     g, exact = contraction(4, B=2, n=5, rho=0.5)

@@ -95,6 +95,87 @@ def test_optimize_moves_toward_the_target_in_unit_steps():
     assert torch.equal(noise_correction.optimize(target, target), target)
 
 
+def test_clip_goes_optimize_s_distance_without_overshooting():
+    """clip: n* where it is within steps·lr, else steps·lr along the line to it; what optimize reaches with
+    100 times more, 100 times shorter steps (to within their length), where optimize itself overshoots."""
+    g = torch.Generator().manual_seed(0)
+    n = torch.randn(6, 4, 8, 8, generator=g, dtype=torch.float64)
+    u = torch.randn(6, 4, 8, 8, generator=g, dtype=torch.float64)
+    d0 = torch.tensor([0.0, 0.5, 1.9, 10.0, 17.9, 30.0], dtype=torch.float64)
+    target = n + d0.reshape(-1, 1, 1, 1) * u / u.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    out = noise_correction.toward("clip", n, target, steps=10, lr=1.8)
+    left = (out - target).flatten(1).norm(dim=1)
+    torch.testing.assert_close(left, (d0 - 18).clamp(min=0), rtol=0, atol=1e-12)
+    moved = (out - n).flatten(1).norm(dim=1)
+    torch.testing.assert_close(moved, d0.clamp(max=18), rtol=0, atol=1e-12)      # along the line, never past
+    fine = noise_correction.optimize(n, target, steps=1000, lr=0.018)
+    assert ((fine - out).flatten(1).norm(dim=1) <= 0.018 + 1e-9).all()
+    coarse = (noise_correction.optimize(n, target) - target).flatten(1).norm(dim=1)
+    assert coarse[2] > 1.5 and left[2] == 0                                       # optimize: 1.9 -> 1.7 away
+    with pytest.raises(ValueError, match="stored noise"):
+        noise_correction.toward("clip", None, target)
+    assert Plan(sampler="euler_ancestral", noise_correction="clip").noise_correction == "clip"
+
+
+@pytest.mark.parametrize("sampler,opts", [("euler_ancestral", {}), ("lcm", {}), ("ddim", {"eta": 0.5})])
+def test_noise_target_of_any_point_the_map_was_evaluated_at(sampler, opts, mixture):
+    """target_from_map(n, x, g(x)) = n + (A/C)·(g(x) - x) is the noise that makes x's denoising step land on
+    z_prev, as target_noise computes it from x's model output, on every stochastic step."""
+    gm, x0 = mixture
+    sch, den = setup(gm, sampler)
+    smod = renoise.samplers.get(sampler)
+    gen = torch.Generator().manual_seed(4)
+    for t, tn in sch.chain(STEPS, sampler):
+        if tn is None or not smod.is_stochastic(tn, **opts):
+            continue
+        z_prev, x, n = (torch.randn(3, 4, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+        e = den(x, t)
+        gx = smod.inverse_step(z_prev, e, t, tn, sch, noise=n, **opts)
+        want = noise_correction.target_noise(smod, x, e, z_prev, t, tn, sch, **opts)
+        got = noise_correction.target_from_map(smod, n, x, gx, t, tn, sch, **opts)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        landed = smod.step(x, e, t, tn, sch, noise=got, **opts)
+        torch.testing.assert_close(landed, z_prev, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("nc", [dict(nc_steps=10, nc_lr=1.8), dict(nc_steps=2, nc_lr=0.05),
+                                dict(noise_correction="clip", nc_steps=1, nc_lr=0.01)])
+def test_noise_correction_keeps_the_point_whose_step_lands_closer(nc, mixture):
+    """With Anderson, noise correction compares the answer z = g(a) with the solve's best accepted point
+    x and keeps, per sample, the one whose corrected step misses z_prev by less (checked here with the
+    model called at each): never a worse step than the answer's, and x where it is better."""
+    from renoise.fixed_point import FixedPointResult
+    from renoise.inversion import _correct
+    gm, x0 = mixture
+    sch, den = setup(gm, "euler_ancestral")
+    smod = renoise.samplers.get("euler_ancestral")
+    t, tn = sch.chain(STEPS, "euler_ancestral")[1]
+    gen = torch.Generator().manual_seed(5)
+    z_prev, n = x0[:8].double(), torch.randn(8, 4, 4, 4, generator=gen, dtype=torch.float64)
+    g = lambda v: smod.inverse_step(z_prev, den(v, t), t, tn, sch, noise=n)  # noqa: E731
+    fixed = z_prev
+    for _ in range(60):
+        fixed = g(fixed)
+    x = fixed + 0.05 * torch.randn(8, 4, 4, 4, generator=gen, dtype=torch.float64)
+    z = fixed + torch.linspace(0, 0.3, 8, dtype=torch.float64).reshape(8, 1, 1, 1) * torch.randn(8, 4, 4, 4,
+                                                                                                  generator=gen)
+    p = Plan(sampler="euler_ancestral", num_steps=STEPS, iters=3, window=(3, 4), average=False, anderson=2,
+             **{"noise_correction": "optimize", **nc})
+    miss = lambda v, noise: (smod.step(v, den(v, t), t, tn, sch, noise=noise) - z_prev).flatten(1).norm(dim=1)  # noqa
+    target = noise_correction.target_noise(smod, z, den(z, t), z_prev, t, tn, sch)
+    alone = noise_correction.toward(p.noise_correction, n, target, p.nc_steps, p.nc_lr)
+    fp = FixedPointResult(z, torch.zeros(3, 8), 3, best=(x, g(x), torch.zeros(8)))
+    chosen, noise = _correct(p, smod, sch, {}, fp, n, z, den(z, t), z_prev, t, tn)
+    took_x = (chosen == x).flatten(1).all(1)
+    assert bool((took_x | (chosen == z).flatten(1).all(1)).all())
+    assert bool((miss(chosen, noise) <= miss(z, alone) * (1 + 1e-9) + 1e-12).all())
+    assert bool(took_x.any()) and not bool(took_x.all())
+    assert bool((miss(chosen, noise)[took_x] < miss(z, alone)[took_x]).all())
+    fp.best = None                                                         # plain iteration: the answer as it is
+    chosen, noise = _correct(p, smod, sch, {}, fp, n, z, den(z, t), z_prev, t, tn)
+    assert torch.equal(chosen, z) and torch.equal(noise, alone)
+
+
 @pytest.mark.parametrize("sampler", ["ddim"])
 def test_residuals_fall_with_iteration_where_the_map_contracts(sampler, mixture):
     gm, x0 = mixture
@@ -408,6 +489,39 @@ def test_tolerance_stops_each_sample_once_its_residual_is_small(sampler, mixture
     assert zero.model_calls == STEPS * 6
 
 
+@pytest.mark.parametrize("sampler", ["ddim"])
+def test_first_tol_is_the_tolerance_of_the_first_steps(sampler, mixture):
+    """first_tol replaces tol on the steps with t < first_until (Plan.tol_at): those stop at it, the others at
+    tol; the convergence report names each step's own tol. Without tol it is refused."""
+    gm, x0 = mixture
+    sch, den = setup(gm, sampler)
+    smod = renoise.samplers.get(sampler)
+    chain = list(reversed(sch.chain(STEPS, sampler)))
+    kw = dict(iters=30, window=(30, 31), average=False, anderson=2)
+    p = plan(sampler, tol=1e-2, first_tol=1e-7, **kw)
+    assert [p.tol_at(t) for t, _ in chain] == [1e-7 if t < 250 else 1e-2 for t, _ in chain]
+    assert sum(t < 250 for t, _ in chain) == 1
+    res = renoise.invert(den, x0, sch, sampler, STEPS, p, generator=torch.Generator().manual_seed(0))
+    loose = renoise.invert(den, x0, sch, sampler, STEPS, p.replace(first_tol=None),
+                           generator=torch.Generator().manual_seed(0))
+    for (t, _), r, r_loose in zip(chain, res.residuals, loose.residuals):
+        c = float(smod.model_input(torch.ones(()), t, sch))
+        last = torch.stack([col[col > 0][-1] for col in r.T]) * c        # each sample's last residual
+        assert (last <= p.tol_at(t)).all(), (t, last)
+        for col in r.T:                                                     # stopped at the first hit of its tol
+            assert (col[col > 0][:-1] * c > p.tol_at(t)).all()
+        if t < 250:
+            assert r.shape[0] > r_loose.shape[0] and (r_loose[-1] * c > 1e-7).any()
+    stalled = renoise.invert(den, x0, sch, sampler, STEPS, p.replace(iters=1, window=(1, 2)),
+                             generator=torch.Generator().manual_seed(0)).convergence()["not_converged"]
+    assert {s["tol"] for s in stalled if s["timestep"] < 250} == {1e-7}
+    assert all(s["tol"] == 1e-2 for s in stalled if s["timestep"] >= 250)
+    with pytest.raises(ValueError, match="first_tol .* needs a tol"):
+        plan(sampler, first_tol=1e-3)
+    with pytest.raises(ValueError, match="first_tol must be"):
+        plan(sampler, tol=1e-2, first_tol=-1.0)
+
+
 # ------------------------------------------------------------------------------ presets
 
 def test_presets_hold_table_1():
@@ -432,7 +546,7 @@ def test_presets_hold_table_1():
         (10, 9, 3, 2.0, 1e-2, "previous-noise")
     assert demo4 == demo.replace(name="demo-4", num_steps=4, tol=1.5e-2)
     assert Plan.preset("demo-euler-4") == demo.replace(name="demo-euler-4", sampler="euler_ancestral", num_steps=4,
-                                                       noise_correction="optimize")
+                                                       first_tol=1e-5, noise_correction="clip")
     assert demo.relax_start == demo4.relax_start == Plan.preset("demo-euler-4").relax_start == "plain"
     assert Plan.from_dict(Plan.preset("demo-euler-4").to_dict()) == Plan.preset("demo-euler-4")
     assert Plan.from_dict({"name": "old"}).relax_start == "plain"          # plans saved before the field

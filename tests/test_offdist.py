@@ -13,7 +13,8 @@ from renoise.evaluation import sets
 from renoise.presets import Plan, resolve
 from renoise.schedules import Schedule
 
-PLAIN_K = (0, 1, 2, 3, 5, 9)
+PLAIN_K = (0, 1, 2, 3, 4, 5, 9)
+CAP = 120.0      # dB of latent PSNR: an exact chain reconstructs to 137-145 dB here in fp32 (round-off)
 
 
 # ------------------------------------------------------------------------------ the sets
@@ -81,10 +82,10 @@ def _latent_psnr_and_calls(pipe, plan, x, captions):
 @pytest.mark.parametrize("name", list(sets.SETS))
 def test_presets_are_never_worse_than_plain_iteration_at_equal_calls(pipe, name, presets):
     """Each demo preset at its own sampler (`demo` at 4 steps here, for time, like the others), on two
-    images of the set, against plain iteration (anderson=0, relax=1, tol=None, warm_start none) at
-    the same calls: K = 0, 1, 2, 3, 5, 9 interpolated linearly in calls, per image; no image may be
-    more than 0.5 dB (latent PSNR) below it. At Euler-ancestral + noise correction "optimize" this checks
-    one noise draw: over draws the rule held on 19 of 20 set x draw cells for demo-euler-4 (RESULTS)."""
+    images of the set, against plain iteration (anderson=0, relax=1, tol=None, warm_start none; the
+    preset's noise correction) at the same calls: K = 0, 1, 2, 3, 4, 5, 9 interpolated linearly in calls,
+    per image; no image may be more than 0.5 dB (latent PSNR, both capped at CAP) below it. At
+    Euler-ancestral this checks one noise draw (benchmarks/euler_nc_lottery.py checks 15)."""
     entries = sets.images(name, 2)
     x = torch.from_numpy(np.stack([e[1] for e in entries])) * 2 - 1
     captions = [e[2] for e in entries]
@@ -92,17 +93,17 @@ def test_presets_are_never_worse_than_plain_iteration_at_equal_calls(pipe, name,
     for preset in presets:
         plan = resolve(preset, num_steps=4)
         lat, calls = _latent_psnr_and_calls(pipe, plan, x, captions)
-        curve = curves.setdefault((plan.sampler, plan.noise_correction), [])
+        curve = curves.setdefault((plan.sampler, plan.noise_correction, plan.nc_steps, plan.nc_lr), [])
         for k in PLAIN_K[len(curve):]:
             if curve and curve[-1][1].min() >= calls.max():
                 break
             plain = Plan(name=f"K{k}", sampler=plan.sampler, num_steps=4, iters=k, window=(k, k + 1), average=False,
-                         noise_correction=plan.noise_correction)
+                         noise_correction=plan.noise_correction, nc_steps=plan.nc_steps, nc_lr=plan.nc_lr)
             curve.append(_latent_psnr_and_calls(pipe, plain, x, captions))
         assert curve[-1][1].min() >= calls.max(), "plain iteration must reach the preset's calls"
-        pc, pv = np.stack([c for _, c in curve]), np.stack([v for v, _ in curve])
+        pc, pv = np.stack([c for _, c in curve]), np.minimum(np.stack([v for v, _ in curve]), CAP)
         at_equal = np.array([np.interp(calls[i], pc[:, i], pv[:, i]) for i in range(len(lat))])
-        assert (lat >= at_equal - 0.5).all(), (preset, name, calls, lat, at_equal)
+        assert (np.minimum(lat, CAP) >= at_equal - 0.5).all(), (preset, name, calls, lat, at_equal)
 
 
 def test_optimize_noise_correction_leaves_a_triangle_wave_of_the_solve_error():

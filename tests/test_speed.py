@@ -266,3 +266,18 @@ def test_compiled_tolerance_freezes_without_stopping(unet):
                           generator=torch.Generator().manual_seed(1), compile=c) for c in (None, "trace")]
     assert rel(run[1].z_T, run[0].z_T) < 1e-6
     assert run[0].model_calls < full.model_calls == run[1].model_calls
+
+
+def test_compiled_first_tol_and_best_point_noise_correction_equal_eager(unet):
+    """first_tol (a 0-d tensor tolerance in the compiled step) and Anderson's best point under noise
+    correction "clip" give eager's z_T and noises in the compiled region."""
+    z0 = torch.cat([latent(0), latent(1)])
+    den = denoiser(unet)
+    den.cond = Conditioning(*(v.expand(2, *v.shape[1:]) for v in den.cond._fields()))
+    plan = PLAN.replace(iters=4, window=(4, 5), first_iters=4, first_window=(4, 5), average=False, reg_rounds=0,
+                        anderson=2, tol=1e-2, first_tol=1e-4, noise_correction="clip")
+    run = [renoise.invert(den, z0, SCHEDULE, plan.sampler, plan.num_steps, plan,
+                          generator=torch.Generator().manual_seed(1), compile=c) for c in (None, "trace")]
+    assert rel(run[1].z_T, run[0].z_T) < 1e-6
+    for a, b in zip(run[1].noises, run[0].noises):
+        assert (a is None) == (b is None) and (a is None or rel(a, b) < 1e-6)

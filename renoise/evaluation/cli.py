@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..presets import NOISE_CORRECTIONS
 from .methods import run_plans as _plans       # (its home: methods; the name kept for callers)
 
 __all__ = ["add_parser", "run", "main"]
@@ -57,7 +58,7 @@ def add_parser(sub):
                       help="the preset's unless given (flow models: flow_euler only)")
     meth.add_argument("--steps", type=int, metavar="N", help="inversion steps (the preset's unless given)")
     meth.add_argument("--guidance", type=float, metavar="G", help="inversion guidance (the preset's unless given)")
-    meth.add_argument("--noise-correction", choices=("none", "override", "optimize"),
+    meth.add_argument("--noise-correction", choices=NOISE_CORRECTIONS,
                       help="noise correction of every method (stochastic samplers; default: each method's own)")
     meth.add_argument("--edit-guidance", type=float, default=1.0, metavar="G", help="edit guidance (default: 1)")
     meth.add_argument("--edit-mode", choices=("swap", "p2p"), default="swap",
