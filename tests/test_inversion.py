@@ -520,6 +520,9 @@ def test_first_tol_is_the_tolerance_of_the_first_steps(sampler, mixture):
         plan(sampler, first_tol=1e-3)
     with pytest.raises(ValueError, match="first_tol must be"):
         plan(sampler, tol=1e-2, first_tol=-1.0)
+    with pytest.raises(ValueError, match="--first-tol none"):                 # `--tol none` on demo-euler-4
+        presets.resolve("demo-euler-4", tol=None)
+    assert presets.resolve("demo-euler-4", tol=None, first_tol=None).tol_at(1) is None
 
 
 # ------------------------------------------------------------------------------ presets
