@@ -66,8 +66,7 @@ def shortfall(rows, method="demo-euler-4", cap=None):
     the method's, both capped at `cap` dB (None: not); and the method's latent PSNR and K = 9's."""
     out = {}
     for i, r in rows[method].items():
-        plain = at_calls({m: {i: {**rows[m][i], "latent_psnr": min(rows[m][i]["latent_psnr"], cap or math.inf)}}
-                          for m in PLAIN}, i, r["calls_invert"], PLAIN)
+        plain = at_calls(rows, i, r["calls_invert"], PLAIN, cap=cap)
         out[i] = {"short": plain - min(r["latent_psnr"], cap or math.inf),
                   "latent": r["latent_psnr"], "k9": rows["K9"][i]["latent_psnr"], "calls": r["calls_invert"]}
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -40,15 +41,14 @@ def run_eval(data, steps, images, home, out, threads, methods, run_flags=()):
 def goal_rows(data, rows, psnr_cap=None):
     """One dict per method beside K = 9 on the images both have; latent PSNR capped at psnr_cap dB (None: not)."""
     k9 = rows["K9"]
-    capped = (lambda v: v) if psnr_cap is None else (lambda v: min(v, psnr_cap))  # noqa: E731
     cap = 1 / 3 if data == "home" else 1 / 2
     out = []
     for method, per_image in rows.items():
         ids = [i for i in k9 if i in per_image]
         if method == "K9" or len(ids) < len(k9):
             continue
-        lat = [capped(per_image[i]["latent_psnr"]) for i in ids]
-        ref = [capped(k9[i]["latent_psnr"]) for i in ids]
+        lat = [min(per_image[i]["latent_psnr"], psnr_cap or math.inf) for i in ids]
+        ref = [min(k9[i]["latent_psnr"], psnr_cap or math.inf) for i in ids]
         calls = [per_image[i]["calls_invert"] for i in ids]
         k9_calls = statistics.median(k9[i]["calls_invert"] for i in ids)
         row = {"set": data, "method": method, "images": len(ids), "calls_median": statistics.median(calls),

@@ -55,11 +55,6 @@ def optimize(noise, target, steps=10, lr=1.8):
     return n.to(noise.dtype)
 
 
-def correct(method, sampler, noise, z_t, out, z_prev, t, t_next, schedule, *, steps=10, lr=1.8, **opts):
-    """The corrected noise for one step: n* ("override") or `noise` moved toward it ("optimize", "clip")."""
-    return toward(method, noise, target_noise(sampler, z_t, out, z_prev, t, t_next, schedule, **opts), steps, lr)
-
-
 def toward(method, noise, target, steps=10, lr=1.8):
     """The stored noise corrected toward a known n* = `target`: n* itself ("override"), or `noise` moved
     toward it by optimize() ("optimize") or clip() ("clip", at most steps·lr)."""

@@ -163,18 +163,15 @@ class Plan:
         if self.reference_noise not in REFERENCE_NOISES:
             raise ValueError(f"plan {self.name!r}: reference_noise must be one of {', '.join(REFERENCE_NOISES)}, "
                              f"got {self.reference_noise!r}")
-        if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float))
-                                     or not (math.isfinite(self.tol) and self.tol >= 0)):
-            raise ValueError(f"plan {self.name!r}: tol must be a finite number >= 0 or None, got {self.tol!r}")
-        if self.first_tol is not None:
-            if isinstance(self.first_tol, bool) or not isinstance(self.first_tol, (int, float)) or not (
-                    math.isfinite(self.first_tol) and self.first_tol >= 0):
-                raise ValueError(f"plan {self.name!r}: first_tol must be a finite number >= 0 or None, "
-                                 f"got {self.first_tol!r}")
-            if self.tol is None:
-                raise ValueError(f"plan {self.name!r}: first_tol (the tol of steps with t < first_until) needs a tol "
-                                 "for the other steps; set tol too, or first_tol=None (--first-tol none) to run all "
-                                 "K + 1 calls everywhere")
+        for f in ("tol", "first_tol"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not (math.isfinite(v) and v >= 0)):
+                raise ValueError(f"plan {self.name!r}: {f} must be a finite number >= 0 or None, got {v!r}")
+        if self.first_tol is not None and self.tol is None:
+            raise ValueError(f"plan {self.name!r}: first_tol (the tol of steps with t < first_until) needs a tol for "
+                             "the other steps; set tol too, or first_tol=None (--first-tol none) to run all K + 1 "
+                             "calls everywhere")
         if self.tol_plain is not None:
             _int(self, "tol_plain", 1)
             if not self.anderson:

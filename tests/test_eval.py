@@ -283,6 +283,8 @@ def test_ok_rows_and_plain_iteration_at_equal_calls(tmp_path):
     assert store.at_calls(rows, "a", 5, plain) == 30.0 and store.at_calls(rows, "a", 90, plain) == 44.0
     assert store.at_calls(rows, "b", 25, plain) == 20.0
     assert store.at_calls(rows, "a", 20, plain, key="calls_invert") == 20.0
+    assert store.at_calls(rows, "a", 30, plain, cap=41.0) == pytest.approx(40.5)        # 40 .. 44 capped at 41
+    assert store.at_calls(rows, "a", 15, plain, cap=41.0) == pytest.approx(35.0)
 
 
 def test_without_matplotlib_only_the_plots_are_skipped(tmp_path, monkeypatch):

@@ -191,13 +191,15 @@ def read_rows(out, fingerprints=None, stale=None) -> dict:
     return rows
 
 
-def at_calls(rows, image, calls, methods, key="latent_psnr") -> float:
+def at_calls(rows, image, calls, methods, key="latent_psnr", cap=None) -> float:
     """`key` of the curve `methods` (e.g. plain iteration K = 0..9) on `image`, interpolated linearly in
     inversion calls at `calls`: what "at equal calls" means in issue 20's rule (ends held flat beyond the
-    curve's calls). rows: ok_rows' {method: {image: row}}; methods missing that image are left out."""
+    curve's calls). rows: ok_rows' {method: {image: row}}; methods missing that image are left out. cap:
+    each point's value capped at it first (None: not)."""
     import numpy as np
     pts = sorted((rows[m][image]["calls_invert"], rows[m][image][key]) for m in methods if image in rows.get(m, {}))
-    return float(np.interp(calls, *zip(*pts)))
+    calls_at, values = zip(*pts)
+    return float(np.interp(calls, calls_at, values if cap is None else np.minimum(values, cap)))
 
 
 def ok_rows(out) -> dict:
