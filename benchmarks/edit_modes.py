@@ -21,6 +21,8 @@ Modes (renoise.editing.EditControl):
   swap-blend  the swap with local blending on the changed words (auto)
   p2p-blend   p2p with local blending
   p2p-inject  p2p with local blending and self-attention maps injected for 0.2 of the steps
+  swap-mask   the swap with the user mask (EditControl.mask) = the source's and target's shape masks
+  swap-mask-paste  swap-mask, then the input's pixels outside that mask (renoise.editing.paste_back)
 Each (scene, preset) is inverted once; every mode denoises the same inversion. Calls: the
 inversion's and the edit's (a pair mode's call is one UNet call on the [source; edit] batch).
 Writes JSON (benchmarks/out/edit_modes.json), a table, and an image grid (--grid PNG).
@@ -28,6 +30,7 @@ Writes JSON (benchmarks/out/edit_modes.json), a table, and an image grid (--grid
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -41,7 +44,7 @@ import torch
 from renoise.demo import COLOURS, SHAPES, POSITIONS, held_out
 from renoise.demo.checks import classify_shape, dominant_colour
 from renoise.demo.scenes import render, shape_masks
-from renoise.editing import EditControl
+from renoise.editing import EditControl, paste_back
 from renoise.evaluation.measure import background_psnr
 from renoise.models import load_pipeline
 from renoise.pipeline import Editor, decode_latents
@@ -61,7 +64,11 @@ MODES = {                   # name: (control, edit guidance)
     "swap-blend-g2": (EditControl(local_blend=("auto",)), 2.0),
     "p2p-blend-g2": (EditControl(mode="p2p", local_blend=("auto",)), 2.0),
     "p2p.4-blend-g2": (EditControl(mode="p2p", cross_replace=0.4, local_blend=("auto",)), 2.0),
+    "swap-mask": (EditControl(), 1.0),            # + the user mask: both shapes' masks (below)
+    "swap-mask-paste": (EditControl(), 1.0),      # + the mask, then the input's pixels outside it
 }
+MASKED = {"swap-mask", "swap-mask-paste"}
+PASTED = {"swap-mask-paste"}
 PRESETS = {"demo": ("demo", {}), "sd15": ("sd15", {}), "sd15-noreg": ("sd15", {"reg_rounds": 0})}
 
 
@@ -158,6 +165,7 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["swap", "p2p", "swap-blend", "p2p-blend", "p2p-inject"],
                     choices=list(MODES))
     ap.add_argument("--presets", nargs="+", default=["demo"], choices=list(PRESETS))
+    ap.add_argument("--steps", type=int, default=None, help="inversion and edit steps (default: the preset's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="benchmarks/out/edit_modes.json")
@@ -171,7 +179,7 @@ def main():
     t_start = time.perf_counter()
     for preset_name in args.presets:
         preset, overrides = PRESETS[preset_name]
-        editor = Editor(pipe, preset, plan_overrides=overrides)
+        editor = Editor(pipe, preset, num_steps=args.steps, plan_overrides=overrides)
         for group in args.groups:
             for i in range(args.first, args.first + args.n):
                 scene, rgbs, words = scene_for(i, group)
@@ -189,12 +197,16 @@ def main():
                     union = torch.from_numpy(np.maximum(smask, shape_masks(target)[0]))
                     for mode in args.modes:
                         control, guidance = MODES[mode]
+                        if mode in MASKED:
+                            control = dataclasses.replace(control, mask=union)
                         t0 = time.perf_counter()
                         z, den = editor.edit_latents(inv, prompt, control=control, edit_guidance_scale=guidance)
                         edited = decode_latents(pipe, z)
+                        if mode in PASTED:
+                            edited = paste_back(edited, x, union)
                         seconds = time.perf_counter() - t0
                         ok, info = judge(to01(edited), scene, target, rgbs, edit)
-                        row = {"preset": preset_name, "group": group, "scene": i, "edit": edit, "mode": mode,
+                        row = {"preset": preset_name, "steps": editor.plan.num_steps, "group": group, "scene": i, "edit": edit, "mode": mode,
                                "prompt": caption(scene, words), "edit_prompt": prompt, "success": ok, **info,
                                "background_psnr": background_psnr(edited, x, union),
                                "recon_background_psnr": background_psnr(recon, x, union),

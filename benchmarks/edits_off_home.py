@@ -16,6 +16,8 @@ benchmarks/edit_modes.py and docs/eval.md):
   p2p.4-blend-g2  p2p, --cross-replace 0.4, --local-blend auto, --edit-guidance 2
   swap-mask       --mask-edits: the renderer's mask as the edit mask (outside it, the source's latents)
   swap-mask-g2    the same with --edit-guidance 2
+  swap-mask-paste swap-mask with --paste-back: outside the mask, the input's pixels (not the VAE's)
+  p2p-blend-paste p2p-blend with --paste-back: outside the blend mask, the input's pixels
 With --peers: one run per set of `--methods peers` (the preset beside every peer, each with its own
 edit protocol: the prompt swap at its paper's guidance) into OUT/<set>/peers.
 
@@ -49,7 +51,9 @@ MODES = {"swap": [], "swap-g2": ["--edit-guidance", "2"], "p2p": ["--edit-mode",
          "swap-blend-g2": ["--local-blend", "auto", "--edit-guidance", "2"],
          "p2p.4-blend-g2": ["--edit-mode", "p2p", "--cross-replace", "0.4", "--local-blend", "auto",
                             "--edit-guidance", "2"],
-         "swap-mask": ["--mask-edits"], "swap-mask-g2": ["--mask-edits", "--edit-guidance", "2"]}
+         "swap-mask": ["--mask-edits"], "swap-mask-g2": ["--mask-edits", "--edit-guidance", "2"],
+         "swap-mask-paste": ["--mask-edits", "--paste-back"],
+         "p2p-blend-paste": ["--edit-mode", "p2p", "--local-blend", "auto", "--paste-back"]}
 
 
 def run_eval(data_set, n, steps, out, threads, flags, methods=("preset",)):

@@ -166,6 +166,11 @@ def _edit_flags(p):
     g.add_argument("--mask", default=None, metavar="FILE",
                    help="image of the input's size, white where the edit may change the image; outside it the "
                         "latents are the source's at every step")
+    g.add_argument("--paste-back", action="store_true",
+                   help="outside the edit's mask (--mask, else the --local-blend mask) the output is the input's "
+                        "pixels exactly, not the VAE's decoding of them (needs --image)")
+    g.add_argument("--feather", type=int, default=0, metavar="PX",
+                   help="--paste-back: soft edge of PX pixels outside the mask (default: 0, a hard edge)")
     g.add_argument("--save-attention", action="store_true",
                    help="write each token's cross-attention map (averaged over layers and steps) as a PNG grid "
                         "per branch: <image>_attention_source.png, <image>_attention_edit.png")
@@ -496,6 +501,7 @@ def run(args) -> dict:
         if control is not None and args.compile is not None:
             raise UsageError("editing modes (--mode p2p, --self-inject, --reweight, --local-blend, --mask, "
                              "--save-attention) run eagerly: drop --compile / --cuda-graphs")
+        _check_paste_back(args, control, images)
     batch = loaded.batch if loaded is not None else images.shape[0]
     prompts = as_prompts(args.prompt or [""], batch) if loaded is None else loaded.prompts
     negative = as_prompts(args.negative_prompt, batch, "negative prompt") if args.negative_prompt else None
@@ -575,7 +581,8 @@ def run(args) -> dict:
                                           "self_inject_kind": control.self_inject_kind,
                                           "reweight": [list(r) for r in control.reweight],
                                           "local_blend": control.local_blend, "blend_threshold": control.blend_threshold,
-                                          "blend_start": control.blend_start, "mask": args.mask})
+                                          "blend_start": control.blend_start, "mask": args.mask},
+                                      paste_back=args.paste_back, feather=args.feather)
         report["convergence"] = res.convergence()
         report["residuals"] = {"final_per_step": [r[-1] for r in res.residuals],
                                "per_iteration": res.residuals,
@@ -594,6 +601,9 @@ def run(args) -> dict:
                     if control is not None:
                         _save_edit_pictures(pipe, den, stems, stage, report)
                 out_images = decode_latents(pipe, z)
+                if part == "edit" and args.paste_back:
+                    from .editing import edit_mask, paste_back
+                    out_images = paste_back(out_images, images.to(out_images), edit_mask(control, den), args.feather)
                 _sync(device)
             timings[part] = time.perf_counter() - t0
             report["model_calls"][part] = den.calls
@@ -613,6 +623,19 @@ def run(args) -> dict:
         return report
     finally:
         stage.discard()
+
+
+def _check_paste_back(args, control, images) -> None:
+    if args.feather < 0:
+        raise UsageError(f"--feather {args.feather}: use a number of pixels >= 0")
+    if not args.paste_back:
+        if args.feather:
+            raise UsageError("--feather softens --paste-back's edge: add --paste-back")
+        return
+    if control is None or (control.mask is None and control.local_blend is None):
+        raise UsageError("--paste-back keeps the input outside the edit's mask: add --mask FILE or --local-blend WORDS")
+    if images is None:
+        raise UsageError("--paste-back needs the input's pixels: add --image (the inverted image) to --inversion")
 
 
 def _check_values(args) -> None:

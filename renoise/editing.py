@@ -29,6 +29,10 @@ rows of the conditional half of the batch from the source rows:
   of its 8×8 block is > 0.5; outside, x_edit ← x_source after every step (so outside the mask the
   edit's latents are the source's at every step).
 
+The latents are only as faithful as the VAE: outside the mask the edit decodes to decode(z_source),
+not to the input. `paste_back(edited, images, edit_mask(control, out))` keeps the input's pixels
+there exactly (`Editor.edit(paste_back=images)`, `--paste-back`).
+
 Not under compile=: the processor keeps Python state (the step, the maps it averages); Editor
 refuses compile with a control instead of recompiling at every step.
 """
@@ -43,7 +47,7 @@ from . import samplers as _samplers
 from .denoisers import Conditioning, GuidedDenoiser, as_prompts, encode_prompts, negative_conditioning
 
 __all__ = ["EditControl", "EditResult", "AttentionControl", "align_tokens", "word_positions", "run_pair",
-           "latent_mask", "blend_mask", "attention_grid", "MODES", "INJECT_KINDS"]
+           "latent_mask", "blend_mask", "paste_back", "edit_mask", "attention_grid", "MODES", "INJECT_KINDS"]
 
 MODES = ("swap", "p2p")
 INJECT_KINDS = ("maps", "kv")
@@ -255,6 +259,50 @@ def latent_mask(mask: torch.Tensor, batch: int, factor: int = 8) -> torch.Tensor
         raise ValueError(f"mask size {tuple(m.shape[-2:])} is not a multiple of {factor} (the image's size)")
     inside = F.max_pool2d((m > 0.5).float()[:, None], factor)
     return inside.expand(batch, -1, -1, -1).contiguous()
+
+
+def paste_back(edited: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, feather: int = 0) -> torch.Tensor:
+    """The input outside the edit's mask, in pixels: lerp(images, edited, α).
+
+    edited, images: [B, 3, H, W]. mask: a pixel mask [H, W] or [B, H, W] in [0, 1] (1: the edit's),
+    or a latent mask [B, 1, h, w] (EditResult.mask), drawn at H×W as blocks. feather: α is the mask
+    grown by `feather` px and then box-blurred over 2·feather + 1 px, so it is 1 on the mask and falls
+    to 0 within 2·feather px outside it (0: α is the mask itself). Where α = 0 the result is `images`
+    bit for bit."""
+    if edited.shape != images.shape or edited.ndim != 4:
+        raise ValueError(f"paste_back needs the edit and the input images as [B, 3, H, W] of one shape, got "
+                         f"{tuple(edited.shape)} and {tuple(images.shape)}")
+    if isinstance(feather, bool) or not isinstance(feather, int) or feather < 0:
+        raise ValueError(f"feather must be an int >= 0 (px), got {feather!r}")
+    b, _, h, w = edited.shape
+    a = torch.as_tensor(mask, dtype=torch.float32, device=edited.device)
+    if a.ndim == 4 and a.shape[1] == 1 and h % a.shape[-2] == 0 and a.shape[-1] * h // a.shape[-2] == w:
+        a = F.interpolate(a, size=(h, w), mode="nearest")
+    elif a.ndim in (2, 3) and tuple(a.shape[-2:]) == (h, w):
+        a = a.reshape(-1, 1, h, w)
+    else:
+        raise ValueError(f"mask {tuple(a.shape)} fits neither the images' {h}x{w} pixels ([H, W], [B, H, W]) nor "
+                         f"their latent grid ([B, 1, h, w])")
+    if a.shape[0] not in (1, b):
+        raise ValueError(f"mask holds {a.shape[0]} masks for {b} images")
+    a = a.clamp(0, 1)
+    if feather:
+        k = 2 * feather + 1
+        a = F.avg_pool2d(F.max_pool2d(a, k, 1, feather), k, 1, feather, count_include_pad=False)
+    a = a.to(edited.dtype)
+    return torch.lerp(images, edited, a)              # exact at α = 0 (images) and α = 1 (edited)
+
+
+def edit_mask(control: "EditControl | None", result) -> torch.Tensor:
+    """Where an edit may change the image: the user's pixel mask (control.mask), else the blend mask
+    of its EditResult (local blending). ValueError when the edit has neither."""
+    if control is not None and control.mask is not None:
+        return control.mask
+    mask = getattr(result, "mask", None)
+    if mask is None:
+        raise ValueError("paste_back keeps the input outside the edit's mask, and this edit has none: give a user "
+                         "mask (EditControl(mask=...), --mask) or local blending (local_blend=, --local-blend)")
+    return mask
 
 
 def blend_mask(maps: torch.Tensor, src_pos: list, edit_pos: list, threshold: float) -> torch.Tensor:

@@ -47,6 +47,7 @@ from . import presets
 from .compiling import check_mode
 from .denoisers import (UNetFamily, Conditioning, GuidedDenoiser, as_prompts, encode_prompts, guidance_embedding,  # noqa: F401
                         guided_denoiser, make_time_ids, negative_conditioning)
+from . import editing
 from .editing import EditControl, run_pair
 from .flow import FlowFamily
 from .images import FACTOR
@@ -263,14 +264,23 @@ class Editor:
         return self.sample(inv, negative_prompts=inv.negative_prompts, num_steps=num_steps, callback=callback)
 
     def edit(self, inv: Inversion, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None,
-             callback=None, control=None) -> torch.Tensor:
+             callback=None, control=None, paste_back=None, feather=0) -> torch.Tensor:
         """The paper's edit: edit prompt as condition, source prompt as negative, guidance
         `edit_guidance_scale` (1.0: the edit prompt alone). `control` (renoise.editing.EditControl):
         the editing mode (swap, p2p), self-attention injection, re-weighting, local blending, a
-        user mask; then the edit is denoised beside the source branch (`edit_pair`)."""
-        z, _ = self.edit_latents(inv, edit_prompts, edit_guidance_scale=edit_guidance_scale, num_steps=num_steps,
-                                 callback=callback, control=control)
-        return decode_latents(self.pipe, z)
+        user mask; then the edit is denoised beside the source branch (`edit_pair`).
+        paste_back: the input images [B, 3, H, W] in [-1, 1]; outside the edit's mask (the control's
+        user mask, else its blend mask) the result is these pixels exactly, with `feather` px of soft
+        edge (renoise.editing.paste_back). It needs a control with a mask or local blending."""
+        if paste_back is not None and (control is None or (control.mask is None and control.local_blend is None)):
+            raise ValueError("paste_back keeps the input outside the edit's mask, and this edit has none: give "
+                             "control=EditControl(mask=...) or EditControl(local_blend=...)")
+        z, out = self.edit_latents(inv, edit_prompts, edit_guidance_scale=edit_guidance_scale, num_steps=num_steps,
+                                   callback=callback, control=control)
+        images = decode_latents(self.pipe, z)
+        if paste_back is None:
+            return images
+        return editing.paste_back(images, paste_back.to(images), editing.edit_mask(control, out), feather)
 
     def edit_latents(self, inv: Inversion, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None,
                      callback=None, control=None):

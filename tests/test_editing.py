@@ -173,3 +173,100 @@ def test_eval_edit_modes_rows_and_blend_mask_pictures(tmp_path):
     assert (out / "images" / "demo-4" / "demo-00000_blend_mask.png").is_file()
     run = json.loads((out / "run.json").read_text())
     assert run["edit_control"]["mode"] == "p2p" and run["edit_control"]["mask_edits"]
+
+
+def test_paste_back_keeps_the_input_outside_the_mask():
+    from renoise.editing import paste_back
+    g = torch.Generator().manual_seed(0)
+    edited, images = torch.rand(2, 3, 32, 48, generator=g) * 2 - 1, torch.rand(2, 3, 32, 48, generator=g) * 2 - 1
+    pixel = torch.zeros(32, 48)
+    pixel[8:20, 16:40] = 1
+    out = paste_back(edited, images, pixel)
+    assert torch.equal(out[..., pixel == 0], images[..., pixel == 0])
+    assert torch.equal(out[..., pixel == 1], edited[..., pixel == 1])
+    latent = torch.zeros(2, 1, 4, 6)                     # latent cells drawn as 8x8 blocks, one mask per image
+    latent[0, 0, 1, 2] = 1
+    out = paste_back(edited, images, latent)
+    assert torch.equal(out[0, :, 8:16, 16:24], edited[0, :, 8:16, 16:24]) and torch.equal(out[1], images[1])
+    assert torch.equal(out[0, :, :8], images[0, :, :8])
+    soft = paste_back(edited, images, pixel, feather=2)  # 1 on the mask, a ramp within 4 px, then the input
+    assert torch.equal(soft[..., pixel == 1], edited[..., pixel == 1])
+    far = torch.ones(32, 48, dtype=torch.bool)
+    far[4:24, 12:44] = False
+    assert torch.equal(soft[..., far], images[..., far])
+    ramp = soft[..., 8:20, 41] - images[..., 8:20, 41]   # 2 px right of the mask: blended, neither end
+    assert ramp.abs().max() > 0 and (ramp.abs() < (edited - images)[..., 8:20, 41].abs() + 1e-6).all()
+    with pytest.raises(ValueError, match="fits neither"):
+        paste_back(edited, images, torch.ones(30, 48))
+    with pytest.raises(ValueError, match="one shape"):
+        paste_back(edited, images[:1], pixel)
+    with pytest.raises(ValueError, match="feather"):
+        paste_back(edited, images, pixel, feather=-1)
+
+
+def test_editor_paste_back_returns_the_input_outside_the_user_mask(setup):
+    editor, inv, _, _ = setup
+    from renoise.demo import Scene, Shape, render_tensor
+    x = render_tensor(Scene((Shape("square", "yellow", "large", "center"),), ("black",)))
+    mask = torch.zeros(*inv.size)
+    mask[40:88, 40:88] = 1
+    plain = editor.edit(inv, EDIT, control=EditControl(mask=mask))
+    kept = editor.edit(inv, EDIT, control=EditControl(mask=mask), paste_back=x)
+    outside = mask == 0
+    assert torch.equal(kept[..., outside], x[..., outside])
+    assert torch.equal(kept[..., ~outside], plain[..., ~outside])
+    assert (plain[..., outside] - x[..., outside]).abs().max() > 1e-3     # the VAE's decoding is not the input
+    blend = editor.edit(inv, EDIT, control=EditControl(local_blend=("auto",), blend_threshold=0.7), paste_back=x)
+    out = editor.edit_pair(inv, EDIT, EditControl(local_blend=("auto",), blend_threshold=0.7))
+    cells = torch.nn.functional.interpolate(out.mask, size=inv.size)[0, 0] == 0
+    assert 0 < cells.float().mean() < 1 and torch.equal(blend[..., cells], x[..., cells])
+    with pytest.raises(ValueError, match="has none"):
+        editor.edit(inv, EDIT, paste_back=x)
+    with pytest.raises(ValueError, match="has none"):
+        editor.edit(inv, EDIT, control=EditControl(mode="p2p"), paste_back=x)
+
+
+def test_cli_paste_back(tmp_path, capsys):
+    from PIL import Image
+    from renoise.__main__ import main
+    from renoise.demo import Scene, Shape, render
+    from renoise.images import save_image, to_pil
+    scene = Scene((Shape("circle", "blue", "large", "left"),), ("white",))
+    save_image(to_pil(torch.from_numpy(render(scene))[None] * 2 - 1)[0], tmp_path / "scene.png")
+    m = torch.zeros(1, 3, 128, 128) - 1
+    m[..., 16:80, 8:72] = 1
+    save_image(to_pil(m)[0], tmp_path / "mask.png")
+    common = ["--image", str(tmp_path / "scene.png"), "--prompt", "a large blue circle on the left on a white "
+              "background", "--edit-prompt", "a large red circle on the left on a white background", "--preset",
+              "demo-4", "--device", "cpu", "--quiet"]
+    out = tmp_path / "out"
+    assert main(["edit", *common, "--mask", str(tmp_path / "mask.png"), "--paste-back", "--out", str(out)]) == 0
+    pixels = lambda p: torch.tensor(list(Image.open(p).convert("RGB").getdata())).reshape(128, 128, 3)
+    src, edit = pixels(tmp_path / "scene.png"), pixels(out / "scene_edit.png")
+    inside = torch.zeros(128, 128, dtype=torch.bool)
+    inside[16:80, 8:72] = True
+    assert torch.equal(edit[~inside], src[~inside]) and not torch.equal(edit[inside], src[inside])
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["paste_back"] is True and report["settings"]["feather"] == 0
+    for flags, why in ((["--paste-back"], "add --mask FILE or --local-blend"),
+                       (["--feather", "2", "--mask", str(tmp_path / "mask.png")], "add --paste-back"),
+                       (["--paste-back", "--feather", "-1", "--mask", str(tmp_path / "mask.png")], "pixels >= 0")):
+        rc = main(["edit", *common, *flags, "--out", str(tmp_path / "bad")])
+        assert rc == 2 and why in capsys.readouterr().err, flags
+    rc = main(["edit", "--inversion", str(out / "inversion.safetensors"), "--edit-prompt", "a large red circle on the "
+               "left on a white background", "--mask", str(tmp_path / "mask.png"), "--paste-back", "--device", "cpu",
+               "--quiet", "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "add --image" in capsys.readouterr().err
+
+
+def test_eval_paste_back_rows(tmp_path):
+    from renoise.__main__ import main
+    out = tmp_path / "ev"
+    assert main(["eval", "--demo", "1", "--methods", "demo-4", "--preset", "demo-4", "--mask-edits", "--paste-back",
+                 "--device", "cpu", "--quiet", "--no-plots", "--out", str(out)]) == 0
+    row = json.loads((out / "rows.jsonl").read_text().splitlines()[0])
+    assert row["status"] == "ok" and row["edit_background_psnr"] >= 119.9         # the input's pixels (capped)
+    assert row["edit_background_psnr_decoded"] < 60
+    assert json.loads((out / "run.json").read_text())["edit_control"]["paste_back"] is True
+    assert main(["eval", "--demo", "1", "--methods", "demo-4", "--paste-back", "--device", "cpu", "--quiet",
+                 "--no-plots", "--out", str(tmp_path / "bad")]) == 2

@@ -74,6 +74,10 @@ def add_parser(sub):
     meth.add_argument("--mask-edits", action="store_true",
                       help="use each image's mask (demo: the edited shape; folders: the 'mask' column) as the edit "
                            "mask: outside it the edit's latents are the source's")
+    meth.add_argument("--paste-back", action="store_true",
+                      help="with --mask-edits or --local-blend: outside the edit's mask the edited image is the "
+                           "input's pixels (renoise.editing.paste_back); rows keep the edit's background PSNR "
+                           "before it as edit_background_psnr_decoded")
     meth.add_argument("--posterior", choices=("mean", "sample"), default="mean",
                       help="encode with the VAE posterior's mean (default) or a sample")
     meth.add_argument("--seed", type=int, default=0, help="seed; each image gets its own, the same for all methods")
@@ -181,7 +185,7 @@ def _one_pair(args, editor, item, out, ctx, lpips, keep_images):
     try:
         row, images = measure.measure(editor, item, x, mask, seed=args.seed, edit_guidance=args.edit_guidance,
                                       lpips=lpips, posterior=args.posterior, control=args.edit_control,
-                                      mask_edits=args.mask_edits)
+                                      mask_edits=args.mask_edits, paste_back=args.paste_back)
     except (NonFiniteLatentError, ValueError, torch.cuda.OutOfMemoryError) as e:
         if isinstance(e, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
@@ -331,6 +335,8 @@ def run(args) -> dict | None:
         raise ValueError(f"the peers ({', '.join(peers)}) edit with their own protocols; editing modes "
                          "(--edit-mode, --self-inject, --local-blend, --mask-edits) apply to ReNoise methods only: "
                          "run the peers in a separate eval without them")
+    if args.paste_back and not (args.mask_edits or args.local_blend is not None):
+        raise ValueError("--paste-back keeps the input outside the edit's mask: add --mask-edits or --local-blend")
     if args.config is not None and not Path(args.model).is_file():
         raise ValueError(f"--config applies to single-file checkpoints; {args.model} is not a file (a diffusers "
                          "folder or hub id carries its own configs): drop --config")
@@ -404,7 +410,8 @@ def _edit_control(args):
 
 def _control_settings(args) -> dict:
     return {"mode": args.edit_mode, "cross_replace": args.cross_replace, "self_inject": args.self_inject,
-            "local_blend": args.local_blend, "blend_threshold": args.blend_threshold, "mask_edits": args.mask_edits}
+            "local_blend": args.local_blend, "blend_threshold": args.blend_threshold, "mask_edits": args.mask_edits,
+            **({"paste_back": True} if args.paste_back else {})}       # only then: older runs resume as they were
 
 
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)

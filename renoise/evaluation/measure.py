@@ -116,11 +116,14 @@ def _network(pipe):
 
 @torch.no_grad()
 def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpips=None,
-            posterior: str = "mean", control=None, mask_edits: bool = False) -> tuple[dict, dict]:
+            posterior: str = "mean", control=None, mask_edits: bool = False,
+            paste_back: bool = False) -> tuple[dict, dict]:
     """Run one pair. Returns (row, images): images holds "reconstruction" and maybe "edit" [1, 3, H, W]
     (and "blend_mask", the edit's latent mask drawn at image size, with an editing mode that has one)
     and the inversion ("inversion") for the caller to save. control: a renoise.editing.EditControl
-    (None: the prompt swap); mask_edits: the image's mask is the edit's user mask."""
+    (None: the prompt swap); mask_edits: the image's mask is the edit's user mask; paste_back: outside
+    the edit's mask the edit is x's pixels (renoise.editing.paste_back; the decoded edit's background
+    PSNR stays in the row as edit_background_psnr_decoded)."""
     pipe = editor.pipe
     device = next(_network(pipe).parameters()).device
     if device.type == "cuda":
@@ -153,6 +156,10 @@ def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpi
         z_edit, den_edit = editor.edit_latents(inv, item.edit_prompt, edit_guidance_scale=edit_guidance,
                                                control=control)
         edited = decode_latents(pipe, z_edit)
+        decoded = edited
+        if paste_back:
+            from ..editing import edit_mask, paste_back as paste
+            edited = paste(edited, x.to(edited), edit_mask(control, den_edit))
         _sync(device)
         row.update(edit_prompt=item.edit_prompt, calls_edit=den_edit.calls, seconds_edit=time.perf_counter() - t2,
                    edit_mode="swap" if control is None else control.mode)
@@ -163,6 +170,8 @@ def measure(editor, item, x, mask, *, seed: int, edit_guidance: float = 1.0, lpi
             row["blend_fraction"] = float(blend[:1].mean())
         if mask is not None:
             row["edit_background_psnr"] = background_psnr(edited, x, mask)
+            if paste_back:
+                row["edit_background_psnr_decoded"] = background_psnr(decoded, x, mask)
         if item.target_colour is not None:
             from ..demo.checks import COVERED, dominant_colour
             from .data import as_numpy01
