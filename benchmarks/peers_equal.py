@@ -11,7 +11,7 @@ runs into one folder (eval resumes, so the second reuses the first's rows):
    solver with that budget and no tolerance (`demo-K{K}:preset=demo,iters=K,window=[K,K+1],tol=none`)
    and with the preset's tolerance kept (`demo-K{K}-tol`); at K = 0 (and for every peer that makes
    one call a step) one call a step, from the preset's warm start `previous-noise` (`demo-K0`) and
-   from `extrapolate` (`demo-K0-extrap`).
+   from `extrapolate` (`demo-K0-extrap`); at K >= 1 also the `demo-damped` preset (2 calls a step).
 Then per peer the verdict: the best of our variants within its median cost (by median latent PSNR;
 plain DDIM inversion, our K = 0 without warm start, counts as ours), and the preset itself if its
 median seconds are at most the peer's (else the best of ours within the peer's seconds), against the
@@ -47,6 +47,7 @@ def variants(k: int, one_call: bool) -> dict[str, str]:
     if k >= 1:
         out[f"demo-K{k}"] = f"demo-K{k}:preset=demo,iters={k},window=[{k},{k + 1}],tol=none"
         out[f"demo-K{k}-tol"] = f"demo-K{k}-tol:preset=demo,iters={k},window=[{k},{k + 1}]"
+        out["demo-damped"] = "demo-damped"
     if k == 0 or one_call:
         out["demo-K0"] = "demo-K0:preset=demo,iters=0,window=[0,1],warm_start=previous-noise"
         out["demo-K0-extrap"] = "demo-K0-extrap:preset=demo,iters=0,window=[0,1],warm_start=extrapolate"

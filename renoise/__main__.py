@@ -95,8 +95,9 @@ def _common(p, command):
     inv = p.add_argument_group("inversion")
     inv.add_argument("--preset", default=None,
                      help="ReNoise preset (sd14, sd15, sdxl, sdxl-turbo, lcm-lora, sdxl-turbo-reference, demo, "
-                          "demo-4, demo-euler-4, demo-flow, flow, flux-schnell, flux-dev, sd35-large-turbo, "
-                          "sd3-medium); "
+                          "demo-damped, demo-exact, demo-4, demo-euler-4, demo-flow, demo-flow-fast, flow, "
+                          "flux-schnell, flux-dev, sd35-large-turbo, sd3-medium; the flow-inversion anchors "
+                          "euler-inversion, rf-solver, fireflow, rf-inversion, uni-inv, ftedit); "
                           "default: from the model (demo for the demo model, demo-flow for demo-flow, sdxl-turbo "
                           "for SDXL with trailing steps, sdxl, sd15; FLUX.1: flux-dev with a guidance embedding, "
                           "else flux-schnell; SD3 / 3.5: sd35-large-turbo when the model's id or path says "

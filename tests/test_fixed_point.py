@@ -86,6 +86,20 @@ def test_over_relaxation_needs_fewer_calls_where_the_jacobian_is_near_one():
     torch.testing.assert_close(mixed.z, exact, rtol=0, atol=1e-6)
 
 
+def test_damping_settles_where_plain_iteration_oscillates():
+    """g(z) = t + λ(z - t) with λ in [-0.95, -0.5] (plain iteration flips sign every call): two calls with
+    β = ½ (the `demo-damped` preset's step) leave |λ|·|1 - ½(1 - λ)| = |λ|(1 + λ)/2 of the start's error,
+    at most 0.125, where plain iteration leaves λ² >= 0.25 and relax 2 does not shrink it (|λ|·|1 - 2(1 - λ)| >= 1)."""
+    lam = torch.tensor([-0.95, -0.8, -0.5], dtype=torch.float64)[:, None]
+    t = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g, z0 = (lambda z: t + lam * (z - t)), torch.zeros(3, 5, dtype=torch.float64)
+    err = {beta: ((iterate(g, z0, 2, relax=beta).z - t).norm(dim=1) / (z0 - t).norm(dim=1)) for beta in (0.5, 1.0, 2.0)}
+    lam = lam[:, 0]
+    torch.testing.assert_close(err[0.5], lam.abs() * (1 + lam) / 2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(err[1.0], lam ** 2, rtol=1e-12, atol=1e-12)
+    assert bool((err[0.5] <= 0.125 + 1e-12).all()) and bool((err[1.0] >= 0.25).all()) and bool((err[2.0] >= 1 - 1e-12).all())
+
+
 @pytest.mark.parametrize("m", [0, 3])
 def test_tol_freezes_relaxed_samples(m):
     rates = torch.tensor([0.1, 0.95], dtype=torch.float64)[:, None]

@@ -4,6 +4,7 @@ through Editor.invert / reconstruct and on an exact velocity field, and what flo
 correction, the edit-enhancement regularizer, other samplers, editing modes), through the API and the CLI."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -263,3 +264,19 @@ def test_readme_rows_and_help_list_the_flow_presets(capsys, monkeypatch):
         main(["invert", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert all(name in help_text for name in FLOW_PRESETS), help_text
+
+
+def test_readme_table_and_help_name_every_preset(capsys, monkeypatch):
+    from pathlib import Path
+
+    from renoise.__main__ import main
+    from renoise.presets import PRESETS
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        main(["invert", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name in PRESETS:
+        assert any(f"`{name}`" in row.split("|")[1] for row in rows), f"README's preset table has no row for {name}"
+        assert re.search(rf"[ (]{re.escape(name)}[,;)]", help_text), f"--help does not name the preset {name}"

@@ -78,7 +78,7 @@ def _latent_psnr_and_calls(pipe, plan, x, captions):
     return metrics.latent_metrics(z, inv.z0)["psnr"].numpy(), np.asarray(inv.result.convergence()["calls"])
 
 
-@pytest.mark.parametrize("presets", [("demo", "demo-4", "demo-exact"), ("demo-euler-4",)], ids=["ddim", "euler"])
+@pytest.mark.parametrize("presets", [("demo", "demo-4", "demo-exact", "demo-damped"), ("demo-euler-4",)], ids=["ddim", "euler"])
 @pytest.mark.parametrize("name", list(sets.SETS))
 def test_presets_are_never_worse_than_plain_iteration_at_equal_calls(pipe, name, presets):
     """Each demo preset at its own sampler (`demo` at 4 steps here, for time, like the others), on two

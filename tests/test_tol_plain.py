@@ -93,3 +93,9 @@ def test_demo_exact_preset_is_demo_chasing_plain_iteration():
     assert exact == demo.replace(name="demo-exact", tol=3e-4, tol_plain=6)
     assert demo.tol_plain is None and Plan.from_dict({"name": "old"}).tol_plain is None
     assert Plan.from_dict(exact.to_dict()) == exact
+
+
+def test_demo_damped_preset_is_demo_at_two_damped_calls_a_step():
+    demo, damped = Plan.preset("demo"), Plan.preset("demo-damped")
+    assert damped == demo.replace(name="demo-damped", iters=1, window=(1, 2), anderson=0, relax=0.5, tol=None)
+    assert Plan.from_dict(damped.to_dict()) == damped
