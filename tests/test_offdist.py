@@ -106,6 +106,23 @@ def test_presets_are_never_worse_than_plain_iteration_at_equal_calls(pipe, name,
         assert (np.minimum(lat, CAP) >= at_equal - 0.5).all(), (preset, name, calls, lat, at_equal)
 
 
+def test_demo_damped_holds_where_two_plain_calls_from_the_warm_start_fail(pipe):
+    """`demo-damped` (2 calls a step at DDIM 10, the second at the damped point z + ½·(G(z) - z)) against the
+    same 20 calls of plain iteration from the same warm start, which is what `demo`'s solver does at 2 calls
+    (benchmarks/RESULTS.md, 2026-12-07 night): on degraded-0000-q10 plain lands at about 11 dB latent PSNR,
+    the damped step above 40 dB; on the second image both are fine."""
+    entries = sets.images("degraded", 2)
+    x = torch.from_numpy(np.stack([e[1] for e in entries])) * 2 - 1
+    captions = [e[2] for e in entries]
+    damped = Plan.preset("demo-damped")
+    plain = damped.replace(name="warm-K1", relax=1.0)
+    lat_d, calls_d = _latent_psnr_and_calls(pipe, damped, x, captions)
+    lat_p, calls_p = _latent_psnr_and_calls(pipe, plain, x, captions)
+    assert (calls_d == 20).all() and (calls_p == 20).all(), (calls_d, calls_p)
+    assert lat_p[0] < 20 and lat_d[0] > 40, (lat_p, lat_d)
+    assert (lat_d > 35).all(), lat_d
+
+
 def test_optimize_noise_correction_leaves_a_triangle_wave_of_the_solve_error():
     """Why the rule per image is partly a draw at Euler-ancestral + noise correction "optimize", so that
     demo-euler-4 needs a margin (benchmarks/RESULTS.md, "why demo-euler-4 loses"): 10 steps of length
