@@ -5,6 +5,7 @@ correction, the edit-enhancement regularizer, other samplers, editing modes), th
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,11 +246,20 @@ def test_cli_refuses_editing_modes_on_flow_models(folders, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------- README, --help
 
-def test_readme_rows_and_help_list_the_flow_presets(capsys, monkeypatch):
-    from pathlib import Path
+README = Path(__file__).resolve().parents[1] / "README.md"
 
+
+def _help_text(capsys, monkeypatch):
+    """`invert --help` with whitespace collapsed (argparse wraps long help at hyphens otherwise)."""
     from renoise.__main__ import main
-    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        main(["invert", "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_readme_rows_and_help_list_the_flow_presets(capsys, monkeypatch):
+    text = README.read_text()
     for name in ("flow",) + FLOW_PRESETS:
         p = Plan.preset(name)
         row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
@@ -259,24 +269,13 @@ def test_readme_rows_and_help_list_the_flow_presets(capsys, monkeypatch):
         c, d = p.window
         assert cells[1:5] == ["flow Euler", str(p.num_steps), k,
                               f"t < {p.first_until:g}: [{a}, {b}); else [{c}, {d})"], row
-    monkeypatch.setenv("COLUMNS", "2000")          # argparse wraps long help at hyphens otherwise
-    with pytest.raises(SystemExit):
-        main(["invert", "--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
+    help_text = _help_text(capsys, monkeypatch)
     assert all(name in help_text for name in FLOW_PRESETS), help_text
 
 
 def test_readme_table_and_help_name_every_preset(capsys, monkeypatch):
-    from pathlib import Path
-
-    from renoise.__main__ import main
-    from renoise.presets import PRESETS
-    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| `")]
-    monkeypatch.setenv("COLUMNS", "2000")
-    with pytest.raises(SystemExit):
-        main(["invert", "--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
-    for name in PRESETS:
+    rows = [line for line in README.read_text().splitlines() if line.startswith("| `")]
+    help_text = _help_text(capsys, monkeypatch)
+    for name in presets.PRESETS:
         assert any(f"`{name}`" in row.split("|")[1] for row in rows), f"README's preset table has no row for {name}"
         assert re.search(rf"[ (]{re.escape(name)}[,;)]", help_text), f"--help does not name the preset {name}"

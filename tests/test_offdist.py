@@ -70,6 +70,12 @@ def pipe():
     return load_pipeline("demo", dtype=torch.float32)
 
 
+def _batch(name, n):
+    """The first n images of set `name` as a [-1, 1] batch, and their captions."""
+    entries = sets.images(name, n)
+    return torch.from_numpy(np.stack([e[1] for e in entries])) * 2 - 1, [e[2] for e in entries]
+
+
 def _latent_psnr_and_calls(pipe, plan, x, captions):
     ed = renoise.pipeline.Editor(pipe, plan)
     with torch.no_grad():
@@ -86,9 +92,7 @@ def test_presets_are_never_worse_than_plain_iteration_at_equal_calls(pipe, name,
     preset's noise correction) at the same calls: K = 0, 1, 2, 3, 4, 5, 9 interpolated linearly in calls,
     per image; no image may be more than 0.5 dB (latent PSNR, both capped at CAP) below it. At
     Euler-ancestral this checks one noise draw (benchmarks/euler_nc_lottery.py checks 15)."""
-    entries = sets.images(name, 2)
-    x = torch.from_numpy(np.stack([e[1] for e in entries])) * 2 - 1
-    captions = [e[2] for e in entries]
+    x, captions = _batch(name, 2)
     curves = {}
     for preset in presets:
         plan = resolve(preset, num_steps=4)
@@ -111,9 +115,7 @@ def test_demo_damped_holds_where_two_plain_calls_from_the_warm_start_fail(pipe):
     same 20 calls of plain iteration from the same warm start, which is what `demo`'s solver does at 2 calls
     (benchmarks/RESULTS.md, 2026-12-07 night): on degraded-0000-q10 plain lands at about 11 dB latent PSNR,
     the damped step above 40 dB; on the second image both are fine."""
-    entries = sets.images("degraded", 2)
-    x = torch.from_numpy(np.stack([e[1] for e in entries])) * 2 - 1
-    captions = [e[2] for e in entries]
+    x, captions = _batch("degraded", 2)
     damped = Plan.preset("demo-damped")
     plain = damped.replace(name="warm-K1", relax=1.0)
     lat_d, calls_d = _latent_psnr_and_calls(pipe, damped, x, captions)
