@@ -6,9 +6,11 @@
     out.mask                    # the blend mask [B, 1, h, w] (local blending and/or the user mask), or None
 
 Both branches start from the inversion's z_T and take its stored noises at every step; they run as
-one batch [source; edit] of 2B samples, one UNet call per step. The source branch is the
-reconstruction (source prompt, the inversion's guidance and negative prompt); the edit branch
-has the edit prompt (the source prompt as its negative, `edit_guidance_scale`). Through the
+one batch [source; edit] of 2B samples, one UNet call per step (`SamplerLoop`; a peer of
+renoise.peers brings its own loop: EDICT's coupled pair, BDIA's recursion, null-text's ∅_t).
+The source branch is the reconstruction (source prompt, the inversion's guidance and negative
+prompt); the edit branch has the edit prompt (the source prompt as its negative,
+`edit_guidance_scale`; run_pair's `edit_negative` changes it). Through the
 attention hook (renoise.models.attention_hook) one processor, `AttentionControl`, steers the edit
 rows of the conditional half of the batch from the source rows:
 
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 from . import samplers as _samplers
 from .denoisers import Conditioning, GuidedDenoiser, as_prompts, encode_prompts, negative_conditioning
 
-__all__ = ["EditControl", "EditResult", "AttentionControl", "align_tokens", "word_positions", "run_pair",
+__all__ = ["EditControl", "EditResult", "AttentionControl", "SamplerLoop", "align_tokens", "word_positions", "run_pair",
            "latent_mask", "blend_mask", "paste_back", "edit_mask", "attention_grid", "MODES", "INJECT_KINDS"]
 
 MODES = ("swap", "p2p")
@@ -358,9 +360,39 @@ def _positions(tokenizer, src_ids, edit_ids, control, edit_prompts):
     return src_pos, edit_pos, weights
 
 
+class SamplerLoop:
+    """How a pair run denoises: the state is a tuple of latents [2B, ...] (source rows, then edit
+    rows), `step` takes it from t to t' with the denoiser, and every latent in it is blended after
+    each step. This one is the inversion's sampler: (x,) -> (step(x, den(x, t), t, t', n_i),) with
+    the inversion's stored noises n_i. The peers with their own sampling (EDICT's coupled pair,
+    BDIA's recursion, null-text's per-step ∅_t) bring their own (renoise.peers.editors)."""
+
+    def __init__(self, result):
+        self.result = result
+        self.smod = _samplers.get(result.sampler)
+
+    def start(self) -> tuple:
+        """The state at z_T, for B samples (run_pair doubles it)."""
+        return (self.result.z_T,)
+
+    def step(self, state, i, t, tn, den) -> tuple:
+        (x,) = state
+        res = self.result
+        noise = res.noises[i] if res.noises else None
+        noise = None if noise is None else torch.cat([noise, noise])
+        return (self.smod.step(x, den(x, t), t, tn, res.schedule, noise=noise, **getattr(res, "sampler_opts", {})),)
+
+    def output(self, state) -> torch.Tensor:
+        """The denoised latents z0 [2B, ...]."""
+        return state[0]
+
+
 @torch.no_grad()
-def run_pair(editor, inv, edit_prompts, control: EditControl, *, edit_guidance_scale=1.0, callback=None) -> EditResult:
+def run_pair(editor, inv, edit_prompts, control: EditControl, *, edit_guidance_scale=1.0, edit_negative="source",
+             loop=None, callback=None) -> EditResult:
     """Denoise [source; edit] from inv's z_T with its stored noises under `control`.
+    edit_negative: the edit branch's negative prompts ("source": inv's prompts, ReNoise's protocol;
+    None: the empty prompt); loop: a SamplerLoop (default: inv's sampler).
     callback(step_index, t, x_edit, x_source) after each step (and its blending)."""
     from .models.attention_hook import attention_hook
 
@@ -376,7 +408,8 @@ def run_pair(editor, inv, edit_prompts, control: EditControl, *, edit_guidance_s
     uncond = None
     if cfg:
         uncond = Conditioning.cat([negative_conditioning(pipe, inv.negative_prompts, cond_half(cond, B, 0), **kw),
-                                   negative_conditioning(pipe, inv.prompts, cond_half(cond, B, 1), **kw)])
+                                   negative_conditioning(pipe, inv.prompts if edit_negative == "source"
+                                                         else edit_negative, cond_half(cond, B, 1), **kw)])
     scales = torch.tensor([g_src] * B + [g_edit] * B)
     den = GuidedDenoiser(pipe.unet, res.schedule, res.sampler, cond, uncond,
                          scales if g_src != g_edit else g_src)
@@ -401,23 +434,23 @@ def run_pair(editor, inv, edit_prompts, control: EditControl, *, edit_guidance_s
         raise ValueError(f"mask is {control.mask.shape[-2]}x{control.mask.shape[-1]} px but the images are "
                          f"{inv.size[0]}x{inv.size[1]}")
 
-    smod = _samplers.get(res.sampler)
-    x = torch.cat([res.z_T, res.z_T])
+    loop = SamplerLoop(res) if loop is None else loop
+    state = tuple(torch.cat([v, v]) for v in loop.start())
     mask = user
     blend_from = round(control.blend_start * n)
     with attention_hook(pipe.unet, proc):
         for i, (t, tn) in enumerate(res.chain):
             proc.step = i
-            noise = res.noises[i]
-            noise = None if noise is None else torch.cat([noise, noise])
-            x = smod.step(x, den(x, t), t, tn, res.schedule, noise=noise, **res.sampler_opts)
+            state = loop.step(state, i, t, tn, den)
             if control.local_blend is not None and i >= blend_from:
                 m = blend_mask(proc.maps, src_pos, edit_pos, control.blend_threshold)
                 mask = m if user is None else m * user
             if mask is not None:
-                x = torch.cat([x[:B], torch.lerp(x[:B], x[B:], mask.to(x.dtype))])
+                state = tuple(torch.cat([v[:B], torch.lerp(v[:B], v[B:], mask.to(v.dtype))]) for v in state)
             if callback is not None:
+                x = loop.output(state)
                 callback(i, t, x[B:], x[:B])
+    x = loop.output(state)
     return EditResult(source=x[:B], edit=x[B:], mask=mask, maps=proc.maps, source_ids=src_ids, edit_ids=edit_ids,
                       calls=den.calls)
 

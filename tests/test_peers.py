@@ -276,20 +276,64 @@ def test_every_peer_runs_through_eval_on_the_demo_model(tmp_path):
     assert run["peers"]["edict-g1"]["guidance"] == 1
 
 
-def test_peers_refuse_editing_modes(tmp_path, capsys):
-    """Editing modes are ReNoise's: eval refuses them beside a peer before touching --out, and a
-    peer editor refuses a non-plain control."""
-    from renoise.__main__ import main
+@pytest.fixture(scope="module")
+def demo_pair():
+    from renoise.demo import Scene, Shape, render_tensor
+    from renoise.models import load_pipeline
+    pipe = load_pipeline("demo", dtype=torch.float32, device="cpu")
+    scene = Scene((Shape("square", "yellow", "large", "center"),), ("black",))
+    return pipe, render_tensor(scene), "a large yellow square in the center on a black background", \
+        "a large green square in the center on a black background"
+
+
+@pytest.mark.parametrize("name", peers.GROUP)
+def test_every_peer_edits_in_the_editing_modes_with_its_own_protocol(demo_pair, name):
+    """A peer's pair run (renoise.editing.run_pair with the peer's sampling and edit protocol): the
+    source branch is the peer's reconstruction, the edit branch without any control its own edit,
+    and under a user mask the edit's latents outside it are the source's."""
     from renoise.editing import EditControl
-    from renoise.peers.editors import PlanPeer
+    from renoise.evaluation.methods import parse_spec
+    from renoise.peers.editors import make
+    pipe, x, source, edit = demo_pair
+    (method,) = parse_spec(name)
+    editor = make(pipe, method.plan("demo", {"sampler": "ddim", "num_steps": 3}), method.peer)
+    inv = editor.invert(x, source, generator=torch.Generator().manual_seed(0), sample_posterior=False)
+    recon, _ = editor.reconstruct_latents(inv)
+    own, _ = editor.edit_latents(inv, edit, edit_guidance_scale=2.0)
+    assert float((own - recon).abs().max()) > 1e-3                      # the edit does change something
+
+    swap, out = editor.edit_latents(inv, edit, edit_guidance_scale=2.0, control=EditControl(save_attention=True))
+    scale = float(recon.abs().max())
+    assert float((out.source - recon).abs().max()) / scale < 1e-4, name
+    assert float((swap - own).abs().max()) / scale < 1e-4, name
+
+    mask = torch.zeros(x.shape[-2:])
+    mask[:, : x.shape[-1] // 2] = 1
+    masked, out = editor.edit_latents(inv, edit, edit_guidance_scale=2.0, control=EditControl(mask=mask))
+    inside = out.mask.bool().expand_as(masked)
+    assert torch.equal(masked[~inside], out.source[~inside])
+    assert float((masked[inside] - out.source[inside]).abs().max()) > 1e-3
+    p2p, _ = editor.edit_latents(inv, edit, edit_guidance_scale=2.0, control=EditControl(mode="p2p"))
+    assert torch.isfinite(p2p).all() and float((p2p - swap).abs().max()) > 0   # the maps were replaced
+    blended, out = editor.edit_latents(inv, edit, edit_guidance_scale=2.0, control=EditControl(local_blend=("auto",)))
+    outside = (out.mask == 0).expand_as(blended)
+    assert 0 < int(outside.sum()) < outside.numel() and torch.equal(blended[outside], out.source[outside])
+
+
+def test_peers_run_the_editing_modes_through_eval(tmp_path):
+    """`renoise eval --methods peers --edit-mode p2p --mask-edits --paste-back`: every peer edits in the pair run
+    (its rows say the mode and carry the scene's mask as the blend mask), and pasting back keeps the input's
+    background exactly, as for ReNoise."""
+    from renoise.__main__ import main
     out = tmp_path / "o"
-    assert main(["eval", "--demo", "1", "--methods", "edict", "--edit-mode", "p2p", "--out", str(out),
-                 "--quiet"]) == 2
-    assert "apply to ReNoise methods only" in capsys.readouterr().err and not out.exists()
-    editor = PlanPeer.__new__(PlanPeer)
-    editor.spec = peers.resolve("ddim-inversion")
-    with pytest.raises(ValueError, match="ddim-inversion edits with its own protocol"):
-        editor.edit_latents(None, ["x"], control=EditControl(mode="p2p"))
+    assert main(["eval", "--demo", "1", "--steps", "2", "--methods", "peers", "--edit-mode", "p2p", "--mask-edits",
+                 "--paste-back", "--out", str(out), "--threads", "1", "--quiet", "--no-plots"]) == 0
+    rows = {r["method"]: r for r in map(json.loads, Path(out, "rows.jsonl").read_text().splitlines())}
+    assert set(rows) == {"preset", *peers.GROUP}
+    for name, r in rows.items():
+        assert r["status"] == "ok" and r["edit_mode"] == "p2p", name
+        assert 0 < r["blend_fraction"] < 1 and r["edit_background_psnr"] >= 100, name
+        assert 10 < r["edit_background_psnr_decoded"] < 100, name
 
 
 def test_peer_result_saves_its_state(problem, tmp_path):

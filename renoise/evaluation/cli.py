@@ -330,11 +330,6 @@ def run(args) -> dict | None:
         raise ValueError(f"--grid must be >= 0, got {args.grid}")
     args.edit_control = _edit_control(args)
     method_list = methods.parse_methods(args.methods)
-    peers = [m.name for m in method_list if m.peer is not None]
-    if peers and (args.edit_control is not None or args.mask_edits):
-        raise ValueError(f"the peers ({', '.join(peers)}) edit with their own protocols; editing modes "
-                         "(--edit-mode, --self-inject, --local-blend, --mask-edits) apply to ReNoise methods only: "
-                         "run the peers in a separate eval without them")
     if args.paste_back and not (args.mask_edits or args.local_blend is not None):
         raise ValueError("--paste-back keeps the input outside the edit's mask: add --mask-edits or --local-blend")
     if args.config is not None and not Path(args.model).is_file():

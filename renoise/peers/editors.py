@@ -18,18 +18,60 @@ model and batch shape for the whole process.
 from __future__ import annotations
 
 from .. import presets
+from ..editing import EditControl, SamplerLoop, cond_half, run_pair
 from ..pipeline import Conditioning, Editor, GuidedDenoiser, Inversion, as_prompts, encode_images, negative_conditioning
 from . import cost, exact, newton, nulltext
 
 _RATIOS = {}
 
 
-def _refuse_control(editor, control):
-    """The peers edit with their own protocol; editing modes (renoise.editing) are ReNoise's."""
-    if control is not None and not control.plain:
-        raise ValueError(f"peer {editor.spec.get('name', editor.spec.get('peer', '?'))} edits with its own "
-                         "protocol; editing modes (--edit-mode, --self-inject, --local-blend, masks) apply to "
-                         "ReNoise methods only: run the peers without them")
+class EDICTLoop(SamplerLoop):
+    """EDICT's coupled steps for a pair run: the state (x, y), both blended."""
+
+    def start(self):
+        return (self.result.z_T, self.result.state["y_T"])
+
+    def step(self, state, i, t, tn, den):
+        return exact.edict_step(den, self.smod, self.result.schedule, *state, t, tn, self.result.state["p"])
+
+
+class BDIALoop(SamplerLoop):
+    """BDIA's recursion for a pair run: the state (x_{k-1}, x_k), both blended; step 0 is the stored
+    x_1 (no call), or on a one-step chain the plain step."""
+
+    def start(self):
+        x_1 = self.result.state["x_1"]
+        return (self.result.z_T, self.result.z_T if x_1 is None else x_1)
+
+    def step(self, state, i, t, tn, den):
+        res = self.result
+        if i == 0 and res.state["x_1"] is not None:
+            return state
+        return exact.bdia_step(den, self.smod, res.schedule, res.chain, i, *state, res.state["gamma"])
+
+    def output(self, state):
+        return state[1]
+
+
+class NullTextLoop(SamplerLoop):
+    """Null-text's sampling for a pair run: step i's unconditional branch is the optimised ∅_i on the
+    source rows, and on the edit rows too unless the edit's negative is the source prompt (as in
+    NullTextPeer.sample: Prompt-to-Prompt's protocol with null-text); then they keep run_pair's."""
+
+    def __init__(self, result, edit_null: bool):
+        super().__init__(result)
+        self.edit_null, self.base = edit_null, None
+
+    def step(self, state, i, t, tn, den):
+        if den.uncond is None:                  # no CFG: the nulls are never used (as in NullTextPeer.sample)
+            return super().step(state, i, t, tn, den)
+        if self.base is None:
+            self.base = den.uncond
+        B = state[0].shape[0] // 2
+        nc = self.result.state["null_cond"]
+        null = Conditioning(self.result.state["nulls"][i], nc.text_embeds, nc.time_ids)
+        den.uncond = Conditioning.cat([null, null if self.edit_null else cond_half(self.base, B, 1)])
+        return super().step(state, i, t, tn, den)
 
 
 class PeerEditor(Editor):
@@ -46,6 +88,27 @@ class PeerEditor(Editor):
         g = float(edit_guidance_scale) if g is None else float(g)
         negative = inv.prompts if self.spec.get("edit_negative", "source") == "source" else None
         return g, negative
+
+    def pair_loop(self, inv) -> SamplerLoop:
+        """How this peer denoises in a pair run (renoise.editing.run_pair): its own sampling."""
+        return SamplerLoop(inv.result)
+
+    def edit_pair(self, inv, edit_prompts, control=None, *, edit_guidance_scale=1.0, num_steps=None, callback=None):
+        """Editor.edit_pair under this peer's edit protocol (its guidance and negative) and sampling."""
+        inv.check_num_steps(num_steps)
+        g, negative = self._edit_setup(inv, edit_guidance_scale)
+        return run_pair(self, inv, edit_prompts, control or EditControl(), edit_guidance_scale=g,
+                        edit_negative=negative, loop=self.pair_loop(inv), callback=callback)
+
+    def edit_latents(self, inv, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None, callback=None,
+                     control=None):
+        """The peer's own edit (its protocol, its sampling); with an editing mode (renoise.editing),
+        the pair run of edit_pair."""
+        if control is not None and not control.plain:
+            return super().edit_latents(inv, edit_prompts, edit_guidance_scale=edit_guidance_scale,
+                                        num_steps=num_steps, callback=callback, control=control)
+        g, negative = self._edit_setup(inv, edit_guidance_scale)
+        return self._plain_edit(inv, edit_prompts, g, negative, num_steps, callback)
 
     def _measure_ratio(self, z):
         key = (id(self.pipe.unet), tuple(z.shape), str(z.device))
@@ -77,10 +140,7 @@ class PlanPeer(PeerEditor):
         inv.extra["backward"] = 0
         return inv
 
-    def edit_latents(self, inv, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None, callback=None,
-                     control=None):
-        _refuse_control(self, control)
-        g, negative = self._edit_setup(inv, edit_guidance_scale)
+    def _plain_edit(self, inv, edit_prompts, g, negative, num_steps, callback):
         return self.sample(inv, edit_prompts, negative_prompts=negative, guidance_scale=g, num_steps=num_steps,
                            callback=callback)
 
@@ -106,10 +166,7 @@ class _LoopPeer(PeerEditor):
                             clip_skip=inv.clip_skip)
         return self._sample(den, inv), den
 
-    def edit_latents(self, inv, edit_prompts, *, edit_guidance_scale=1.0, num_steps=None, callback=None,
-                     control=None):
-        _refuse_control(self, control)
-        g, negative = self._edit_setup(inv, edit_guidance_scale)
+    def _plain_edit(self, inv, edit_prompts, g, negative, num_steps, callback):
         return self.sample(inv, edit_prompts, negative_prompts=negative, guidance_scale=g, num_steps=num_steps)
 
 
@@ -120,6 +177,9 @@ class EDICTPeer(_LoopPeer):
     def _sample(self, den, inv):
         return exact.edict_sample(den, inv.result)
 
+    def pair_loop(self, inv):
+        return EDICTLoop(inv.result)
+
 
 class BDIAPeer(_LoopPeer):
     def _invert(self, den, z0):
@@ -128,6 +188,9 @@ class BDIAPeer(_LoopPeer):
 
     def _sample(self, den, inv):
         return exact.bdia_sample(den, inv.result)
+
+    def pair_loop(self, inv):
+        return BDIALoop(inv.result)
 
 
 class GNRIPeer(_LoopPeer):
@@ -190,6 +253,9 @@ class NullTextPeer(_LoopPeer):
 
     def reconstruct_latents(self, inv, *, num_steps=None, callback=None):
         return self.sample(inv, num_steps=num_steps)
+
+    def pair_loop(self, inv):
+        return NullTextLoop(inv.result, edit_null=self.spec.get("edit_negative", "source") != "source")
 
 
 KINDS = {"plan": PlanPeer, "edict": EDICTPeer, "bdia": BDIAPeer, "gnri": GNRIPeer, "null-text": NullTextPeer}

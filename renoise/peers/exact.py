@@ -66,6 +66,14 @@ def edict_invert(denoiser, z0, schedule, sampler="ddim", num_steps=50, *, p=EDIC
                       model_calls=2 * n, state={"y_T": y, "p": p})
 
 
+def edict_step(denoiser, smod, schedule, x, y, t, tn, p):
+    """One coupled denoising step (t -> t'), 2 calls: (x, y) -> (x', y')."""
+    x_i = smod.step(x, denoiser(y, t), t, tn, schedule)
+    y_i = smod.step(y, denoiser(x_i, t), t, tn, schedule)
+    x = p * x_i + (1 - p) * y_i
+    return x, p * y_i + (1 - p) * x
+
+
 def edict_sample(denoiser, result: PeerResult, *, x_T=None, y_T=None, p=None) -> torch.Tensor:
     """(x_T, y_T) -> z0' by EDICT's coupled denoising steps (2 calls a step); returns x."""
     p = result.state["p"] if p is None else p
@@ -73,10 +81,7 @@ def edict_sample(denoiser, result: PeerResult, *, x_T=None, y_T=None, p=None) ->
     y = result.state["y_T"] if y_T is None else y_T
     smod = deterministic(result.sampler, result.schedule, result.chain, "EDICT")
     for t, tn in result.chain:
-        x_i = smod.step(x, denoiser(y, t), t, tn, result.schedule)
-        y_i = smod.step(y, denoiser(x_i, t), t, tn, result.schedule)
-        x = p * x_i + (1 - p) * y_i
-        y = p * y_i + (1 - p) * x
+        x, y = edict_step(denoiser, smod, result.schedule, x, y, t, tn, p)
     return x
 
 
@@ -116,6 +121,16 @@ def bdia_invert(denoiser, z0, schedule, sampler="ddim", num_steps=50, *, gamma=B
                       state={"x_1": xs[1] if n > 1 else None, "gamma": gamma})
 
 
+def bdia_step(denoiser, smod, schedule, chain, k, prev, x, gamma):
+    """The recursion's step k of the chain, one call: (x_{k-1}, x_k) -> (x_k, x_{k+1}); at k = 0 (a
+    one-step chain: no stored x_1) x_1 is the plain step of prev = z_T."""
+    if k == 0:
+        t, tn = chain[0]
+        return prev, smod.step(prev, denoiser(prev, t), t, tn, schedule)
+    down, up = _down_up(smod, schedule, chain, k, x, denoiser(x, chain[k][0]))
+    return x, down + gamma * (prev - up)
+
+
 def bdia_sample(denoiser, result: PeerResult, *, z_T=None, x_1=None, gamma=None) -> torch.Tensor:
     """The BDIA recursion from the stored pair (x_0, x_1) down to z0' (n - 1 calls)."""
     gamma = result.state["gamma"] if gamma is None else gamma
@@ -123,11 +138,8 @@ def bdia_sample(denoiser, result: PeerResult, *, z_T=None, x_1=None, gamma=None)
     smod = deterministic(result.sampler, result.schedule, chain, "BDIA")
     prev = result.z_T if z_T is None else z_T
     if len(chain) == 1:
-        t, tn = chain[0]
-        return smod.step(prev, denoiser(prev, t), t, tn, result.schedule)
+        return bdia_step(denoiser, smod, result.schedule, chain, 0, prev, None, gamma)[1]
     x = result.state["x_1"] if x_1 is None else x_1
     for k in range(1, len(chain)):
-        e = denoiser(x, chain[k][0])
-        down, up = _down_up(smod, result.schedule, chain, k, x, e)
-        prev, x = x, down + gamma * (prev - up)
+        prev, x = bdia_step(denoiser, smod, result.schedule, chain, k, prev, x, gamma)
     return x
