@@ -1,0 +1,97 @@
+"""The flow inversion's hard step, solved alone: how fast each solver lowers its defect per call.
+
+    python benchmarks/flow_leaving_step.py --steps 24 --images 4
+
+On the demo flow model's held-out scenes, a reference chain is solved first (`demo-flow-fast` with 30
+Anderson calls on the five lowest steps). Then the step that leaves the image (σ 0.001 -> σ₁) and the
+one above it are solved again from the warm start the inversion uses there (inverse_step with the
+step below's output) with 8 calls of:
+  - plain iteration z <- G(z);
+  - a spectral preconditioner: z <- z + P(G(z) - z), P per frequency 1 + β(1/(r + (1 - r)·s/(s + σ₁²)) - 1),
+    r = σ₀/σ₁, s the image latent's power spectrum averaged over rings: the inverse of the step's Jacobian
+    if the denoiser shrank each frequency like a Gaussian prior with that spectrum;
+  - Anderson (m = 1, 3; renoise.fixed_point).
+The defect after each call is rms(step(z, v(z, σ₁)) - z_below) (one more call each, not counted).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from renoise import fixed_point
+from renoise.demo import held_out, render_tensor
+from renoise.evaluation.methods import parse_methods
+from renoise.models import load_pipeline
+from renoise.pipeline import Editor
+from renoise.samplers import flow_euler
+
+
+def rms(x):
+    return float(x.pow(2).mean().sqrt())
+
+
+def ring_spectrum(z):
+    """|FFT(z)|² / (h·w) per channel, averaged over rings of equal |f| (same shape as z's FFT)."""
+    power = torch.fft.fft2(z.double()).abs() ** 2 / (z.shape[-1] * z.shape[-2])
+    h, w = z.shape[-2:]
+    radius = (torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.fftfreq(w)[None, :] ** 2).sqrt()
+    rings = (radius * h).round().long()
+    out = torch.zeros_like(power)
+    for b in rings.unique():
+        m = rings == b
+        out[..., m] = power[..., m].mean(-1, keepdim=True)
+    return out
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--calls", type=int, default=8)
+    ap.add_argument("--beta", type=float, default=0.5, help="how much of the preconditioner to apply")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline("demo-flow", dtype=torch.float32)
+    low = 1 + 4.5 * 999 / (args.steps - 1)
+    spec = f"ref:preset=demo-flow-fast,first_until={low},first_iters=30,first_window=[30,31],tol=none,anderson=3"
+    plan = parse_methods([spec])[0].plan("demo-flow-fast", {"num_steps": args.steps})
+    for i in range(args.images):
+        scene = held_out(i)
+        x = render_tensor(scene)
+        editor = Editor(pipe, plan)
+        res = editor.invert(x, scene.caption, sample_posterior=False).result
+        den, sched = editor.denoiser([scene.caption], x.shape[-2:]), res.schedule
+        steps = list(reversed(res.chain))
+        for j in (1, 2):
+            (t, tn), (t_below, _) = steps[j], steps[j - 1]
+            below = res.trajectory[j]
+            s1, s0 = float(sched.sig(t)), float(sched.sig(tn))
+
+            def G(z):
+                return flow_euler.inverse_step(below, den(z, t), t, tn, sched)
+
+            def defect(z):
+                return rms(flow_euler.step(z, den(z, t), t, tn, sched) - below)
+
+            z0 = flow_euler.inverse_step(below, den(below, t_below), t, tn, sched)
+            s, r = ring_spectrum(below), s0 / s1
+            precond = 1 + args.beta * (1 / (r + (1 - r) * s / (s + s1 ** 2)) - 1)
+            for name, P in (("plain", None), (f"spectral β={args.beta}", precond)):
+                z, out = z0.clone(), []
+                for _ in range(args.calls):
+                    d = G(z) - z
+                    if P is not None:
+                        d = torch.fft.ifft2(torch.fft.fft2(d.double()) * P).real.to(z.dtype)
+                    z = z + d
+                    out.append(defect(z))
+                print(f"image {i} step {j} (σ {s0:.4f} -> {s1:.4f}) {name:14s}: " + " ".join(f"{v:.1e}" for v in out))
+            for m in (1, 3):
+                ans = fixed_point.iterate(G, z0, args.calls, anderson=m).z
+                print(f"image {i} step {j} anderson m={m}: defect after {args.calls} calls {defect(ans):.1e}")
+
+
+if __name__ == "__main__":
+    main()
