@@ -10,7 +10,7 @@ step below's output) with 8 calls of:
   - a spectral preconditioner: z <- z + P(G(z) - z), P per frequency 1 + β(1/(r + (1 - r)·s/(s + σ₁²)) - 1),
     r = σ₀/σ₁, s the image latent's power spectrum averaged over rings: the inverse of the step's Jacobian
     if the denoiser shrank each frequency like a Gaussian prior with that spectrum;
-  - Anderson (m = 1, 3; renoise.fixed_point).
+  - Anderson (m = 1, 3 unless --anderson; renoise.fixed_point, with --relax and --trust).
 The defect after each call is rms(step(z, v(z, σ₁)) - z_below) (one more call each, not counted).
 """
 from __future__ import annotations
@@ -51,6 +51,9 @@ def main():
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--calls", type=int, default=8)
     ap.add_argument("--beta", type=float, default=0.5, help="how much of the preconditioner to apply")
+    ap.add_argument("--anderson", type=int, nargs="+", default=[1, 3], help="Anderson window sizes m")
+    ap.add_argument("--relax", type=float, default=1.0, help="Anderson's relax (its upper bound on β)")
+    ap.add_argument("--trust", type=float, default=20.0, help="Anderson's trust radius (renoise.fixed_point)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,8 +91,8 @@ def main():
                     z = z + d
                     out.append(defect(z))
                 print(f"image {i} step {j} (σ {s0:.4f} -> {s1:.4f}) {name:14s}: " + " ".join(f"{v:.1e}" for v in out))
-            for m in (1, 3):
-                ans = fixed_point.iterate(G, z0, args.calls, anderson=m).z
+            for m in args.anderson:
+                ans = fixed_point.iterate(G, z0, args.calls, anderson=m, relax=args.relax, anderson_trust=args.trust).z
                 print(f"image {i} step {j} anderson m={m}: defect after {args.calls} calls {defect(ans):.1e}")
 
 
