@@ -442,7 +442,7 @@ def run_pair(editor, inv, edit_prompts, control: EditControl, *, edit_guidance_s
         for i, (t, tn) in enumerate(res.chain):
             proc.step = i
             state = loop.step(state, i, t, tn, den)
-            if control.local_blend is not None and i >= blend_from:
+            if control.local_blend is not None and i >= blend_from and proc.maps is not None:   # maps: after a call
                 m = blend_mask(proc.maps, src_pos, edit_pos, control.blend_threshold)
                 mask = m if user is None else m * user
             if mask is not None:

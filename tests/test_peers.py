@@ -321,13 +321,15 @@ def test_every_peer_edits_in_the_editing_modes_with_its_own_protocol(demo_pair, 
 
 
 def test_peers_run_the_editing_modes_through_eval(tmp_path):
-    """`renoise eval --methods peers --edit-mode p2p --mask-edits --paste-back`: every peer edits in the pair run
-    (its rows say the mode and carry the scene's mask as the blend mask), and pasting back keeps the input's
+    """`renoise eval --methods peers --edit-mode p2p --mask-edits --local-blend auto --paste-back` at 2 steps
+    (BDIA's first step makes no call, so local blending has no maps yet there): every peer edits in the pair
+    run (its rows say the mode and carry a blend mask inside the scene's), and pasting back keeps the input's
     background exactly, as for ReNoise."""
     from renoise.__main__ import main
     out = tmp_path / "o"
     assert main(["eval", "--demo", "1", "--steps", "2", "--methods", "peers", "--edit-mode", "p2p", "--mask-edits",
-                 "--paste-back", "--out", str(out), "--threads", "1", "--quiet", "--no-plots"]) == 0
+                 "--local-blend", "auto", "--paste-back", "--out", str(out), "--threads", "1", "--quiet",
+                 "--no-plots"]) == 0
     rows = {r["method"]: r for r in map(json.loads, Path(out, "rows.jsonl").read_text().splitlines())}
     assert set(rows) == {"preset", *peers.GROUP}
     for name, r in rows.items():
