@@ -286,7 +286,7 @@ def demo_pair():
         "a large green square in the center on a black background"
 
 
-@pytest.mark.parametrize("name", peers.GROUP)
+@pytest.mark.parametrize("name", [*peers.GROUP, "null-text-src:peer=null-text,edit_negative=source"])
 def test_every_peer_edits_in_the_editing_modes_with_its_own_protocol(demo_pair, name):
     """A peer's pair run (renoise.editing.run_pair with the peer's sampling and edit protocol): the
     source branch is the peer's reconstruction, the edit branch without any control its own edit,
