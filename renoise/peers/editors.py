@@ -53,6 +53,12 @@ class BDIALoop(SamplerLoop):
         return state[1]
 
 
+def _null_at(result, i) -> Conditioning:
+    """Null-text's optimised unconditional conditioning ∅_i of step i."""
+    nc = result.state["null_cond"]
+    return Conditioning(result.state["nulls"][i], nc.text_embeds, nc.time_ids)
+
+
 class NullTextLoop(SamplerLoop):
     """Null-text's sampling for a pair run: step i's unconditional branch is the optimised ∅_i on the
     source rows, and on the edit rows too unless the edit's negative is the source prompt (as in
@@ -68,8 +74,7 @@ class NullTextLoop(SamplerLoop):
         if self.base is None:
             self.base = den.uncond
         B = state[0].shape[0] // 2
-        nc = self.result.state["null_cond"]
-        null = Conditioning(self.result.state["nulls"][i], nc.text_embeds, nc.time_ids)
+        null = _null_at(self.result, i)
         den.uncond = Conditioning.cat([null, null if self.edit_null else cond_half(self.base, B, 1)])
         return super().step(state, i, t, tn, den)
 
@@ -108,7 +113,8 @@ class PeerEditor(Editor):
             return super().edit_latents(inv, edit_prompts, edit_guidance_scale=edit_guidance_scale,
                                         num_steps=num_steps, callback=callback, control=control)
         g, negative = self._edit_setup(inv, edit_guidance_scale)
-        return self._plain_edit(inv, edit_prompts, g, negative, num_steps, callback)
+        return self.sample(inv, edit_prompts, negative_prompts=negative, guidance_scale=g, num_steps=num_steps,
+                           callback=callback)
 
     def _measure_ratio(self, z):
         key = (id(self.pipe.unet), tuple(z.shape), str(z.device))
@@ -140,10 +146,6 @@ class PlanPeer(PeerEditor):
         inv.extra["backward"] = 0
         return inv
 
-    def _plain_edit(self, inv, edit_prompts, g, negative, num_steps, callback):
-        return self.sample(inv, edit_prompts, negative_prompts=negative, guidance_scale=g, num_steps=num_steps,
-                           callback=callback)
-
 
 class _LoopPeer(PeerEditor):
     """A peer with its own invert / sample pair (subclasses: _invert(den, z0), _sample(den, inv))."""
@@ -165,9 +167,6 @@ class _LoopPeer(PeerEditor):
         den = self.denoiser(prompts, inv.size, negative_prompts=negative_prompts, guidance_scale=g,
                             clip_skip=inv.clip_skip)
         return self._sample(den, inv), den
-
-    def _plain_edit(self, inv, edit_prompts, g, negative, num_steps, callback):
-        return self.sample(inv, edit_prompts, negative_prompts=negative, guidance_scale=g, num_steps=num_steps)
 
 
 class EDICTPeer(_LoopPeer):
@@ -238,13 +237,12 @@ class NullTextPeer(_LoopPeer):
         inv.check_num_steps(num_steps)
         prompts = inv.prompts if prompts is None else as_prompts(prompts, inv.batch)
         g = inv.guidance_scale if guidance_scale is None else float(guidance_scale)
-        nc = inv.result.state["null_cond"]
         den = self.denoiser(prompts, inv.size, negative_prompts=negative_prompts, guidance_scale=g,
                             clip_skip=inv.clip_skip)
         if negative_prompts is None and den.cfg:      # the optimised ∅_t as the unconditional branch
 
             def per_step(i):
-                den.uncond = Conditioning(inv.result.state["nulls"][i], nc.text_embeds, nc.time_ids)
+                den.uncond = _null_at(inv.result, i)
                 return den
         else:
             def per_step(i):
