@@ -12,6 +12,14 @@ step below's output) with 8 calls of:
     if the denoiser shrank each frequency like a Gaussian prior with that spectrum;
   - Anderson (m = 1, 3 unless --anderson; renoise.fixed_point, with --relax and --trust).
 The defect after each call is rms(step(z, v(z, σ₁)) - z_below) (one more call each, not counted).
+
+--spectrum: the step map's exact Jacobian J = ∂step(z, v(z, σ₁))/∂z (autograd, D x D for a D-dim latent)
+  - at the fixed point (200 Anderson calls): the range of J's eigenvalues (plain iteration's error
+    contracts by |1 - λ| along each), and GMRES on that linear map from the warm start's defect: the
+    defect after k matrix-vector products, what any k-call Krylov method (Anderson with an unbounded
+    window) reaches if the map were linear;
+  - at the warm start: the Newton step restricted to that k-dim Krylov space of the warm start's own
+    Jacobian, and its true defect: how far the linear model holds between warm start and fixed point.
 """
 from __future__ import annotations
 
@@ -29,6 +37,44 @@ from renoise.samplers import flow_euler
 
 def rms(x):
     return float(x.pow(2).mean().sqrt())
+
+
+def gmres(jac, r0, k):
+    """(basis [D, k], y [k], linear defect rms after j = 1..k products): min ||r0 - jac·basis·y||."""
+    basis, hess, out = [r0 / r0.norm()], torch.zeros(k + 1, k, dtype=torch.float64), []
+    for j in range(k):
+        w = jac @ basis[j]
+        for i in range(j + 1):
+            hess[i, j] = w @ basis[i]
+            w = w - hess[i, j] * basis[i]
+        hess[j + 1, j] = w.norm()
+        basis.append(w / hess[j + 1, j])
+        e1 = torch.zeros(j + 2, dtype=torch.float64)
+        e1[0] = r0.norm()
+        y = torch.linalg.lstsq(hess[:j + 2, :j + 1], e1).solution
+        out.append(float((e1 - hess[:j + 2, :j + 1] @ y).norm()) / r0.numel() ** 0.5)
+    return torch.stack(basis[:k], 1), y, out
+
+
+def spectrum(S, G, defect, below, z0, calls):
+    """Print the --spectrum lines for one step (S: the sampler step as a function of z)."""
+    def jacobian(z):
+        with torch.enable_grad():
+            f = lambda flat: S(flat.view_as(z)).flatten()
+            return torch.autograd.functional.jacobian(f, z.flatten()).double()
+
+    zs = fixed_point.iterate(G, z0, 200, anderson=5).z
+    ev = torch.linalg.eigvals(jacobian(zs))
+    r0 = (S(z0) - below).flatten().double()
+    _, _, lin = gmres(jacobian(zs), r0, calls)
+    print(f"    fixed point (defect {defect(zs):.1e}, {rms(zs - z0):.1e} from the warm start): eigenvalues of J "
+          f"{ev.real.min():.3f}..{ev.real.max():.3f} (|imag| <= {ev.imag.abs().max():.3f}), plain contracts by "
+          f"{(1 - ev).abs().max():.3f}; GMRES on J there: " + " ".join(f"{v:.1e}" for v in lin))
+    jac0, newton = jacobian(z0), []
+    for k in range(1, calls + 1):
+        basis, y, lin0 = gmres(jac0, r0, k)
+        newton.append(f"{lin0[-1]:.1e}/{defect(z0 - (basis @ y).view_as(z0).to(z0.dtype)):.1e}")
+    print("    Newton-Krylov from the warm start, k products, linear/true defect: " + " ".join(newton))
 
 
 def ring_spectrum(z):
@@ -54,6 +100,7 @@ def main():
     ap.add_argument("--anderson", type=int, nargs="+", default=[1, 3], help="Anderson window sizes m")
     ap.add_argument("--relax", type=float, default=1.0, help="Anderson's relax (its upper bound on β)")
     ap.add_argument("--trust", type=float, default=20.0, help="Anderson's trust radius (renoise.fixed_point)")
+    ap.add_argument("--spectrum", action="store_true", help="the step map's Jacobian: eigenvalues, Krylov bounds")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,6 +141,8 @@ def main():
             for m in args.anderson:
                 ans = fixed_point.iterate(G, z0, args.calls, anderson=m, relax=args.relax, anderson_trust=args.trust).z
                 print(f"image {i} step {j} anderson m={m}: defect after {args.calls} calls {defect(ans):.1e}")
+            if args.spectrum:
+                spectrum(lambda z: flow_euler.step(z, den(z, t), t, tn, sched), G, defect, below, z0, args.calls)
 
 
 if __name__ == "__main__":
