@@ -40,7 +40,8 @@ def rms(x):
 
 
 def gmres(jac, r0, k):
-    """(basis [D, k], y [k], linear defect rms after j = 1..k products): min ||r0 - jac·basis·y||."""
+    """GMRES on jac from r0 with j = 1..k products -> [(corrections dz_j [D], linear defect rms)]: dz_j in
+    the j-dim Krylov space minimises ||r0 - jac·dz_j||."""
     basis, hess, out = [r0 / r0.norm()], torch.zeros(k + 1, k, dtype=torch.float64), []
     for j in range(k):
         w = jac @ basis[j]
@@ -52,8 +53,9 @@ def gmres(jac, r0, k):
         e1 = torch.zeros(j + 2, dtype=torch.float64)
         e1[0] = r0.norm()
         y = torch.linalg.lstsq(hess[:j + 2, :j + 1], e1).solution
-        out.append(float((e1 - hess[:j + 2, :j + 1] @ y).norm()) / r0.numel() ** 0.5)
-    return torch.stack(basis[:k], 1), y, out
+        defect = float((e1 - hess[:j + 2, :j + 1] @ y).norm()) / r0.numel() ** 0.5
+        out.append((torch.stack(basis[:j + 1], 1) @ y, defect))
+    return out
 
 
 def spectrum(S, G, defect, below, z0, calls):
@@ -66,14 +68,11 @@ def spectrum(S, G, defect, below, z0, calls):
     zs = fixed_point.iterate(G, z0, 200, anderson=5).z
     ev = torch.linalg.eigvals(jacobian(zs))
     r0 = (S(z0) - below).flatten().double()
-    _, _, lin = gmres(jacobian(zs), r0, calls)
+    lin = [d for _, d in gmres(jacobian(zs), r0, calls)]
     print(f"    fixed point (defect {defect(zs):.1e}, {rms(zs - z0):.1e} from the warm start): eigenvalues of J "
           f"{ev.real.min():.3f}..{ev.real.max():.3f} (|imag| <= {ev.imag.abs().max():.3f}), plain contracts by "
-          f"{(1 - ev).abs().max():.3f}; GMRES on J there: " + " ".join(f"{v:.1e}" for v in lin))
-    jac0, newton = jacobian(z0), []
-    for k in range(1, calls + 1):
-        basis, y, lin0 = gmres(jac0, r0, k)
-        newton.append(f"{lin0[-1]:.1e}/{defect(z0 - (basis @ y).view_as(z0).to(z0.dtype)):.1e}")
+          f"{(1 - ev).abs().max():.3f}; GMRES on J there: " + " ".join(f"{d:.1e}" for d in lin))
+    newton = [f"{d:.1e}/{defect(z0 - dz.view_as(z0).to(z0.dtype)):.1e}" for dz, d in gmres(jacobian(z0), r0, calls)]
     print("    Newton-Krylov from the warm start, k products, linear/true defect: " + " ".join(newton))
 
 
