@@ -58,8 +58,11 @@ def gmres(jac, r0, k):
     return out
 
 
-def spectrum(S, G, defect, below, z0, calls):
-    """Print the --spectrum lines for one step (S: the sampler step as a function of z)."""
+def spectrum(S, G, below, z0, calls):
+    """Print the --spectrum lines for one step (S: the sampler step as a function of z, G: the map solved)."""
+    def defect(z):
+        return rms(S(z) - below)
+
     def jacobian(z):
         with torch.enable_grad():
             f = lambda flat: S(flat.view_as(z)).flatten()
@@ -122,8 +125,11 @@ def main():
             def G(z):
                 return flow_euler.inverse_step(below, den(z, t), t, tn, sched)
 
+            def S(z):
+                return flow_euler.step(z, den(z, t), t, tn, sched)
+
             def defect(z):
-                return rms(flow_euler.step(z, den(z, t), t, tn, sched) - below)
+                return rms(S(z) - below)
 
             z0 = flow_euler.inverse_step(below, den(below, t_below), t, tn, sched)
             s, r = ring_spectrum(below), s0 / s1
@@ -141,7 +147,7 @@ def main():
                 ans = fixed_point.iterate(G, z0, args.calls, anderson=m, relax=args.relax, anderson_trust=args.trust).z
                 print(f"image {i} step {j} anderson m={m}: defect after {args.calls} calls {defect(ans):.1e}")
             if args.spectrum:
-                spectrum(lambda z: flow_euler.step(z, den(z, t), t, tn, sched), G, defect, below, z0, args.calls)
+                spectrum(S, G, below, z0, args.calls)
 
 
 if __name__ == "__main__":
