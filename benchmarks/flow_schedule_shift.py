@@ -30,20 +30,16 @@ from renoise.pipeline import Editor, encode_images
 from renoise.presets import resolve
 
 
-def shifted(t, shift, T=1000):
-    """A timestep moved by the static shift, as the sigmas are: T·s·σ / (1 + (s - 1)·σ), σ = t / T."""
-    s = t / T
-    return T * shift * s / (1 + (shift - 1) * s)
-
-
-def plan_for(spec, n, base_schedule, shift):
-    """spec (with first_until=lowL resolved on the unshifted N-step schedule) -> its Plan on the shifted one."""
+def plan_for(spec, n, base_schedule, schedule):
+    """spec (with first_until=lowL resolved on the unshifted N-step schedule) -> its Plan on the shifted
+    `schedule`, first_until moved by its static shift as the sigmas are."""
     ts = base_schedule.timesteps(n).tolist()
     spec = re.sub(r"first_until=low(\d+)", lambda m: f"first_until={(ts[-int(m[1])] + ts[-int(m[1]) - 1]) / 2}",
                   spec)
     plan = parse_methods([spec])[0].plan("demo-flow-fast", {"num_steps": n})
     if plan.solver == "fixed-point":
-        plan = plan.replace(first_until=shifted(plan.first_until, shift))
+        T = schedule.num_train_timesteps
+        plan = plan.replace(first_until=T * schedule.static_shift(plan.first_until / T))
     return plan
 
 
@@ -63,15 +59,15 @@ def main():
     scenes = [held_out(i) for i in range(args.images)]
     images = [render_tensor(s) for s in scenes]
     latents = [encode_images(pipe, x, None, sample=False) for x in images]
+    dens = [editor.denoiser([s.caption], x.shape[-2:]) for s, x in zip(scenes, images)]
     base = editor.family.schedule(tuple(latents[0].shape[-2:]))
     rows = []
     for shift in args.shift:
         schedule = dataclasses.replace(base, shift=shift)
         for n in args.steps:
             for spec in args.methods:
-                plan = plan_for(spec, n, base, shift)
-                for i, (scene, x, z0) in enumerate(zip(scenes, images, latents)):
-                    den = editor.denoiser([scene.caption], x.shape[-2:])
+                plan = plan_for(spec, n, base, schedule)
+                for i, (den, z0) in enumerate(zip(dens, latents)):
                     with torch.no_grad():
                         res = inversion.invert(den, z0, schedule, "flow_euler", n, plan)
                         z = inversion.sample(den, res)

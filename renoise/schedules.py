@@ -404,8 +404,12 @@ class FlowSchedule:
         T = self.num_train_timesteps
         s = torch.tensor([float(T), 1.0], dtype=torch.float32) / T
         if not self.use_dynamic_shifting:
-            s = self.shift * s / (1 + (self.shift - 1) * s)
+            s = self.static_shift(s)
         return s[0].item(), s[1].item()
+
+    def static_shift(self, s):
+        """The static shift of sigmas s (a number, array or tensor): shift·s / (1 + (shift - 1)·s)."""
+        return self.shift * s / (1 + (self.shift - 1) * s)
 
     def _time_shift(self, s):
         mu = self.mu
@@ -428,7 +432,7 @@ class FlowSchedule:
         if self.use_dynamic_shifting:
             s = self._time_shift(s)
         else:
-            s = self.shift * s / (1 + (self.shift - 1) * s)
+            s = self.static_shift(s)
         if self.shift_terminal:
             one_minus = 1 - s
             if one_minus[-1] == 0:

@@ -59,6 +59,21 @@ def test_sigmas_and_timesteps_equal_diffusers(name, cfg, spacing, seq_lens):
             assert [tn for _, tn in chain] == ref.timesteps.tolist()[1:] + [None]
 
 
+def test_static_shift_is_the_shift_sigmas_apply():
+    """static_shift(σ) = shift·σ / (1 + (shift - 1)·σ) on numbers, arrays and tensors; it keeps 0 and 1,
+    is the identity at shift 1, and the SD3 config's sigmas (diffusers' own, checked above) are it applied
+    to the unshifted schedule's grid."""
+    s = FlowSchedule.from_config(SD3)
+    x = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(s.static_shift(x), 3 * x / (1 + 2 * x), rtol=1e-15, atol=0)
+    assert np.allclose(s.static_shift(x.numpy()), 3 * x.numpy() / (1 + 2 * x.numpy()), rtol=1e-15, atol=0)
+    assert s.static_shift(0.0) == 0 and s.static_shift(1.0) == 1 and abs(s.static_shift(0.25) - 0.5) < 1e-15
+    assert torch.equal(FlowSchedule().static_shift(x), x)
+    lo = float(np.float32(s.static_shift(np.float32(1 / 1000))))          # the shifted grid's σ_min
+    grid = np.linspace(1000, lo * 1000, 28) / 1000
+    assert np.allclose(s.sigmas(28)[:-1].numpy(), s.static_shift(grid), rtol=1e-6, atol=0)
+
+
 def test_mu_equals_the_pipelines_calculate_shift():
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
     s = FlowSchedule.from_config(FLUX)
